@@ -1,0 +1,33 @@
+"""Model families: one module per family, each exposing ``load(source) -> Extractor``."""
+
+from __future__ import annotations
+
+import importlib
+
+from extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec
+
+# family name -> module defining ``load(source: ModelSource) -> Extractor``
+FAMILIES: dict[str, str] = {
+    "causal_lm": "extractors.causal_lm",
+    "text_encoder": "extractors.text_encoder",
+    "flux": "extractors.pipeline_encoder",
+    "sd3": "extractors.pipeline_encoder",
+    "z_image": "extractors.pipeline_encoder",
+    "qwen_image": "extractors.pipeline_encoder",
+    "wan": "extractors.pipeline_encoder",
+}
+
+
+def load_extractor(source: ModelSource) -> Extractor:
+    """Load the extractor for ``source.family`` (imports the family lazily)."""
+    if source.family not in FAMILIES:
+        raise ValueError(
+            f"model {source.name!r}: family {source.family!r} is unknown; "
+            f"use one of {', '.join(sorted(FAMILIES))}"
+        )
+    module = importlib.import_module(FAMILIES[source.family])
+    extractor: Extractor = module.load(source)
+    return extractor
+
+
+__all__ = ["FAMILIES", "Extractor", "ModelSource", "Pooled", "RepresentationSpec", "load_extractor"]

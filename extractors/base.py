@@ -1,0 +1,172 @@
+"""The extractor contract: texts in, pooled float32 rows and token counts out.
+
+Extractors are pure compute: they load a model from a spec, never touch the
+store, and never log the texts they encode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class ExtractionError(ValueError):
+    """Raised when an extractor cannot produce valid rows (names model and text ids)."""
+
+
+@dataclass(frozen=True)
+class RepresentationSpec:
+    """Everything that determines a pooled row; hashed into the cache key.
+
+    ``weights`` is a content fingerprint of a local folder (or the hub revision),
+    so a changed checkpoint gets a new key and is re-extracted.
+    """
+
+    model_id: str
+    family: str
+    revision: str = "main"
+    weights: str = ""
+    layer: str = "final"
+    pooling: str = "masked_mean"
+    compute_dtype: str = "float32"
+    max_tokens: int = 512
+    extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def key(self) -> str:
+        """Stable content hash (16 hex chars) of the spec."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Pooled representations of a batch of texts, in input order."""
+
+    values: np.ndarray  # float32 [n, d]
+    n_tokens: np.ndarray  # int64 [n], tokens pooled per text
+    truncated: np.ndarray  # bool [n], text exceeded max_tokens and was cut
+
+
+class Extractor(Protocol):
+    """A loaded model that pools texts; one implementation per model family."""
+
+    spec: RepresentationSpec
+
+    @property
+    def dim(self) -> int: ...
+
+    def token_lengths(self, texts: Sequence[str]) -> np.ndarray:
+        """Token count per text after truncation (cheap; used to bucket batches)."""
+        ...
+
+    def encode(self, texts: Sequence[str]) -> Pooled:
+        """Pool one batch; the result must not depend on the batch's other texts."""
+        ...
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where ``mask`` is 1, in float32.
+
+    Works for left or right padding; a row with an all-zero mask yields NaN so
+    it is caught downstream instead of silently becoming a zero vector.
+    """
+    m = mask.to(dtype=torch.float32).unsqueeze(-1)
+    summed = (hidden.to(torch.float32) * m).sum(dim=1)
+    return summed / m.sum(dim=1)
+
+
+def check_finite(values: np.ndarray, model_id: str, text_ids: Sequence[str]) -> None:
+    """Refuse NaN/inf rows, naming the model and the offending text ids."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        ids = [text_ids[i] for i in np.flatnonzero(bad)[:10]]
+        raise ExtractionError(
+            f"model {model_id!r} produced NaN/inf activations for {int(bad.sum())} "
+            f"text(s), e.g. text ids {ids}; nothing was stored for this batch. "
+            "Try dtype: float32 for this model, or remove those texts."
+        )
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int = 0) -> Iterator[np.ndarray]:
+    """Yield index arrays grouping texts of similar token length.
+
+    Sorting by length keeps padding small; ``max_batch_tokens`` (if > 0) caps
+    the padded size of a batch so long texts run in smaller batches.
+    """
+    order = np.argsort(lengths, kind="stable")
+    start = 0
+    n = len(order)
+    while start < n:
+        stop = min(start + batch_size, n)
+        if max_batch_tokens > 0:
+            while stop - start > 1 and int(lengths[order[stop - 1]]) * (stop - start) > max_batch_tokens:
+                stop -= 1
+        yield order[start:stop]
+        start = stop
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` computes in bfloat16 on GPU and float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where and how to load a model; built from a validated catalog entry.
+
+    Exactly one of ``hub_id`` / ``path`` is set. ``options`` carries
+    family-specific settings (e.g. the diffusers pipeline class).
+    """
+
+    name: str
+    family: str
+    hub_id: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    revision: str = "main"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_tokens: int = 512
+    weights: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def location(self) -> str:
+        """The folder or hub id ``from_pretrained`` receives."""
+        return self.path if self.path is not None else str(self.hub_id)
+
+    def option(self, key: str, default: str = "") -> str:
+        return dict(self.options).get(key, default)
+
+    def spec(self, layer: str = "final", pooling: str = "masked_mean") -> RepresentationSpec:
+        device = resolve_device(self.device)
+        dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
+        return RepresentationSpec(
+            model_id=self.hub_id or self.name,
+            family=self.family,
+            revision=self.revision,
+            weights=self.weights,
+            layer=layer,
+            pooling=pooling,
+            compute_dtype=dtype,
+            max_tokens=self.max_tokens,
+            extra=self.options,
+        )
