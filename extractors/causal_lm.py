@@ -1,0 +1,30 @@
+"""Causal LMs (Llama, Mistral, Qwen, SmolLM2 GGUF...): final layer, masked mean.
+
+The base model is loaded with ``AutoModel`` so the LM head is never built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoModel, AutoTokenizer
+
+from extractors.base import ModelSource, resolve_device, resolve_dtype
+from extractors.hf import HFPooler
+
+
+def load(source: ModelSource) -> HFPooler:
+    device = resolve_device(source.device)
+    dtype = resolve_dtype(source.dtype, device)
+    kwargs: dict[str, Any] = {"revision": source.revision, "trust_remote_code": False}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the mean, so any token id serves.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model = AutoModel.from_pretrained(source.location, dtype=dtype, **kwargs)
+    layer_opt = source.option("layer", "final")
+    layer = None if layer_opt == "final" else int(layer_opt)
+    return HFPooler(model, tokenizer, source.spec(layer=layer_opt), device, layer=layer, causal=True)

@@ -1,0 +1,21 @@
+"""Plain text encoders (BERT, MiniLM, T5 encoder...): last hidden state, masked mean."""
+
+from __future__ import annotations
+
+from transformers import AutoModel, AutoTokenizer
+
+from extractors.base import ModelSource, resolve_device, resolve_dtype
+from extractors.hf import HFPooler
+
+
+def load(source: ModelSource) -> HFPooler:
+    device = resolve_device(source.device)
+    dtype = resolve_dtype(source.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.location, revision=source.revision, trust_remote_code=False
+    )
+    tokenizer.padding_side = "right"
+    model = AutoModel.from_pretrained(
+        source.location, revision=source.revision, dtype=dtype, trust_remote_code=False
+    )
+    return HFPooler(model, tokenizer, source.spec(), device)

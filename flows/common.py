@@ -1,0 +1,80 @@
+"""Per-process handles shared by tasks: the one writable store and the loaded model.
+
+Tasks receive store roots and model names (keys), never arrays; they look the
+open handles up here so a flow opens its store and each model exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from extractors import Extractor, ModelSource, load_extractor
+from safeport.catalog import Resolved, load_catalog
+from store.fingerprint import folder_fingerprint
+from store.store import Store, writer_lock
+
+_STORES: dict[str, Store] = {}
+_EXTRACTOR: dict[str, Extractor] = {}
+
+
+@contextlib.contextmanager
+def writing(root: Path, wait_s: float = 0.0) -> Iterator[Store]:
+    """Hold the writer lock and register the open store for this process's tasks."""
+    key = str(root.resolve())
+    if key in _STORES:  # nested flow in the same process: reuse the open writer
+        yield _STORES[key]
+        return
+    with writer_lock(root, wait_s), Store(root) as store:
+        _STORES[key] = store
+        try:
+            yield store
+        finally:
+            del _STORES[key]
+
+
+def store_for(root: str) -> Store:
+    key = str(Path(root).resolve())
+    if key not in _STORES:
+        raise RuntimeError(f"no open writer for store {root}; run tasks inside their flow")
+    return _STORES[key]
+
+
+def catalog(catalog_path: str | None, profile: str) -> Resolved:
+    return load_catalog(catalog_path, profile)
+
+
+def model_source(resolved: Resolved, name: str) -> ModelSource:
+    """The catalog entry with its weight fingerprint filled in (local folders only)."""
+    entry = resolved.models[name]
+    base = resolved.model_source(name)
+    if base.path is not None:
+        return resolved.model_source(name, weights=folder_fingerprint(Path(base.path), entry.gguf_file))
+    return resolved.model_source(name, weights=f"rev:{entry.revision}")
+
+
+def extractor_for(source: ModelSource) -> Extractor:
+    """Load a model once per process; the previous one is dropped to free memory."""
+    key = source.spec().key()
+    if key not in _EXTRACTOR:
+        _EXTRACTOR.clear()
+        _EXTRACTOR[key] = load_extractor(source)
+    return _EXTRACTOR[key]
+
+
+def release_models() -> None:
+    _EXTRACTOR.clear()
+
+
+def run_id() -> str:
+    try:
+        from prefect.runtime import flow_run
+
+        rid = flow_run.get_id()
+        if rid:
+            return str(rid)
+    except Exception:  # outside a flow run the runtime has no id
+        pass
+    return uuid.uuid4().hex

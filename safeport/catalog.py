@@ -1,0 +1,312 @@
+"""catalog.yaml: the validated description of models, datasets and run profiles.
+
+Validation happens here, once, at the edge: every error names the field, the
+offending value and the fix, and is raised as :class:`CatalogError` (never a
+traceback from deep inside the pipeline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from extractors import FAMILIES
+from extractors.base import ModelSource
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
+FORMATS = ("csv", "parquet", "jsonl", "text")
+_SUFFIX_FORMAT = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "text",
+}
+
+
+class CatalogError(ValueError):
+    """A catalog problem the user can fix; the message says what and how."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    role: Literal["source", "target"]
+    family: str
+    hub_id: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    revision: str = "main"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    batch_size: int = Field(32, ge=1, le=65536)
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    max_batch_tokens: int = Field(0, ge=0)
+    allow_pickle: bool = False
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}; use one of {', '.join(sorted(FAMILIES))}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"device {v!r} is not understood; use auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _one_location(self) -> ModelEntry:
+        if (self.hub_id is None) == (self.path is None):
+            raise ValueError(
+                "give exactly one of hub_id (e.g. meta-llama/Llama-3.1-8B) or path (a local folder)"
+            )
+        return self
+
+
+class SourceEntry(_Strict):
+    path: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    format: Literal["csv", "parquet", "jsonl", "text"] | None = None
+    column: str | None = None
+    clean: Literal["none", "wikitext"] = "none"
+    max_count: int | None = Field(None, ge=1)
+    split: str | None = None
+    encoding: str = "utf-8"
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceEntry:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path (a local file) or hub (a hub dataset id)")
+        return self
+
+    def resolved_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        if self.hub is not None:
+            return "hub"
+        suffix = Path(str(self.path)).suffix.lower()
+        if suffix not in _SUFFIX_FORMAT:
+            raise CatalogError(
+                f"cannot tell the format of {self.path!r} from its suffix; "
+                f"add format: one of {', '.join(FORMATS)}"
+            )
+        return _SUFFIX_FORMAT[suffix]
+
+
+class DatasetEntry(_Strict):
+    kind: Literal["anchors", "pairs", "prompts"]
+    sources: list[SourceEntry] = Field(min_length=1)
+    max_count: int | None = Field(None, ge=1)
+    seed: int = 42
+    dedup: bool = True
+    safe_column: str | None = None
+    unsafe_column: str | None = None
+    category_column: str | None = None
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _kind_columns(self) -> DatasetEntry:
+        if self.kind == "pairs" and (self.safe_column is None or self.unsafe_column is None):
+            raise ValueError("a pairs dataset needs safe_column and unsafe_column")
+        if self.kind != "pairs":
+            for src in self.sources:
+                if src.column is None and src.resolved_format() != "text":
+                    raise ValueError(f"source {src.path or src.hub!r} needs column: (the text column)")
+        if abs(sum(self.splits) - 1.0) > 1e-9 or min(self.splits) < 0:
+            raise ValueError(f"splits {list(self.splits)} must be three non-negative fractions summing to 1")
+        return self
+
+
+class ProfileEntry(_Strict):
+    models: list[str] = Field(min_length=2)
+    anchors: str
+    pairs: str
+    prompts: list[str] = Field(default_factory=list)
+    store: str = "safeport-store"
+    mappers: tuple[Literal["procrustes", "ridge", "mlp"], ...] = ("procrustes", "ridge", "mlp")
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    shard_rows: int = Field(256, ge=1)
+    seed: int = 42
+    description: str = ""
+
+
+class Catalog(_Strict):
+    version: Literal[1] = 1
+    models: dict[str, ModelEntry]
+    datasets: dict[str, DatasetEntry]
+    profiles: dict[str, ProfileEntry]
+
+
+class Resolved(BaseModel):
+    """One profile of a catalog, cross-checked, with paths made absolute."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    name: str
+    profile: ProfileEntry
+    models: dict[str, ModelEntry]
+    datasets: dict[str, DatasetEntry]
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def store_path(self) -> Path:
+        return resolve_path(self.profile.store, self.root)
+
+    def sources_of(self, role: str) -> list[str]:
+        return [m for m in self.profile.models if self.models[m].role == role]
+
+    def model_source(self, name: str, weights: str = "") -> ModelSource:
+        m = self.models[name]
+        return ModelSource(
+            name=name,
+            family=m.family,
+            hub_id=m.hub_id,
+            path=str(resolve_path(m.path, self.root)) if m.path is not None else None,
+            gguf_file=m.gguf_file,
+            revision=m.revision,
+            device=m.device,
+            dtype=m.dtype,
+            max_tokens=m.max_tokens,
+            weights=weights,
+            options=tuple(sorted((k, str(v)) for k, v in m.options.items())),
+        )
+
+    def source_path(self, src: SourceEntry) -> Path:
+        return resolve_path(str(src.path), self.root)
+
+
+def resolve_path(value: str, root: Path) -> Path:
+    """``pkg://module/sub`` -> folder inside an installed package; relative -> catalog folder."""
+    if value.startswith("pkg://"):
+        module, _, sub = value[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise CatalogError(
+                f"path {value!r}: package {module!r} is not installed; install it (README, 'Install') "
+                "or point path: at a local model folder"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / sub
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {where}: unknown key; remove it or check its spelling (see README, 'Catalog')")
+        elif e["type"] == "missing":
+            lines.append(f"  - {where}: required key is missing; add it")
+        else:
+            shown = repr(e.get("input"))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            lines.append(f"  - {where} = {shown}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def parse_catalog(data: Any, source: str = "catalog") -> Catalog:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: expected a mapping with keys version, models, datasets, profiles")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as err:
+        raise CatalogError(_format_errors(err, source)) from None
+
+
+def load_catalog(path: Path | str | None = None, profile: str = "default") -> Resolved:
+    """Read, validate and resolve one profile; raises :class:`CatalogError` on any problem."""
+    path = Path(path) if path is not None else DEFAULT_CATALOG
+    if not path.is_file():
+        raise CatalogError(
+            f"catalog {str(path)!r} does not exist; pass --catalog PATH or omit it for the default"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CatalogError(f"{path}: not valid UTF-8 YAML ({err}); fix the syntax") from None
+    cat = parse_catalog(data, str(path))
+    return resolve_profile(cat, path.resolve(), profile)
+
+
+def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
+    if profile not in cat.profiles:
+        raise CatalogError(f"profile {profile!r} is not in {path}; use one of {', '.join(cat.profiles)}")
+    prof = cat.profiles[profile]
+    where = f"{path}: profiles.{profile}"
+    for m in prof.models:
+        if m not in cat.models:
+            raise CatalogError(f"{where}.models: {m!r} is not a model of the catalog; add it under models:")
+    roles = {cat.models[m].role for m in prof.models}
+    if roles != {"source", "target"}:
+        raise CatalogError(f"{where}.models: needs at least one role: source and one role: target model")
+    wanted = {"anchors": [prof.anchors], "pairs": [prof.pairs], "prompts": prof.prompts}
+    for kind, names in wanted.items():
+        for d in names:
+            if d not in cat.datasets:
+                raise CatalogError(
+                    f"{where}.{kind}: dataset {d!r} is not in the catalog; add it under datasets:"
+                )
+            if cat.datasets[d].kind != kind:
+                raise CatalogError(
+                    f"{where}.{kind}: dataset {d!r} has kind {cat.datasets[d].kind!r}; "
+                    f"name a dataset of kind {kind!r}"
+                )
+    names = [prof.anchors, prof.pairs, *prof.prompts]
+    resolved = Resolved(
+        path=path,
+        name=profile,
+        profile=prof,
+        models={m: cat.models[m] for m in prof.models},
+        datasets={d: cat.datasets[d] for d in names},
+    )
+    for model_name, m in resolved.models.items():
+        if m.path is not None:
+            folder = resolve_path(m.path, resolved.root)
+            if not folder.exists():
+                raise CatalogError(
+                    f"{path}: models.{model_name}.path = {m.path!r}: folder {str(folder)!r} does not exist; "
+                    "fix the path or use hub_id:"
+                )
+            if m.gguf_file and not (folder / m.gguf_file).is_file():
+                raise CatalogError(
+                    f"{path}: models.{model_name}.gguf_file = {m.gguf_file!r}: not found in {folder}"
+                )
+    for ds_name, d in resolved.datasets.items():
+        for i, src in enumerate(d.sources):
+            src.resolved_format()
+            if src.path is not None and not resolved.source_path(src).is_file():
+                raise CatalogError(
+                    f"{path}: datasets.{ds_name}.sources.{i}.path = {src.path!r}: file "
+                    f"{str(resolved.source_path(src))!r} does not exist; fix the path (relative paths "
+                    "are read from the catalog's folder)"
+                )
+    return resolved
+
+
+def packaged_catalog_text() -> str:
+    """The embedded default catalog (for ``safeport catalog --show``)."""
+    if DEFAULT_CATALOG.is_file():
+        return DEFAULT_CATALOG.read_text(encoding="utf-8")
+    return resources.files("safeport").joinpath("catalog.yaml").read_text(encoding="utf-8")

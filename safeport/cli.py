@@ -1,0 +1,155 @@
+"""``safeport`` command line: a thin layer over flows/ and store/.
+
+User errors (bad catalog, bad query, busy store) print one clear message and
+exit with status 2; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _quiet_env() -> None:
+    """Offline-friendly defaults, set before Prefect or transformers are imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    if getattr(args, "store", None):
+        return Path(args.store)
+    from safeport.catalog import load_catalog
+
+    return load_catalog(args.catalog, args.profile).store_path
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from safeport.catalog import load_catalog
+    from safeport.datasets import build_all
+
+    resolved = load_catalog(args.catalog, args.profile)
+    datasets = build_all(resolved)
+    print(f"catalog {resolved.path} profile {resolved.name!r}: OK")
+    for name, m in resolved.models.items():
+        print(f"  model   {name:<16} {m.role:<6} {m.family:<12} {m.hub_id or m.path}")
+    for name, ds in datasets.items():
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(ds.report.items()))
+        print(f"  dataset {name:<16} {ds.kind:<8} {len(ds.rows):>6} rows {extra}")
+    print(f"  store   {resolved.store_path}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from flows.extract import extract_flow
+
+    t0 = time.time()
+    results = extract_flow(args.catalog, args.profile, args.store, args.wait)
+    for r in results:
+        print(
+            f"  {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.tokens:>8} tokens "
+            f"{r.seconds:7.1f}s"
+        )
+    print(f"extract finished in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: extract, then a summary of the store."""
+    t0 = time.time()
+    code = cmd_extract(args)
+    root = _store_root(args)
+    _print_summary(root)
+    print(f"safeport run finished in {time.time() - t0:.1f}s; store at {root}")
+    return code
+
+
+def _print_summary(root: Path) -> None:
+    from store.query import format_table, readonly_query
+
+    table = readonly_query(
+        root,
+        "SELECT model, dataset, count(*) AS rows, sum(n_tokens) AS tokens, "
+        "sum(truncated::INT) AS truncated FROM activations WHERE current GROUP BY ALL ORDER BY ALL",
+    )
+    print(format_table(table))
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from store.query import format_table, readonly_query, write_table
+
+    table = readonly_query(_store_root(args), args.sql)
+    if args.output:
+        fmt = write_table(table, Path(args.output), args.format)
+        print(f"wrote {table.num_rows} row(s) as {fmt} to {args.output}")
+    else:
+        print(format_table(table, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from store.query import format_table, readonly_query
+
+    root = _store_root(args)
+    print(f"store {root}")
+    for title, sql in (
+        ("models", "SELECT name, role, family, model_key, dim, current FROM models ORDER BY name"),
+        ("datasets", "SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1"),
+        ("units", "SELECT model, dataset, n_rows, shards_committed, status FROM arrays ORDER BY 1, 2"),
+    ):
+        print(f"\n{title}:")
+        print(format_table(readonly_query(root, sql)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeport", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--catalog", default=None, help="catalog.yaml (default: the embedded one)")
+        p.add_argument("--profile", default="default", help="catalog profile (default: default)")
+        p.add_argument("--store", default=None, help="store folder (default: the profile's store)")
+        p.set_defaults(func=func)
+        return p
+
+    for name, func, help_ in (
+        ("run", cmd_run, "the main job: extract every model and dataset of the profile, then summarise"),
+        ("extract", cmd_extract, "extract pooled activations into the store (incremental, resumable)"),
+    ):
+        p = add(name, func, help_)
+        p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    add("catalog", cmd_catalog, "validate the catalog and show what the profile would read")
+    add("status", cmd_status, "models, datasets and units recorded in the store")
+    q = add("query", cmd_query, "read-only SQL over the store's metadata (tables and views)")
+    q.add_argument("sql", help='e.g. "select model, dataset, count(*) from activations group by all"')
+    q.add_argument("--output", "-o", default=None, help="write all rows to FILE (.csv, .json, .parquet)")
+    q.add_argument("--format", choices=["csv", "json", "parquet"], default=None)
+    q.add_argument("--max-rows", type=int, default=50)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_env()
+    args = build_parser().parse_args(argv)
+    from safeport.errors import USER_ERRORS
+
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as err:
+        print(f"safeport: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeport: interrupted; committed work is kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""The activation store: Zarr v3 arrays for rows, DuckDB for everything else.
+
+Commit protocol (why a crash can neither lose nor duplicate rows):
+1. a work unit's text list and its empty array are created in one transaction;
+2. each shard's rows are written to the array region the shard owns
+   (idempotent: a rewrite after a crash overwrites the same chunk);
+3. only then one DuckDB transaction records the shard, its checksum and its
+   ``activation_rows``. Readers see rows through those records only, so a
+   half-written chunk without a record is invisible and simply rewritten.
+
+One process writes (guarded by a file lock); readers open DuckDB read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import zarr
+import zarr.codecs
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS models (
+    model_key VARCHAR PRIMARY KEY, name VARCHAR, role VARCHAR, family VARCHAR, model_id VARCHAR,
+    revision VARCHAR, weights VARCHAR, spec_json VARCHAR, dim INTEGER, registered_at TIMESTAMP,
+    current BOOLEAN);
+CREATE TABLE IF NOT EXISTS texts (text_id VARCHAR PRIMARY KEY, text VARCHAR, n_chars INTEGER);
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset VARCHAR PRIMARY KEY, kind VARCHAR, content_hash VARCHAR, n_rows INTEGER,
+    report_json VARCHAR, registered_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS dataset_texts (
+    dataset VARCHAR, idx INTEGER, text_id VARCHAR, split VARCHAR, category VARCHAR,
+    pair_id INTEGER, side VARCHAR, PRIMARY KEY (dataset, idx));
+CREATE TABLE IF NOT EXISTS units (
+    unit_key VARCHAR PRIMARY KEY, model_key VARCHAR, dataset VARCHAR, dataset_hash VARCHAR,
+    array_path VARCHAR, n_rows INTEGER, dim INTEGER, dtype VARCHAR, shard_rows INTEGER,
+    status VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS unit_texts (unit_key VARCHAR, row INTEGER, text_id VARCHAR,
+    PRIMARY KEY (unit_key, row));
+CREATE TABLE IF NOT EXISTS shards (
+    unit_key VARCHAR, shard INTEGER, row_start INTEGER, row_stop INTEGER, checksum VARCHAR,
+    tokens BIGINT, committed_at TIMESTAMP, PRIMARY KEY (unit_key, shard));
+CREATE TABLE IF NOT EXISTS activation_rows (
+    model_key VARCHAR, text_id VARCHAR, unit_key VARCHAR, row INTEGER, n_tokens INTEGER,
+    truncated BOOLEAN, PRIMARY KEY (model_key, text_id));
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR, flow VARCHAR, task VARCHAR, model VARCHAR, dataset VARCHAR, unit_key VARCHAR,
+    status VARCHAR, rows BIGINT, tokens BIGINT, seconds DOUBLE, started_at TIMESTAMP,
+    finished_at TIMESTAMP, message VARCHAR);
+CREATE OR REPLACE VIEW activations AS
+    SELECT m.name AS model, m.role, dt.dataset, dt.idx, dt.text_id, dt.split, dt.category, dt.pair_id,
+           dt.side, a.n_tokens, a.truncated, a.unit_key, a.row, m.model_key, m.current
+    FROM activation_rows a JOIN models m USING (model_key) JOIN dataset_texts dt USING (text_id);
+CREATE OR REPLACE VIEW arrays AS
+    SELECT u.array_path AS path, u.unit_key, m.name AS model, u.dataset, u.n_rows, u.dim, u.dtype,
+           u.status, count(s.shard) AS shards_committed,
+           string_agg(s.checksum, ',' ORDER BY s.shard) AS checksums
+    FROM units u LEFT JOIN models m USING (model_key) LEFT JOIN shards s USING (unit_key)
+    GROUP BY ALL;
+"""
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why and what to do."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock."""
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    unit_key: str
+    model_key: str
+    dataset: str
+    array_path: str
+    n_rows: int
+    dim: int
+    shard_rows: int
+    status: str
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_rows)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.n_rows)
+
+
+def checksum(values: np.ndarray) -> str:
+    """sha256 of the C-ordered float32 bytes (what a reader recomputes to detect corruption)."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Exclusive advisory lock: one writer per store, released on exit or process death."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "writer.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
+                    raise StoreBusyError(
+                        f"store {root} is being written by another safeport process ({holder}); "
+                        "wait for it to finish, or pass --wait SECONDS to queue behind it"
+                    ) from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class Store:
+    """Handle on one store folder: ``meta.duckdb`` + ``arrays.zarr``."""
+
+    def __init__(self, root: Path | str, read_only: bool = False) -> None:
+        self.root = Path(root)
+        self.read_only = read_only
+        db = self.root / "meta.duckdb"
+        if read_only and not db.exists():
+            raise StoreError(f"no store at {self.root}; run `safeport extract` (or `safeport run`) first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(db), read_only=read_only)
+        except duckdb.IOException as err:
+            raise StoreBusyError(
+                f"store {self.root} is open for writing by another process ({err}); "
+                "read it when that run has finished"
+            ) from None
+        if not read_only:
+            self.con.execute(SCHEMA)
+            self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        self.arrays = zarr.open_group(str(self.root / "arrays.zarr"), mode="r" if read_only else "a")
+
+    # -- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self._writable()
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError("this store handle is read-only")
+
+    # -- queries -----------------------------------------------------------
+    def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
+        return self.con.execute(query, params or []).to_arrow_table()
+
+    def scalar(self, query: str, params: Sequence[Any] | None = None) -> Any:
+        row = self.con.execute(query, params or []).fetchone()
+        return None if row is None else row[0]
+
+    # -- models and datasets ----------------------------------------------
+    def register_model(self, model_key: str, name: str, role: str, spec: dict[str, Any], dim: int) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE models SET current = false WHERE name = ? AND model_key <> ?", [name, model_key]
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now(), true)",
+                [
+                    model_key,
+                    name,
+                    role,
+                    spec["family"],
+                    spec["model_id"],
+                    spec["revision"],
+                    spec["weights"],
+                    json.dumps(spec, sort_keys=True),
+                    dim,
+                ],
+            )
+
+    def model_dim(self, model_key: str) -> int | None:
+        dim = self.scalar("SELECT dim FROM models WHERE model_key = ?", [model_key])
+        return None if dim is None else int(dim)
+
+    def dataset_hash(self, dataset: str) -> str | None:
+        value = self.scalar("SELECT content_hash FROM datasets WHERE dataset = ?", [dataset])
+        return None if value is None else str(value)
+
+    def register_dataset(
+        self, name: str, kind: str, content_hash: str, rows: pa.Table, report: dict[str, int]
+    ) -> bool:
+        """Replace a dataset's rows if its content changed; returns False when nothing changed.
+
+        ``rows`` columns: idx, text_id, text, split, category, pair_id, side. Texts are
+        kept forever (activations refer to them); only the dataset's membership changes.
+        """
+        if self.dataset_hash(name) == content_hash:
+            return False
+        with self.transaction() as con:
+            con.register("_incoming", rows)
+            con.execute(
+                "INSERT OR IGNORE INTO texts SELECT DISTINCT text_id, text, length(text) FROM _incoming"
+            )
+            con.execute("DELETE FROM dataset_texts WHERE dataset = ?", [name])
+            con.execute(
+                "INSERT INTO dataset_texts "
+                "SELECT ?, idx, text_id, split, category, pair_id, side FROM _incoming",
+                [name],
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, now())",
+                [name, kind, content_hash, rows.num_rows, json.dumps(report, sort_keys=True)],
+            )
+            con.unregister("_incoming")
+        return True
+
+    def missing_texts(self, model_key: str, dataset: str) -> list[str]:
+        """Text ids of ``dataset`` with no committed row for ``model_key``, sorted (deterministic)."""
+        rows = self.con.execute(
+            """SELECT DISTINCT dt.text_id FROM dataset_texts dt
+               WHERE dt.dataset = ? AND NOT EXISTS (
+                   SELECT 1 FROM activation_rows a WHERE a.model_key = ? AND a.text_id = dt.text_id)
+               ORDER BY dt.text_id""",
+            [dataset, model_key],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def texts(self, text_ids: Sequence[str]) -> list[str]:
+        """Texts for ids, in the given order."""
+        tbl = pa.table({"text_id": list(text_ids), "pos": np.arange(len(text_ids))})
+        self.con.register("_ids", tbl)
+        try:
+            rows = self.con.execute(
+                "SELECT t.text FROM _ids i JOIN texts t USING (text_id) ORDER BY i.pos"
+            ).fetchall()
+        finally:
+            self.con.unregister("_ids")
+        if len(rows) != len(text_ids):
+            raise StoreError(f"{len(text_ids) - len(rows)} text id(s) are not in the store's texts table")
+        return [r[0] for r in rows]
+
+    # -- work units ----------------------------------------------------------
+    def unit(self, unit_key: str) -> UnitInfo | None:
+        row = self.con.execute(
+            "SELECT unit_key, model_key, dataset, array_path, n_rows, dim, shard_rows, status "
+            "FROM units WHERE unit_key = ?",
+            [unit_key],
+        ).fetchone()
+        return None if row is None else UnitInfo(*row)
+
+    def create_unit(
+        self,
+        unit_key: str,
+        model_key: str,
+        dataset: str,
+        dataset_hash: str,
+        text_ids: Sequence[str],
+        dim: int,
+        shard_rows: int,
+    ) -> UnitInfo:
+        """Create the unit's array and record its text list (rows in this order) atomically."""
+        path = f"acts/{model_key}/{unit_key}"
+        n = len(text_ids)
+        self._require_array(path, (n, dim), (shard_rows, dim))
+        with self.transaction() as con:
+            con.register("_ut", pa.table({"row": np.arange(n, dtype=np.int32), "text_id": list(text_ids)}))
+            con.execute("INSERT INTO unit_texts SELECT ?, row, text_id FROM _ut", [unit_key])
+            con.unregister("_ut")
+            con.execute(
+                "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, 'float32', ?, 'running', now(), NULL)",
+                [unit_key, model_key, dataset, dataset_hash, path, n, dim, shard_rows],
+            )
+        info = self.unit(unit_key)
+        if info is None:  # pragma: no cover - the transaction above just inserted it
+            raise StoreError(f"unit {unit_key} vanished after creation")
+        return info
+
+    def _require_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
+        try:
+            arr = self.arrays[path]
+            if isinstance(arr, zarr.Array) and arr.shape == shape and arr.chunks == chunks:
+                return arr
+        except KeyError:
+            pass
+        try:
+            return self.arrays.create_array(
+                path,
+                shape=shape,
+                chunks=chunks,
+                dtype="float32",
+                compressors=zarr.codecs.ZstdCodec(level=3),
+                fill_value=np.nan,
+                overwrite=True,
+            )
+        except OSError as err:
+            raise StoreError(f"cannot create array {path} in {self.root}: {err}") from None
+
+    def unit_text_ids(self, unit_key: str) -> list[str]:
+        rows = self.con.execute(
+            "SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def committed_shards(self, unit_key: str) -> set[int]:
+        rows = self.con.execute("SELECT shard FROM shards WHERE unit_key = ?", [unit_key]).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def write_shard(
+        self,
+        unit: UnitInfo,
+        shard: int,
+        text_ids: Sequence[str],
+        values: np.ndarray,
+        n_tokens: np.ndarray,
+        truncated: np.ndarray,
+    ) -> None:
+        """Write one shard's rows, then commit its record; see the module docstring."""
+        start, stop = unit.shard_range(shard)
+        if values.shape != (stop - start, unit.dim) or len(text_ids) != stop - start:
+            raise StoreError(
+                f"shard {shard} of unit {unit.unit_key} expects {stop - start} rows of dim {unit.dim}, "
+                f"got values {values.shape} and {len(text_ids)} ids"
+            )
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        try:
+            self.arrays[unit.array_path][start:stop, :] = values  # type: ignore[index]
+        except OSError as err:
+            raise StoreError(
+                f"writing shard {shard} of {unit.array_path} failed: {err}. Nothing of this shard was "
+                "committed; free disk space and rerun (committed shards are kept)"
+            ) from None
+        tbl = pa.table(
+            {
+                "text_id": list(text_ids),
+                "row": np.arange(start, stop, dtype=np.int32),
+                "n_tokens": n_tokens.astype(np.int32),
+                "truncated": truncated.astype(bool),
+            }
+        )
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, now())",
+                [unit.unit_key, shard, start, stop, checksum(values), int(n_tokens.sum())],
+            )
+            con.register("_rows", tbl)
+            con.execute(
+                "INSERT OR IGNORE INTO activation_rows "
+                "SELECT ?, text_id, ?, row, n_tokens, truncated FROM _rows",
+                [unit.model_key, unit.unit_key],
+            )
+            con.unregister("_rows")
+
+    def finish_unit(self, unit_key: str) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ?", [unit_key]
+            )
+
+    def done_unit(self, model_key: str, dataset: str, dataset_hash: str) -> str | None:
+        value = self.scalar(
+            "SELECT unit_key FROM units WHERE model_key = ? AND dataset = ? AND dataset_hash = ? "
+            "AND status = 'done'",
+            [model_key, dataset, dataset_hash],
+        )
+        return None if value is None else str(value)
+
+    # -- runs ----------------------------------------------------------------
+    def record_run(
+        self,
+        run_id: str,
+        flow: str,
+        task: str,
+        model: str,
+        dataset: str,
+        unit_key: str | None,
+        status: str,
+        rows: int,
+        tokens: int,
+        seconds: float,
+        started: float,
+        message: str = "",
+    ) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), now(), ?)",
+                [
+                    run_id,
+                    flow,
+                    task,
+                    model,
+                    dataset,
+                    unit_key,
+                    status,
+                    rows,
+                    tokens,
+                    seconds,
+                    started,
+                    message,
+                ],
+            )
+
+    # -- reading rows ------------------------------------------------------------
+    def read_rows(self, selection: pa.Table, verify: bool = True) -> np.ndarray:
+        """Values for rows listed in ``selection`` (columns unit_key, row), in that order.
+
+        Reads whole shards (a shard is one chunk) and, with ``verify``, checks
+        each against its committed checksum so corruption cannot pass silently.
+        """
+        keys = selection.column("unit_key").to_pylist()
+        rows = np.asarray(selection.column("row").to_pylist(), dtype=np.int64)
+        if not keys:
+            return np.zeros((0, 0), dtype=np.float32)
+        out: np.ndarray | None = None
+        for key in dict.fromkeys(keys):
+            unit = self.unit(key)
+            if unit is None:
+                raise StoreError(f"unit {key} is referenced but not recorded; run `safeport verify`")
+            if out is None:
+                out = np.empty((len(keys), unit.dim), dtype=np.float32)
+            mine = np.flatnonzero(np.asarray(keys) == key)
+            arr = self.arrays[unit.array_path]
+            sums = dict(
+                self.con.execute("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]).fetchall()
+            )
+            for shard in np.unique(rows[mine] // unit.shard_rows):
+                start, stop = unit.shard_range(int(shard))
+                block = np.asarray(arr[start:stop, :])  # type: ignore[index]
+                if int(shard) not in sums:
+                    raise StoreError(f"shard {shard} of {unit.array_path} is not committed")
+                if verify and checksum(block) != sums[int(shard)]:
+                    raise StoreError(
+                        f"array {unit.array_path} shard {shard} (rows {start}-{stop}) fails its checksum: "
+                        "the data on disk is damaged. Run `safeport verify --repair`"
+                    )
+                sel = mine[rows[mine] // unit.shard_rows == shard]
+                out[sel] = block[rows[sel] - start]
+        if out is None:  # pragma: no cover
+            raise StoreError("no rows selected")
+        return out
+
+    def activations(
+        self, model: str, dataset: str, where: str = "", params: Sequence[Any] = (), verify: bool = True
+    ) -> tuple[pa.Table, np.ndarray]:
+        """(metadata, values) of ``model`` (name or key) on ``dataset`` in dataset order.
+
+        ``where`` is an extra SQL filter over the ``activations`` view, e.g.
+        ``"split = 'train' AND side = 'safe'"``.
+        """
+        meta = self.sql(
+            f"SELECT * FROM activations WHERE (model_key = ? OR (model = ? AND current)) AND dataset = ? "
+            f"{'AND (' + where + ')' if where else ''} ORDER BY idx",
+            [model, model, dataset, *params],
+        )
+        return meta, self.read_rows(meta, verify=verify)
