@@ -7,7 +7,10 @@ traceback from deep inside the pipeline).
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +35,43 @@ _SUFFIX_FORMAT = {
 
 class CatalogError(ValueError):
     """A catalog problem the user can fix; the message says what and how."""
+
+
+_DEVICE = re.compile(r"(auto|cpu|cuda|mps|cuda:[0-9]+)", re.ASCII)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only, no tags that build objects) that refuses repeated keys.
+
+    Plain YAML keeps the last of two equal keys, so a second ``default:`` profile would
+    silently replace the first; here it is an error with its line.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: SafeLoader reports it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice; keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def _finite(values: tuple[float, ...] | list[float], what: str) -> None:
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what} {list(values)} contains {bad[0]}; use finite numbers")
 
 
 class _Strict(BaseModel):
@@ -64,8 +104,8 @@ class ModelEntry(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError(f"device {v!r} is not understood; use auto, cpu, cuda or cuda:N")
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"device {v!r} is not understood; use auto, cpu, cuda, cuda:N or mps")
         return v
 
     @model_validator(mode="after")
@@ -89,10 +129,20 @@ class SourceEntry(_Strict):
     split: str | None = None
     encoding: str = "utf-8"
 
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"encoding {v!r} is unknown; use e.g. utf-8, latin-1 or cp1252") from None
+        return v
+
     @model_validator(mode="after")
     def _one_origin(self) -> SourceEntry:
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of path (a local file) or hub (a hub dataset id)")
+        self.resolved_format()  # an unknown suffix is reported here, with this source's key path
         return self
 
     def resolved_format(self) -> str:
@@ -124,11 +174,21 @@ class DatasetEntry(_Strict):
     @model_validator(mode="after")
     def _kind_columns(self) -> DatasetEntry:
         if self.kind == "pairs" and (self.safe_column is None or self.unsafe_column is None):
-            raise ValueError("a pairs dataset needs safe_column and unsafe_column")
-        if self.kind != "pairs":
+            raise ValueError(
+                "a pairs dataset needs safe_column and unsafe_column (the columns of the two texts); add both"
+            )
+        if self.kind == "pairs":
+            for src in self.sources:
+                if src.resolved_format() == "text":
+                    raise ValueError(
+                        f"source {src.path or src.hub!r} is a text file (one column), but a pairs dataset "
+                        "needs two; use a csv, parquet or jsonl file with safe_column and unsafe_column"
+                    )
+        else:
             for src in self.sources:
                 if src.column is None and src.resolved_format() != "text":
                     raise ValueError(f"source {src.path or src.hub!r} needs column: (the text column)")
+        _finite(self.splits, "splits")
         if abs(sum(self.splits) - 1.0) > 1e-9 or min(self.splits) < 0:
             raise ValueError(f"splits {list(self.splits)} must be three non-negative fractions summing to 1")
         return self
@@ -145,6 +205,12 @@ class ProfileEntry(_Strict):
     shard_rows: int = Field(256, ge=1)
     seed: int = 42
     description: str = ""
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        _finite(v, "alphas")
+        return v
 
 
 class Catalog(_Strict):
@@ -198,17 +264,25 @@ class Resolved(BaseModel):
 
 def resolve_path(value: str, root: Path) -> Path:
     """``pkg://module/sub`` -> folder inside an installed package; relative -> catalog folder."""
+    if "\x00" in value:
+        raise CatalogError(f"path {value!r} contains a NUL character; fix the path")
     if value.startswith("pkg://"):
         module, _, sub = value[len("pkg://") :].partition("/")
-        spec = importlib.util.find_spec(module)
+        try:
+            spec = importlib.util.find_spec(module) if module else None
+        except (ImportError, ValueError):  # "a..b", ".rel", a parent that is not a package
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise CatalogError(
                 f"path {value!r}: package {module!r} is not installed; install it (README, 'Install') "
                 "or point path: at a local model folder"
             )
         return Path(next(iter(spec.submodule_search_locations))) / sub
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (root / p).resolve()
+    try:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (root / p).resolve()
+    except (RuntimeError, OSError) as err:  # "~user" with no such user, a symlink loop
+        raise CatalogError(f"path {value!r} cannot be resolved ({err}); use a plain absolute path") from None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -220,15 +294,22 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  - {where}: required key is missing; add it")
         else:
-            shown = repr(e.get("input"))
-            shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            lines.append(f"  - {where} = {shown}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  - {where} = {_shown(e.get('input'))}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
 def parse_catalog(data: Any, source: str = "catalog") -> Catalog:
+    """Validate already-parsed YAML; raises :class:`CatalogError` listing every problem."""
     if not isinstance(data, dict):
-        raise CatalogError(f"{source}: expected a mapping with keys version, models, datasets, profiles")
+        raise CatalogError(
+            f"{source}: the catalog is a {type(data).__name__} ({_shown(data)}), not a mapping; "
+            "write it as keys version:, models:, datasets:, profiles: (see README, 'Catalog')"
+        )
     try:
         return Catalog.model_validate(data)
     except ValidationError as err:
@@ -240,19 +321,39 @@ def load_catalog(path: Path | str | None = None, profile: str = "default") -> Re
     path = Path(path) if path is not None else DEFAULT_CATALOG
     if not path.is_file():
         raise CatalogError(
-            f"catalog {str(path)!r} does not exist; pass --catalog PATH or omit it for the default"
+            f"catalog {str(path)!r} does not exist or is not a file; pass --catalog PATH or omit it "
+            "for the default"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise CatalogError(f"{path}: not valid UTF-8 YAML ({err}); fix the syntax") from None
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CatalogError(
+            f"catalog {str(path)!r} cannot be read ({err.strerror}); check its permissions"
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise CatalogError(
+            f"{path}: byte {err.start} (line {line}) is not valid UTF-8; save the catalog as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
+    except yaml.YAMLError as err:
+        raise CatalogError(f"{path}: not valid YAML; fix the syntax:\n{err}") from None
+    except RecursionError:
+        raise CatalogError(f"{path}: the YAML is nested too deeply; flatten it") from None
     cat = parse_catalog(data, str(path))
     return resolve_profile(cat, path.resolve(), profile)
 
 
 def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
+    """Cross-check one profile (names, roles, kinds) and that its local files exist."""
     if profile not in cat.profiles:
-        raise CatalogError(f"profile {profile!r} is not in {path}; use one of {', '.join(cat.profiles)}")
+        raise CatalogError(
+            f"profile {profile!r} is not in {path}; use one of {', '.join(cat.profiles) or '(none)'} "
+            "with --profile, or add it under profiles:"
+        )
     prof = cat.profiles[profile]
     where = f"{path}: profiles.{profile}"
     for m in prof.models:
@@ -260,7 +361,11 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
             raise CatalogError(f"{where}.models: {m!r} is not a model of the catalog; add it under models:")
     roles = {cat.models[m].role for m in prof.models}
     if roles != {"source", "target"}:
-        raise CatalogError(f"{where}.models: needs at least one role: source and one role: target model")
+        have = {m: cat.models[m].role for m in prof.models}
+        raise CatalogError(
+            f"{where}.models = {prof.models}: roles {have}; add at least one role: source and one "
+            "role: target model"
+        )
     wanted = {"anchors": [prof.anchors], "pairs": [prof.pairs], "prompts": prof.prompts}
     for kind, names in wanted.items():
         for d in names:
@@ -281,21 +386,21 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
         models={m: cat.models[m] for m in prof.models},
         datasets={d: cat.datasets[d] for d in names},
     )
-    for model_name, m in resolved.models.items():
-        if m.path is not None:
-            folder = resolve_path(m.path, resolved.root)
+    for model_name, mentry in resolved.models.items():
+        if mentry.path is not None:
+            folder = resolve_path(mentry.path, resolved.root)
             if not folder.exists():
                 raise CatalogError(
-                    f"{path}: models.{model_name}.path = {m.path!r}: folder {str(folder)!r} does not exist; "
-                    "fix the path or use hub_id:"
+                    f"{path}: models.{model_name}.path = {mentry.path!r}: folder {str(folder)!r} "
+                    "does not exist; fix the path or use hub_id:"
                 )
-            if m.gguf_file and not (folder / m.gguf_file).is_file():
+            if mentry.gguf_file and not (folder / mentry.gguf_file).is_file():
                 raise CatalogError(
-                    f"{path}: models.{model_name}.gguf_file = {m.gguf_file!r}: not found in {folder}"
+                    f"{path}: models.{model_name}.gguf_file = {mentry.gguf_file!r}: not found in {folder}; "
+                    "fix the file name or put the file there"
                 )
-    for ds_name, d in resolved.datasets.items():
-        for i, src in enumerate(d.sources):
-            src.resolved_format()
+    for ds_name, dentry in resolved.datasets.items():
+        for i, src in enumerate(dentry.sources):
             if src.path is not None and not resolved.source_path(src).is_file():
                 raise CatalogError(
                     f"{path}: datasets.{ds_name}.sources.{i}.path = {src.path!r}: file "

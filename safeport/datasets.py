@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from safeport.catalog import DatasetEntry, Resolved, SourceEntry
 from safeport.texts import normalise, seeded_sample, split_labels, text_id, wikitext_sentences
-from store.readers import read_columns, read_hub_columns
+from store.readers import DataFileError, read_columns, read_header, read_hub_columns
 
 log = logging.getLogger("safeport.datasets")
 
@@ -36,6 +36,53 @@ class DatasetRows:
     rows: tuple[TextRow, ...]
     content_hash: str
     report: dict[str, int] = field(default_factory=dict)
+
+
+def _columns_for(entry: DatasetEntry, src: SourceEntry) -> list[str]:
+    """The columns a source must have: one text column (or safe+unsafe), plus the category column.
+
+    A text file has one unnamed column, so it never supplies categories (its rows get none).
+    """
+    text_file = src.resolved_format() == "text"
+    if entry.kind == "pairs":
+        cols = [str(entry.safe_column), str(entry.unsafe_column)]
+    else:
+        cols = [src.column or "text"]
+    if entry.category_column and not text_file:
+        cols.append(entry.category_column)
+    return cols
+
+
+def check_columns(resolved: Resolved) -> None:
+    """Fail early, reading only headers/schemas, if a local source lacks a column the catalog names.
+
+    Every problem of the profile is reported at once, each with its catalog key, the
+    file, the missing columns and the columns the file does have. CSV and Parquet are
+    checked here; JSONL keys can vary per line and hub datasets need the network, so
+    those are checked when they are read (:func:`store.readers.read_columns`).
+    """
+    problems: list[str] = []
+    for name, entry in resolved.datasets.items():
+        for i, src in enumerate(entry.sources):
+            if src.hub is not None:
+                continue
+            path = resolved.source_path(src)
+            have = read_header(path, src.resolved_format(), src.encoding)
+            if have is None:
+                continue
+            missing = [c for c in _columns_for(entry, src) if c not in have]
+            if missing:
+                shown = have[:30] + (["..."] if len(have) > 30 else [])
+                problems.append(
+                    f"  - datasets.{name}.sources.{i} ({path}): column(s) {missing} not found; "
+                    f"available columns: {shown}"
+                )
+    if problems:
+        raise DataFileError(
+            f"{resolved.path}: profile {resolved.name!r} names columns its files do not have:\n"
+            + "\n".join(problems)
+            + "\nFix column: (or safe_column/unsafe_column/category_column) in the catalog"
+        )
 
 
 def _read(resolved: Resolved, src: SourceEntry, columns: list[str]) -> dict[str, list[object]]:
@@ -64,8 +111,8 @@ def _texts_and_categories(
     """(text, category, split) triples of a single-text dataset, cleaned, per-source sampled."""
     out: list[tuple[str, str | None, str | None]] = []
     for i, src in enumerate(entry.sources):
-        column = src.column or "text"
-        cols = [column] + ([entry.category_column] if entry.category_column else [])
+        cols = _columns_for(entry, src)
+        column, cat_column = cols[0], (cols[1] if len(cols) > 1 else None)
         data = _read(resolved, src, cols)
         texts: list[str] = (
             wikitext_sentences(str(x) for x in data[column] if x is not None)
@@ -73,8 +120,8 @@ def _texts_and_categories(
             else [_clean(x) for x in data[column]]
         )
         cats: list[str | None] = (
-            [_clean(c) or None for c in data[entry.category_column]]
-            if entry.category_column and src.clean != "wikitext"
+            [_clean(c) or None for c in data[cat_column]]
+            if cat_column and src.clean != "wikitext"
             else [None] * len(texts)
         )
         keep = [j for j, t in enumerate(texts) if t]
@@ -109,22 +156,31 @@ def build_single(resolved: Resolved, name: str, exclude: frozenset[str] = frozen
         picked = [(p[0], p[1], p[2], s) for p, s in zip(picked, splits, strict=True)]
     rows = [TextRow(tid, text, i, split, cat) for i, (tid, text, cat, split) in enumerate(picked)]
     if not rows:
-        raise ValueError(
-            f"dataset {name!r} has no usable texts after cleaning; check its sources and columns"
+        raise DataFileError(
+            f"dataset {name!r} has no usable texts after cleaning ({_describe(report)}); "
+            "check its sources, their column: and that the files are not empty"
         )
     return DatasetRows(name, entry.kind, tuple(rows), _content_hash(entry, rows), report)
 
 
+def _describe(report: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(report.items())) or "no rows read"
+
+
 def build_pairs(resolved: Resolved, name: str) -> DatasetRows:
-    """Safe/unsafe pairs: two rows per pair sharing ``pair_id``; a pair with an empty side is dropped."""
+    """Safe/unsafe pairs: two rows per pair sharing ``pair_id``.
+
+    A pair with an empty side is dropped; with ``dedup`` a pair whose two texts
+    both repeat an earlier pair is dropped too. Both are counted in the report.
+    """
     entry = resolved.datasets[name]
     safe_c, unsafe_c = str(entry.safe_column), str(entry.unsafe_column)
     report: dict[str, int] = {}
     rows: list[TextRow] = []
+    seen: set[tuple[str, str]] = set()
     pair_id = 0
     for i, src in enumerate(entry.sources):
-        cols = [safe_c, unsafe_c] + ([entry.category_column] if entry.category_column else [])
-        data = _read(resolved, src, cols)
+        data = _read(resolved, src, _columns_for(entry, src))
         keep = list(range(len(data[safe_c])))
         if src.max_count is not None:
             keep = [keep[j] for j in seeded_sample(len(keep), src.max_count, entry.seed + i)]
@@ -133,17 +189,30 @@ def build_pairs(resolved: Resolved, name: str) -> DatasetRows:
             if not safe or not unsafe:
                 report["empty_pairs_dropped"] = report.get("empty_pairs_dropped", 0) + 1
                 continue
+            key = (text_id(safe), text_id(unsafe))
+            if entry.dedup and key in seen:
+                report["duplicate_pairs_dropped"] = report.get("duplicate_pairs_dropped", 0) + 1
+                continue
+            seen.add(key)
             cat = _clean(data[entry.category_column][j]) or None if entry.category_column else None
             for side, text in (("safe", safe), ("unsafe", unsafe)):
                 rows.append(TextRow(text_id(text), text, len(rows), src.split, cat, pair_id, side))
             pair_id += 1
     if not rows:
-        raise ValueError(f"dataset {name!r} has no usable pairs; check safe_column/unsafe_column")
+        raise DataFileError(
+            f"dataset {name!r} has no usable pairs ({_describe(report)}); check safe_column/unsafe_column "
+            "and that the files are not empty"
+        )
     return DatasetRows(name, entry.kind, tuple(rows), _content_hash(entry, rows), report)
 
 
 def build_all(resolved: Resolved) -> dict[str, DatasetRows]:
-    """Every dataset of the profile; anchors are made disjoint from the pair texts (METHOD §2)."""
+    """Every dataset of the profile; anchors are made disjoint from the pair texts (METHOD §2).
+
+    Columns are checked first (:func:`check_columns`), so a misspelt column fails
+    in a second with every problem listed, before any file is read in full.
+    """
+    check_columns(resolved)
     prof = resolved.profile
     pairs = build_pairs(resolved, prof.pairs)
     out = {prof.pairs: pairs}

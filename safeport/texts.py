@@ -24,7 +24,12 @@ _WIKI_FIXES = (
     (" n't", "n't"),
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 and C1 control characters (category Cc), NUL included: never part of a prompt, and some
+# (ANSI escapes) would act on a terminal that prints the text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates only arrive through JSON "\ud800" escapes; they cannot be encoded as UTF-8,
+# so they would break text_id and every writer downstream.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def text_id(text: str) -> str:
@@ -33,8 +38,13 @@ def text_id(text: str) -> str:
 
 
 def normalise(text: str) -> str:
-    """NFC, control characters (incl. NUL) removed, newlines and runs of spaces folded to one space."""
-    text = unicodedata.normalize("NFC", text.replace("\ufeff", ""))
+    """NFC, control characters (incl. NUL) removed, newlines and runs of spaces folded to one space.
+
+    Idempotent (``normalise(normalise(t)) == normalise(t)``), so ids of cleaned texts are stable.
+    Lone surrogates become U+FFFD so every result can be encoded as UTF-8.
+    """
+    text = _SURROGATE.sub("\ufffd", text.replace("\ufeff", ""))
+    text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub(" ", text)
     return " ".join(text.split())
 
@@ -58,6 +68,8 @@ def wikitext_sentences(lines: Iterable[str], min_words: int = 5, max_words: int 
 
 def seeded_sample(n: int, k: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded sample of ``k`` out of ``n`` (all if k >= n)."""
+    if n < 0 or k < 0:
+        raise ValueError(f"seeded_sample(n={n}, k={k}): n and k must be >= 0")
     if k >= n:
         return np.arange(n)
     rng = np.random.default_rng(seed)

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from store.store import StoreBusyError, StoreError
 
-_FORBIDDEN = re.compile(
-    r"\b(INSERT|UPDATE|DELETE|DROP|CREATE|ALTER|ATTACH|DETACH|COPY|EXPORT|IMPORT|INSTALL|LOAD|PRAGMA|SET|"
-    r"RESET|CALL|CHECKPOINT|VACUUM|TRUNCATE|MERGE|UPSERT|GRANT)\b",
+# DuckDB settings of every query connection. They are the real defence; the screen in
+# check_readonly_sql only turns the common refusals into clear messages.
+#   read_only               the database file cannot be written (no INSERT, CHECKPOINT, WAL)
+#   enable_external_access  no file, network or extension access: read_csv('/etc/passwd'),
+#                           COPY ... TO, ATTACH, INSTALL/LOAD, EXPORT all fail inside DuckDB
+#   lock_configuration      no SET/RESET can undo the two above
+#   autoload/autoinstall    no extension is fetched or loaded behind the query's back
+READONLY_CONFIG: dict[str, Any] = {
+    "enable_external_access": False,
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "lock_configuration": True,
+}
+
+# Statement types (DuckDB's own parser) that only read. EXPLAIN does not run its statement.
+_READ_TYPES = ("SELECT", "EXPLAIN")
+# Table functions that read files or list folders: refused with a clear message before
+# DuckDB refuses them too (enable_external_access = false).
+_FILE_FUNCTIONS = re.compile(
+    r"\b(read_[a-z_]+|glob|parquet_[a-z_]+|sniff_csv|json_scan|iceberg_[a-z_]+|delta_scan|"
+    r"sqlite_scan|sqlite_attach|postgres_[a-z_]+|mysql_[a-z_]+|excel_[a-z_]+|st_read)\s*\(",
     re.IGNORECASE,
+)
+# One pass, left to right, so a quote inside a comment or "--" inside a string cannot
+# hide the rest of the query from the screen.
+_LITERALS = re.compile(
+    r"""'(?:[^']|'')*'?|"(?:[^"]|"")*"?|--[^\n]*|/\*.*?(?:\*/|\Z)|\$([A-Za-z_]*)\$.*?(?:\$\1\$|\Z)""",
+    re.DOTALL,
 )
 
 
@@ -22,47 +51,93 @@ class QueryError(ValueError):
 
 
 def _strip_literals(sql: str) -> str:
-    """Drop string literals, quoted identifiers and comments before keyword checks."""
-    sql = re.sub(r"'(?:[^']|'')*'", "''", sql)
-    sql = re.sub(r'"(?:[^"]|"")*"', '""', sql)
-    sql = re.sub(r"--[^\n]*", " ", sql)
-    return re.sub(r"/\*.*?\*/", " ", sql, flags=re.DOTALL)
+    """Blank out string literals, quoted identifiers and comments before the function screen."""
+
+    def blank(m: re.Match[str]) -> str:
+        text = m.group(0)
+        return "''" if text[:1] in ("'", "$") else '""' if text[:1] == '"' else " "
+
+    return _LITERALS.sub(blank, sql)
 
 
-def readonly_query(root: Path, sql: str) -> pa.Table:
-    """Run one SELECT/WITH/DESCRIBE/SHOW statement on a read-only connection with no file access.
+def check_readonly_sql(sql: str) -> None:
+    """Refuse anything but one read-only statement, with a message naming what was refused.
 
-    Two layers: a keyword screen that gives a clear message, and DuckDB itself
-    (read-only database, ``enable_external_access = false``, configuration
-    locked) so nothing slips through by syntax we did not anticipate.
+    DuckDB's own parser classifies the statement (no keyword guessing, so a column
+    named ``copy`` or a string containing 'drop' is fine); file-reading table
+    functions are refused by name. Raises :class:`QueryError`.
     """
-    body = _strip_literals(sql).strip().rstrip(";").strip()
-    if not body:
+    if not sql.strip():
         raise QueryError("empty query; pass a SELECT statement")
-    if ";" in body:
-        raise QueryError("only one statement per query; remove the extra ';'")
-    first = body.split(None, 1)[0].upper()
-    if first not in ("SELECT", "WITH", "DESCRIBE", "SHOW", "SUMMARIZE", "FROM", "VALUES", "TABLE", "EXPLAIN"):
-        raise QueryError(f"{first} statements are refused: `safeport query` is read-only; use SELECT")
-    bad = _FORBIDDEN.search(body)
+    parser = duckdb.connect(":memory:", config=READONLY_CONFIG)
+    try:
+        statements = parser.extract_statements(sql)
+    except duckdb.Error as err:
+        raise QueryError(f"query does not parse: {err}") from None
+    finally:
+        parser.close()
+    if len(statements) != 1:
+        raise QueryError(
+            f"only one statement per query, got {len(statements)}; remove the extra ';' statements"
+        )
+    kind = statements[0].type.name
+    body = _strip_literals(sql)
+    words = body.split(None, 2)
+    first = words[0].upper() if words else kind
+    if kind not in _READ_TYPES:
+        raise QueryError(
+            f"{first} statements ({kind}) are refused: `safeport query` is read-only; use one SELECT"
+        )
+    if kind == "EXPLAIN" and len(words) > 1 and words[1].upper().startswith("ANALY"):
+        raise QueryError("EXPLAIN ANALYZE runs its statement and is refused; use EXPLAIN without ANALYZE")
+    bad = _FILE_FUNCTIONS.search(body)
     if bad:
-        raise QueryError(f"{bad.group(1).upper()} is refused: `safeport query` is read-only")
+        raise QueryError(
+            f"{bad.group(1)}() reads files and is refused: `safeport query` reads only the store's "
+            "tables and views (see `safeport query 'SHOW TABLES'`)"
+        )
+
+
+@contextlib.contextmanager
+def readonly_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only DuckDB connection to a store's ``meta.duckdb`` with :data:`READONLY_CONFIG`."""
     db = root / "meta.duckdb"
-    if not db.exists():
+    if not db.is_file():
         raise StoreError(f"no store at {root}; run `safeport run` or `safeport extract` first")
     try:
-        con = duckdb.connect(str(db), read_only=True, config={"enable_external_access": False})
+        con = duckdb.connect(str(db), read_only=True, config=READONLY_CONFIG)
     except duckdb.IOException as err:
         raise StoreBusyError(
             f"store {root} is being written by another process ({err}); query it later"
         ) from None
-    try:
-        con.execute("SET lock_configuration = true")
-        return con.sql(sql).to_arrow_table()
     except duckdb.Error as err:
-        raise QueryError(f"query failed: {err}") from None
+        raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
+    try:
+        yield con
     finally:
         con.close()
+
+
+def readonly_query(root: Path, sql: str) -> pa.Table:
+    """Run one SELECT (WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) on a read-only connection.
+
+    Two layers: :func:`check_readonly_sql` gives a clear message for what is refused,
+    and DuckDB itself (read-only database, no external access, configuration locked,
+    see :data:`READONLY_CONFIG`) stops anything the screen did not anticipate.
+    """
+    check_readonly_sql(sql)
+    with readonly_connection(root) as con:
+        try:
+            rel = con.sql(sql)
+            if rel is None:  # pragma: no cover - check_readonly_sql lets only result statements through
+                raise QueryError("the statement returned no result; use a SELECT")
+            return rel.to_arrow_table()
+        except duckdb.PermissionException as err:
+            raise QueryError(
+                f"refused by DuckDB ({err}); `safeport query` reads only the store's tables and views"
+            ) from None
+        except duckdb.Error as err:
+            raise QueryError(f"query failed: {err}") from None
 
 
 def write_table(table: pa.Table, path: Path, fmt: str | None = None) -> str:

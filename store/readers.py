@@ -1,102 +1,233 @@
 """Reading prompt/anchor/pair files: CSV, Parquet, JSONL, plain text, or a hub dataset.
 
 One function, :func:`read_columns`, for every format, so no data set needs
-code of its own. Errors name the file, the column or line, and the fix.
+code of its own. Errors name the file, the column or line, and the fix, but
+never quote a row: the rows are unsafe prompts, and error messages end up in
+logs and terminals.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 csv.field_size_limit(1 << 30)
+
+# Rows end at \r\n, \r or \n only. str.splitlines() would also split at \x0b, \x0c, \x1c-\x1e,
+# \x85, U+2028 and U+2029, which JSON allows raw inside strings and which may sit inside a prompt.
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+_NEWLINE_BYTES = re.compile(rb"\r\n|\r|\n")
+# Scalar JSON values that make sense as a text or category cell.
+_SCALARS = (str, int, float, bool, type(None))
 
 
 class DataFileError(ValueError):
     """A prompt/anchor file cannot be read as the catalog describes it."""
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines of ``text`` split at ``\\r\\n``, ``\\r`` and ``\\n`` only (a final newline adds no line)."""
+    lines = _NEWLINE.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _codec(encoding: str) -> str:
+    """The codec to decode with: UTF-8 reads (and drops) a byte-order mark."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataFileError(f"encoding {encoding!r} is unknown; use e.g. utf-8 or latin-1") from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataFileError(f"{path}: file not found; fix the path in the catalog")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _require_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataFileError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
+
+
 def _decode(path: Path, encoding: str) -> str:
-    raw = path.read_bytes()
-    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    raw = _read_bytes(path)
+    enc = _codec(encoding)
     try:
         return raw.decode(enc)
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
+        line = len(_NEWLINE_BYTES.split(raw[: err.start]))
+        hint = (
+            "it starts with a UTF-16 byte-order mark: set encoding: utf-16"
+            if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+            else "re-encode the file as UTF-8 or set encoding: (e.g. latin-1) on this source in the catalog"
+        )
         raise DataFileError(
-            f"{path}: byte {err.start} (line {line}) is not valid {encoding}; re-encode the file as UTF-8 "
-            f"or set encoding: (e.g. latin-1) on this source in the catalog"
+            f"{path}: byte {err.start} (line {line}) is not valid {encoding}; {hint}"
         ) from None
-    except LookupError:
-        raise DataFileError(f"{path}: encoding {encoding!r} is unknown; use e.g. utf-8 or latin-1") from None
 
 
-def _missing(path: Path, wanted: list[str], have: list[str]) -> DataFileError:
+def _missing(path: Path | str, wanted: list[str], have: list[str]) -> DataFileError:
     miss = [c for c in wanted if c not in have]
+    shown = have[:30] + (["..."] if len(have) > 30 else [])
     return DataFileError(
-        f"{path}: column(s) {miss} not found; available columns: {have[:30]}. Fix column: in the catalog"
+        f"{path}: column(s) {miss} not found; available columns: {shown}. Fix column: "
+        "(or safe_column/unsafe_column/category_column) in the catalog"
     )
 
 
-def read_columns(path: Path, fmt: str, columns: list[str], encoding: str = "utf-8") -> dict[str, list[Any]]:
-    """Return ``{column: values}`` for a local file; ``fmt == "text"`` yields one line per row."""
-    if not path.is_file():
-        raise DataFileError(f"{path}: file not found; fix the path in the catalog")
+def read_header(path: Path, fmt: str, encoding: str = "utf-8") -> list[str] | None:
+    """Column names of a local file, reading only its header or schema.
+
+    ``None`` where the columns cannot be known cheaply: a text file has a
+    single, unnamed column, and a JSONL file's keys can differ per line.
+    """
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        _require_file(path)
         try:
-            names = pq.read_schema(path).names
+            return list(pq.read_schema(path).names)
         except Exception as err:  # pyarrow raises several types for a broken file
             raise DataFileError(
                 f"{path}: not a readable Parquet file ({err}); check the file or its format:"
             ) from None
-        if any(c not in names for c in columns):
-            raise _missing(path, columns, names)
+    if fmt == "csv":
+        _require_file(path)
+        try:
+            with path.open(encoding=_codec(encoding), newline="") as f:
+                return list(next(csv.reader(f), []))
+        except UnicodeDecodeError:
+            _decode(path, encoding)  # raises with the byte offset and line
+            raise  # pragma: no cover - _decode always raises here
+        except (OSError, csv.Error) as err:
+            raise DataFileError(f"{path}: cannot read the CSV header ({err}); fix the file") from None
+    return None
+
+
+def _read_parquet(path: Path, columns: list[str]) -> dict[str, list[Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise DataFileError(
+            f"{path}: not a readable Parquet file ({err}); check the file or its format:"
+        ) from None
+    if any(c not in schema.names for c in columns):
+        raise _missing(path, columns, list(schema.names))
+    for c in columns:
+        kind = schema.field(c).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_integer(kind)
+            or pa.types.is_floating(kind)
+            or pa.types.is_boolean(kind)
+            or pa.types.is_null(kind)
+            or str(kind) == "string_view"
+        ):
+            raise DataFileError(
+                f"{path}: column {c!r} has type {kind}, not text; point the catalog at a string column"
+            )
+    try:
         table = pq.read_table(path, columns=columns)
-        return {c: table.column(c).to_pylist() for c in columns}
+    except Exception as err:  # a valid footer can still hide a broken data page
+        raise DataFileError(
+            f"{path}: Parquet data cannot be read ({err}); check or rewrite the file"
+        ) from None
+    return {c: table.column(c).to_pylist() for c in columns}
+
+
+def _read_csv(path: Path, text: str, columns: list[str]) -> dict[str, list[Any]]:
+    if not text.strip():
+        raise DataFileError(f"{path}: the file is empty (no header row); add a header line with the columns")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        have = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise DataFileError(f"{path}: malformed CSV header ({err}); fix the file") from None
+    if any(c not in have for c in columns):
+        raise _missing(path, columns, have)
+    out: dict[str, list[Any]] = {c: [] for c in columns}
+    try:
+        for row in reader:
+            for c in columns:
+                out[c].append(row.get(c))
+    except csv.Error as err:
+        raise DataFileError(
+            f"{path}: malformed CSV at line {reader.line_num} ({err}); fix the file"
+        ) from None
+    return out
+
+
+def _read_jsonl(path: Path, text: str, columns: list[str]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {c: [] for c in columns}
+    seen: set[str] = set()
+    n_objects = 0
+    for lineno, line in enumerate(split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            why = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+            raise DataFileError(
+                f"{path}: line {lineno} is not valid JSON ({why}); fix the line (one JSON object per line)"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataFileError(
+                f"{path}: line {lineno} is a JSON {type(obj).__name__}, not an object; "
+                "each line must be {...}"
+            )
+        n_objects += 1
+        seen.update(obj)
+        for c in columns:
+            value = obj.get(c)
+            if not isinstance(value, _SCALARS):
+                raise DataFileError(
+                    f"{path}: line {lineno}: {c!r} is a JSON {type(value).__name__}, not text; "
+                    "make it a string or point the catalog at another key"
+                )
+            out[c].append(value)
+    if n_objects == 0:
+        raise DataFileError(f"{path}: no JSON objects in the file; add one object per line")
+    if any(c not in seen for c in columns):
+        raise _missing(path, columns, sorted(seen))
+    return out
+
+
+def read_columns(path: Path, fmt: str, columns: list[str], encoding: str = "utf-8") -> dict[str, list[Any]]:
+    """Return ``{column: values}`` for a local file; ``fmt == "text"`` yields one line per row."""
+    if fmt not in ("csv", "parquet", "jsonl", "text"):
+        raise DataFileError(f"{path}: format {fmt!r} is not supported; use csv, parquet, jsonl or text")
+    if fmt == "parquet":
+        _require_file(path)
+        return _read_parquet(path, columns)
+    if fmt == "text" and len(columns) > 1:
+        raise DataFileError(
+            f"{path}: a text file has one column (one text per line), not {columns}; "
+            "use csv or jsonl for extra columns"
+        )
     text = _decode(path, encoding)
     if fmt == "text":
-        return {columns[0] if columns else "text": text.splitlines()}
+        return {columns[0] if columns else "text": split_lines(text)}
     if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        have = list(reader.fieldnames or [])
-        if any(c not in have for c in columns):
-            raise _missing(path, columns, have)
-        out: dict[str, list[Any]] = {c: [] for c in columns}
-        try:
-            for row in reader:
-                for c in columns:
-                    out[c].append(row.get(c))
-        except csv.Error as err:
-            raise DataFileError(
-                f"{path}: malformed CSV at line {reader.line_num} ({err}); fix the file"
-            ) from None
-        return out
-    if fmt == "jsonl":
-        out = {c: [] for c in columns}
-        seen: set[str] = set()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFileError(
-                    f"{path}: line {lineno} is not valid JSON ({err.msg}); fix the line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataFileError(f"{path}: line {lineno} is not a JSON object; each line must be {{...}}")
-            seen.update(obj)
-            for c in columns:
-                out[c].append(obj.get(c))
-        if any(c not in seen for c in columns):
-            raise _missing(path, columns, sorted(seen))
-        return out
-    raise DataFileError(f"{path}: format {fmt!r} is not supported; use csv, parquet, jsonl or text")
+        return _read_csv(path, text, columns)
+    return _read_jsonl(path, text, columns)
 
 
 def read_hub_columns(
@@ -114,5 +245,5 @@ def read_hub_columns(
         ) from None
     have = list(ds.column_names)
     if any(c not in have for c in columns):
-        raise DataFileError(f"hub dataset {dataset_id!r}: column(s) {columns} not all in {have}")
+        raise _missing(f"hub dataset {dataset_id!r}", columns, have)
     return {c: list(ds[c]) for c in columns}

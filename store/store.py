@@ -185,7 +185,7 @@ class Store:
 
     # -- queries -----------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
-        return self.con.execute(query, params or []).to_arrow_table()
+        return self.con.sql(query, params=list(params or [])).to_arrow_table()
 
     def scalar(self, query: str, params: Sequence[Any] | None = None) -> Any:
         row = self.con.execute(query, params or []).fetchone()
