@@ -24,11 +24,14 @@ from tqdm import tqdm
 from extractors import Extractor
 from extractors.base import check_finite, length_batches
 from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from mappers.vectors import SAFESTEER_CONCEPT_STRING
 from safeport.catalog import Resolved
-from safeport.datasets import DatasetRows, build_all
+from safeport.datasets import DatasetRows, TextRow, build_all
+from safeport.texts import text_id
 from store.store import Store, UnitInfo
 
 log = logging.getLogger("safeport.extract")
+CONCEPT_DATASET = "__concept__"
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,19 @@ def _rows_table(ds: DatasetRows) -> pa.Table:
 def register_datasets(store: Store, resolved: Resolved) -> dict[str, str]:
     """Read every dataset of the profile and record any whose content changed."""
     hashes: dict[str, str] = {}
-    for name, ds in build_all(resolved).items():
+    datasets = build_all(resolved)
+    datasets[CONCEPT_DATASET] = concept_dataset()
+    for name, ds in datasets.items():
         if store.register_dataset(name, ds.kind, ds.content_hash, _rows_table(ds), ds.report):
             log.info("dataset %s registered: %d rows (%s)", name, len(ds.rows), ds.content_hash)
         hashes[name] = ds.content_hash
     return hashes
+
+
+def concept_dataset() -> DatasetRows:
+    """The one string of the six SafeSteer category labels, for the string baseline (METHOD §6)."""
+    row = TextRow(text_id(SAFESTEER_CONCEPT_STRING), SAFESTEER_CONCEPT_STRING, 0)
+    return DatasetRows(CONCEPT_DATASET, "concept", (row,), text_id(f"concept|{SAFESTEER_CONCEPT_STRING}"))
 
 
 def unit_key(model_key: str, dataset: str, dataset_hash: str) -> str:
@@ -88,9 +99,7 @@ def _encode_shard(
         check_finite(pooled.values, extractor.spec.model_id, [text_ids[i] for i in idx])
         values[idx], n_tokens[idx], truncated[idx] = pooled.values, pooled.n_tokens, pooled.truncated
         bar.update(len(idx))
-        bar.set_postfix(
-            tok_s=f"{int(n_tokens[idx].sum()) / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False
-        )
+        bar.set_postfix(tok_s=f"{int(n_tokens[idx].sum()) / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
     return values, n_tokens, truncated
 
 
@@ -145,9 +154,7 @@ def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid
         extractor = extractor or extractor_for(source)
         store.register_model(model_key, model, entry.role, asdict(spec), extractor.dim)
         remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
-        with tqdm(
-            total=remaining, desc=f"{model}/{dataset}", unit="text", mininterval=2.0, dynamic_ncols=True
-        ) as bar:
+        with tqdm(total=remaining, desc=f"{model}/{dataset}", unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
             for shard in todo:
                 start, stop = unit.shard_range(shard)
                 shard_ids = ids[start:stop]
@@ -182,9 +189,7 @@ def register_datasets_task(store_root: str, catalog_path: str | None, profile: s
 
 
 @task(name="extract-unit", cache_policy=NO_CACHE, task_run_name="extract-{model}-{dataset}")
-def extract_unit_task(
-    store_root: str, catalog_path: str | None, profile: str, model: str, dataset: str
-) -> UnitResult:
+def extract_unit_task(store_root: str, catalog_path: str | None, profile: str, model: str, dataset: str) -> UnitResult:
     return extract_unit(store_for(store_root), catalog(catalog_path, profile), model, dataset)
 
 
@@ -192,7 +197,7 @@ def extract_all(store_root: str, catalog_path: str | None, profile: str) -> list
     """Body of the extract flow; callable from a parent flow that already holds the store."""
     resolved = catalog(catalog_path, profile)
     register_datasets_task(store_root, catalog_path, profile)
-    datasets = list(resolved.datasets)
+    datasets = [*resolved.datasets, CONCEPT_DATASET]
     results = [
         extract_unit_task(store_root, catalog_path, profile, model, dataset)
         for model in resolved.profile.models

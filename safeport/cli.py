@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _quiet_env() -> None:
@@ -52,22 +53,45 @@ def cmd_extract(args: argparse.Namespace) -> int:
     t0 = time.time()
     results = extract_flow(args.catalog, args.profile, args.store, args.wait)
     for r in results:
-        print(
-            f"  {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.tokens:>8} tokens "
-            f"{r.seconds:7.1f}s"
-        )
+        print(f"  {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.tokens:>8} tokens {r.seconds:7.1f}s")
     print(f"extract finished in {time.time() - t0:.1f}s")
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: extract, then a summary of the store."""
+def cmd_fit(args: argparse.Namespace) -> int:
+    from flows.fit import fit_flow
+
     t0 = time.time()
-    code = cmd_extract(args)
+    results = fit_flow(args.catalog, args.profile, args.store, args.wait)
+    for r in results:
+        print(f"  fit {r.source} -> {r.target}: {r.status} in {r.seconds:.1f}s; report {r.report}")
+    print(f"fit finished in {time.time() - t0:.1f}s")
+    _print_headlines(results)
+    return 0
+
+
+def _print_headlines(results: Sequence[Any]) -> None:
+    print("\nheadline (representation level):")
+    for r in results:
+        for line in r.headline:
+            print(f"  {line}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: extract, fit, report; prints a summary and the report's headline."""
+    from flows.run import run_flow
+
+    t0 = time.time()
+    extracted, fitted = run_flow(args.catalog, args.profile, args.store, args.wait)
     root = _store_root(args)
+    for r in extracted:
+        print(f"  extract {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.seconds:7.1f}s")
     _print_summary(root)
-    print(f"safeport run finished in {time.time() - t0:.1f}s; store at {root}")
-    return code
+    for r in fitted:
+        print(f"  fit {r.source} -> {r.target}: {r.status} in {r.seconds:.1f}s; report {r.report}")
+    _print_headlines(fitted)
+    print(f"\nsafeport run finished in {time.time() - t0:.1f}s; store at {root}")
+    return 0
 
 
 def _print_summary(root: Path) -> None:
@@ -76,7 +100,8 @@ def _print_summary(root: Path) -> None:
     table = readonly_query(
         root,
         "SELECT model, dataset, count(*) AS rows, sum(n_tokens) AS tokens, "
-        "sum(truncated::INT) AS truncated FROM activations WHERE current GROUP BY ALL ORDER BY ALL",
+        "sum(truncated::INT) AS truncated FROM activations WHERE current AND dataset <> '__concept__' "
+        "GROUP BY ALL ORDER BY ALL",
     )
     print(format_table(table))
 
@@ -121,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     for name, func, help_ in (
-        ("run", cmd_run, "the main job: extract every model and dataset of the profile, then summarise"),
+        ("run", cmd_run, "the main job: extract, fit and report for the profile (incremental)"),
         ("extract", cmd_extract, "extract pooled activations into the store (incremental, resumable)"),
+        ("fit", cmd_fit, "fit maps, vectors and baselines from the cached store; write the report"),
     ):
         p = add(name, func, help_)
         p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")

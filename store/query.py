@@ -76,18 +76,17 @@ def check_readonly_sql(sql: str) -> None:
         raise QueryError(f"query does not parse: {err}") from None
     finally:
         parser.close()
+    if not statements:
+        raise QueryError("empty query (only comments or ';'); pass a SELECT statement")
     if len(statements) != 1:
-        raise QueryError(
-            f"only one statement per query, got {len(statements)}; remove the extra ';' statements"
-        )
+        raise QueryError(f"only one statement per query, got {len(statements)}; remove the extra ';' statements")
     kind = statements[0].type.name
     body = _strip_literals(sql)
     words = body.split(None, 2)
     first = words[0].upper() if words else kind
     if kind not in _READ_TYPES:
-        raise QueryError(
-            f"{first} statements ({kind}) are refused: `safeport query` is read-only; use one SELECT"
-        )
+        named = first if first == kind else f"{first} ({kind})"
+        raise QueryError(f"{named} statements are refused: `safeport query` is read-only; use one SELECT")
     if kind == "EXPLAIN" and len(words) > 1 and words[1].upper().startswith("ANALY"):
         raise QueryError("EXPLAIN ANALYZE runs its statement and is refused; use EXPLAIN without ANALYZE")
     bad = _FILE_FUNCTIONS.search(body)
@@ -107,9 +106,7 @@ def readonly_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con = duckdb.connect(str(db), read_only=True, config=READONLY_CONFIG)
     except duckdb.IOException as err:
-        raise StoreBusyError(
-            f"store {root} is being written by another process ({err}); query it later"
-        ) from None
+        raise StoreBusyError(f"store {root} is being written by another process ({err}); query it later") from None
     except duckdb.Error as err:
         raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
     try:
@@ -140,39 +137,79 @@ def readonly_query(root: Path, sql: str) -> pa.Table:
             raise QueryError(f"query failed: {err}") from None
 
 
+_OUTPUT_FORMATS = ("csv", "json", "jsonl", "parquet")
+# Control characters in a cell (newlines, ANSI escapes from a prompt) would break the table
+# or act on the terminal; they are shown as visible escapes instead.
+_CELL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _inside_store(path: Path) -> Path | None:
+    """The store folder that ``path`` would land in, if any (a folder holding ``meta.duckdb``)."""
+    target = path.resolve()
+    for folder in (target, *target.parents):
+        if (folder / "meta.duckdb").is_file():
+            return folder
+    return None
+
+
+def _json_value(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def write_table(table: pa.Table, path: Path, fmt: str | None = None) -> str:
-    """Write ``table`` as csv / json (records, one per line) / parquet; returns the format used."""
+    """Write ``table`` as csv / json (records, one per line) / parquet; returns the format used.
+
+    Refuses to write into a store folder, so ``safeport query -o`` cannot overwrite
+    ``meta.duckdb`` or an array of the store it just read.
+    """
     fmt = (fmt or path.suffix.lstrip(".") or "csv").lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        import pyarrow.csv as pcsv
+    if fmt not in _OUTPUT_FORMATS:
+        raise QueryError(
+            f"output format {fmt!r} (from {str(path)!r}) is not supported; use a .csv, .json or .parquet "
+            "file name or --format csv|json|parquet"
+        )
+    store = _inside_store(path)
+    if store is not None:
+        raise QueryError(
+            f"output {str(path)!r} is inside the store {str(store)!r}; `safeport query` never writes "
+            "there, choose a path outside it"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "csv":
+            import pyarrow.csv as pcsv
 
-        pcsv.write_csv(table, path)
-    elif fmt in ("json", "jsonl"):
-        import json
+            pcsv.write_csv(table, path)
+        elif fmt in ("json", "jsonl"):
+            with path.open("w", encoding="utf-8") as f:
+                for row in table.to_pylist():
+                    clean = {k: _json_value(v) for k, v in row.items()}
+                    f.write(json.dumps(clean, default=str, ensure_ascii=False, allow_nan=False) + "\n")
+        else:
+            import pyarrow.parquet as pq
 
-        with path.open("w", encoding="utf-8") as f:
-            for row in table.to_pylist():
-                f.write(json.dumps(row, default=str) + "\n")
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, path)
-    else:
-        raise QueryError(f"output format {fmt!r} is not supported; use csv, json or parquet")
+            pq.write_table(table, path)
+    except OSError as err:
+        raise QueryError(f"cannot write {str(path)!r} ({err}); choose another --output path") from None
+    except (pa.ArrowException, ValueError) as err:
+        raise QueryError(f"the result cannot be written as {fmt} ({err}); use --format parquet or json") from None
     return fmt
 
 
 def format_table(table: pa.Table, max_rows: int = 50, max_width: int = 40) -> str:
-    """Plain-text table for a terminal."""
+    """Plain-text table for a terminal (control characters in cells are escaped)."""
+    if max_rows < 0 or max_width < 2:
+        raise QueryError(f"max_rows={max_rows}, max_width={max_width}: pass --max-rows 0 or more")
     cols = table.column_names
-    rows = table.slice(0, max_rows).to_pylist()
 
     def cell(v: object) -> str:
         s = "NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+        s = _CELL_CONTROL.sub(lambda m: repr(m.group(0))[1:-1], s)
         return s if len(s) <= max_width else s[: max_width - 1] + "…"
 
-    grid = [cols] + [[cell(r[c]) for c in cols] for r in rows]
+    head = table.slice(0, max_rows)
+    columns = [[cell(v) for v in head.column(i).to_pylist()] for i in range(len(cols))]
+    grid = [[cell(c) for c in cols]] + [list(r) for r in zip(*columns, strict=True)]
     widths = [max(len(row[i]) for row in grid) for i in range(len(cols))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in grid]
     lines.insert(1, "-+-".join("-" * w for w in widths))

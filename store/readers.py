@@ -72,9 +72,7 @@ def _decode(path: Path, encoding: str) -> str:
             if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
             else "re-encode the file as UTF-8 or set encoding: (e.g. latin-1) on this source in the catalog"
         )
-        raise DataFileError(
-            f"{path}: byte {err.start} (line {line}) is not valid {encoding}; {hint}"
-        ) from None
+        raise DataFileError(f"{path}: byte {err.start} (line {line}) is not valid {encoding}; {hint}") from None
 
 
 def _missing(path: Path | str, wanted: list[str], have: list[str]) -> DataFileError:
@@ -99,9 +97,7 @@ def read_header(path: Path, fmt: str, encoding: str = "utf-8") -> list[str] | No
         try:
             return list(pq.read_schema(path).names)
         except Exception as err:  # pyarrow raises several types for a broken file
-            raise DataFileError(
-                f"{path}: not a readable Parquet file ({err}); check the file or its format:"
-            ) from None
+            raise DataFileError(f"{path}: not a readable Parquet file ({err}); check the file or its format:") from None
     if fmt == "csv":
         _require_file(path)
         try:
@@ -122,9 +118,7 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, list[Any]]:
     try:
         schema = pq.read_schema(path)
     except Exception as err:  # pyarrow raises several types for a broken file
-        raise DataFileError(
-            f"{path}: not a readable Parquet file ({err}); check the file or its format:"
-        ) from None
+        raise DataFileError(f"{path}: not a readable Parquet file ({err}); check the file or its format:") from None
     if any(c not in schema.names for c in columns):
         raise _missing(path, columns, list(schema.names))
     for c in columns:
@@ -140,15 +134,11 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, list[Any]]:
             or pa.types.is_null(kind)
             or str(kind) == "string_view"
         ):
-            raise DataFileError(
-                f"{path}: column {c!r} has type {kind}, not text; point the catalog at a string column"
-            )
+            raise DataFileError(f"{path}: column {c!r} has type {kind}, not text; point the catalog at a string column")
     try:
         table = pq.read_table(path, columns=columns)
     except Exception as err:  # a valid footer can still hide a broken data page
-        raise DataFileError(
-            f"{path}: Parquet data cannot be read ({err}); check or rewrite the file"
-        ) from None
+        raise DataFileError(f"{path}: Parquet data cannot be read ({err}); check or rewrite the file") from None
     return {c: table.column(c).to_pylist() for c in columns}
 
 
@@ -168,9 +158,7 @@ def _read_csv(path: Path, text: str, columns: list[str]) -> dict[str, list[Any]]
             for c in columns:
                 out[c].append(row.get(c))
     except csv.Error as err:
-        raise DataFileError(
-            f"{path}: malformed CSV at line {reader.line_num} ({err}); fix the file"
-        ) from None
+        raise DataFileError(f"{path}: malformed CSV at line {reader.line_num} ({err}); fix the file") from None
     return out
 
 
@@ -190,8 +178,7 @@ def _read_jsonl(path: Path, text: str, columns: list[str]) -> dict[str, list[Any
             ) from None
         if not isinstance(obj, dict):
             raise DataFileError(
-                f"{path}: line {lineno} is a JSON {type(obj).__name__}, not an object; "
-                "each line must be {...}"
+                f"{path}: line {lineno} is a JSON {type(obj).__name__}, not an object; each line must be {{...}}"
             )
         n_objects += 1
         seen.update(obj)
@@ -219,8 +206,7 @@ def read_columns(path: Path, fmt: str, columns: list[str], encoding: str = "utf-
         return _read_parquet(path, columns)
     if fmt == "text" and len(columns) > 1:
         raise DataFileError(
-            f"{path}: a text file has one column (one text per line), not {columns}; "
-            "use csv or jsonl for extra columns"
+            f"{path}: a text file has one column (one text per line), not {columns}; use csv or jsonl for extra columns"
         )
     text = _decode(path, encoding)
     if fmt == "text":
@@ -230,9 +216,7 @@ def read_columns(path: Path, fmt: str, columns: list[str], encoding: str = "utf-
     return _read_jsonl(path, text, columns)
 
 
-def read_hub_columns(
-    dataset_id: str, config: str | None, split: str, columns: list[str]
-) -> dict[str, list[Any]]:
+def read_hub_columns(dataset_id: str, config: str | None, split: str, columns: list[str]) -> dict[str, list[Any]]:
     """Columns of a hub dataset (needs network or a warm HF cache)."""
     try:
         import datasets

@@ -30,48 +30,9 @@ import pyarrow as pa
 import zarr
 import zarr.codecs
 
-SCHEMA_VERSION = 1
+from store.schema import SCHEMA
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS models (
-    model_key VARCHAR PRIMARY KEY, name VARCHAR, role VARCHAR, family VARCHAR, model_id VARCHAR,
-    revision VARCHAR, weights VARCHAR, spec_json VARCHAR, dim INTEGER, registered_at TIMESTAMP,
-    current BOOLEAN);
-CREATE TABLE IF NOT EXISTS texts (text_id VARCHAR PRIMARY KEY, text VARCHAR, n_chars INTEGER);
-CREATE TABLE IF NOT EXISTS datasets (
-    dataset VARCHAR PRIMARY KEY, kind VARCHAR, content_hash VARCHAR, n_rows INTEGER,
-    report_json VARCHAR, registered_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS dataset_texts (
-    dataset VARCHAR, idx INTEGER, text_id VARCHAR, split VARCHAR, category VARCHAR,
-    pair_id INTEGER, side VARCHAR, PRIMARY KEY (dataset, idx));
-CREATE TABLE IF NOT EXISTS units (
-    unit_key VARCHAR PRIMARY KEY, model_key VARCHAR, dataset VARCHAR, dataset_hash VARCHAR,
-    array_path VARCHAR, n_rows INTEGER, dim INTEGER, dtype VARCHAR, shard_rows INTEGER,
-    status VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS unit_texts (unit_key VARCHAR, row INTEGER, text_id VARCHAR,
-    PRIMARY KEY (unit_key, row));
-CREATE TABLE IF NOT EXISTS shards (
-    unit_key VARCHAR, shard INTEGER, row_start INTEGER, row_stop INTEGER, checksum VARCHAR,
-    tokens BIGINT, committed_at TIMESTAMP, PRIMARY KEY (unit_key, shard));
-CREATE TABLE IF NOT EXISTS activation_rows (
-    model_key VARCHAR, text_id VARCHAR, unit_key VARCHAR, row INTEGER, n_tokens INTEGER,
-    truncated BOOLEAN, PRIMARY KEY (model_key, text_id));
-CREATE TABLE IF NOT EXISTS runs (
-    run_id VARCHAR, flow VARCHAR, task VARCHAR, model VARCHAR, dataset VARCHAR, unit_key VARCHAR,
-    status VARCHAR, rows BIGINT, tokens BIGINT, seconds DOUBLE, started_at TIMESTAMP,
-    finished_at TIMESTAMP, message VARCHAR);
-CREATE OR REPLACE VIEW activations AS
-    SELECT m.name AS model, m.role, dt.dataset, dt.idx, dt.text_id, dt.split, dt.category, dt.pair_id,
-           dt.side, a.n_tokens, a.truncated, a.unit_key, a.row, m.model_key, m.current
-    FROM activation_rows a JOIN models m USING (model_key) JOIN dataset_texts dt USING (text_id);
-CREATE OR REPLACE VIEW arrays AS
-    SELECT u.array_path AS path, u.unit_key, m.name AS model, u.dataset, u.n_rows, u.dim, u.dtype,
-           u.status, count(s.shard) AS shards_committed,
-           string_agg(s.checksum, ',' ORDER BY s.shard) AS checksums
-    FROM units u LEFT JOIN models m USING (model_key) LEFT JOIN shards s USING (unit_key)
-    GROUP BY ALL;
-"""
+SCHEMA_VERSION = 1
 
 
 class StoreError(RuntimeError):
@@ -150,8 +111,7 @@ class Store:
             self.con = duckdb.connect(str(db), read_only=read_only)
         except duckdb.IOException as err:
             raise StoreBusyError(
-                f"store {self.root} is open for writing by another process ({err}); "
-                "read it when that run has finished"
+                f"store {self.root} is open for writing by another process ({err}); read it when that run has finished"
             ) from None
         if not read_only:
             self.con.execute(SCHEMA)
@@ -188,15 +148,18 @@ class Store:
         return self.con.sql(query, params=list(params or [])).to_arrow_table()
 
     def scalar(self, query: str, params: Sequence[Any] | None = None) -> Any:
-        row = self.con.execute(query, params or []).fetchone()
+        row = self.one(query, params)
         return None if row is None else row[0]
+
+    def one(self, query: str, params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
+        """First row or None; the whole result is consumed (DuckDB 2 refuses a half-read cursor)."""
+        rows = self.con.execute(query, params or []).fetchall()
+        return tuple(rows[0]) if rows else None
 
     # -- models and datasets ----------------------------------------------
     def register_model(self, model_key: str, name: str, role: str, spec: dict[str, Any], dim: int) -> None:
         with self.transaction() as con:
-            con.execute(
-                "UPDATE models SET current = false WHERE name = ? AND model_key <> ?", [name, model_key]
-            )
+            con.execute("UPDATE models SET current = false WHERE name = ? AND model_key <> ?", [name, model_key])
             con.execute(
                 "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now(), true)",
                 [
@@ -220,9 +183,7 @@ class Store:
         value = self.scalar("SELECT content_hash FROM datasets WHERE dataset = ?", [dataset])
         return None if value is None else str(value)
 
-    def register_dataset(
-        self, name: str, kind: str, content_hash: str, rows: pa.Table, report: dict[str, int]
-    ) -> bool:
+    def register_dataset(self, name: str, kind: str, content_hash: str, rows: pa.Table, report: dict[str, int]) -> bool:
         """Replace a dataset's rows if its content changed; returns False when nothing changed.
 
         ``rows`` columns: idx, text_id, text, split, category, pair_id, side. Texts are
@@ -232,13 +193,10 @@ class Store:
             return False
         with self.transaction() as con:
             con.register("_incoming", rows)
-            con.execute(
-                "INSERT OR IGNORE INTO texts SELECT DISTINCT text_id, text, length(text) FROM _incoming"
-            )
+            con.execute("INSERT OR IGNORE INTO texts SELECT DISTINCT text_id, text, length(text) FROM _incoming")
             con.execute("DELETE FROM dataset_texts WHERE dataset = ?", [name])
             con.execute(
-                "INSERT INTO dataset_texts "
-                "SELECT ?, idx, text_id, split, category, pair_id, side FROM _incoming",
+                "INSERT INTO dataset_texts SELECT ?, idx, text_id, split, category, pair_id, side FROM _incoming",
                 [name],
             )
             con.execute(
@@ -264,9 +222,7 @@ class Store:
         tbl = pa.table({"text_id": list(text_ids), "pos": np.arange(len(text_ids))})
         self.con.register("_ids", tbl)
         try:
-            rows = self.con.execute(
-                "SELECT t.text FROM _ids i JOIN texts t USING (text_id) ORDER BY i.pos"
-            ).fetchall()
+            rows = self.con.execute("SELECT t.text FROM _ids i JOIN texts t USING (text_id) ORDER BY i.pos").fetchall()
         finally:
             self.con.unregister("_ids")
         if len(rows) != len(text_ids):
@@ -275,11 +231,11 @@ class Store:
 
     # -- work units ----------------------------------------------------------
     def unit(self, unit_key: str) -> UnitInfo | None:
-        row = self.con.execute(
+        row = self.one(
             "SELECT unit_key, model_key, dataset, array_path, n_rows, dim, shard_rows, status "
             "FROM units WHERE unit_key = ?",
             [unit_key],
-        ).fetchone()
+        )
         return None if row is None else UnitInfo(*row)
 
     def create_unit(
@@ -330,9 +286,7 @@ class Store:
             raise StoreError(f"cannot create array {path} in {self.root}: {err}") from None
 
     def unit_text_ids(self, unit_key: str) -> list[str]:
-        rows = self.con.execute(
-            "SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]
-        ).fetchall()
+        rows = self.con.execute("SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]).fetchall()
         return [r[0] for r in rows]
 
     def committed_shards(self, unit_key: str) -> set[int]:
@@ -378,22 +332,18 @@ class Store:
             )
             con.register("_rows", tbl)
             con.execute(
-                "INSERT OR IGNORE INTO activation_rows "
-                "SELECT ?, text_id, ?, row, n_tokens, truncated FROM _rows",
+                "INSERT OR IGNORE INTO activation_rows SELECT ?, text_id, ?, row, n_tokens, truncated FROM _rows",
                 [unit.model_key, unit.unit_key],
             )
             con.unregister("_rows")
 
     def finish_unit(self, unit_key: str) -> None:
         with self.transaction() as con:
-            con.execute(
-                "UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ?", [unit_key]
-            )
+            con.execute("UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ?", [unit_key])
 
     def done_unit(self, model_key: str, dataset: str, dataset_hash: str) -> str | None:
         value = self.scalar(
-            "SELECT unit_key FROM units WHERE model_key = ? AND dataset = ? AND dataset_hash = ? "
-            "AND status = 'done'",
+            "SELECT unit_key FROM units WHERE model_key = ? AND dataset = ? AND dataset_hash = ? AND status = 'done'",
             [model_key, dataset, dataset_hash],
         )
         return None if value is None else str(value)
@@ -453,9 +403,7 @@ class Store:
                 out = np.empty((len(keys), unit.dim), dtype=np.float32)
             mine = np.flatnonzero(np.asarray(keys) == key)
             arr = self.arrays[unit.array_path]
-            sums = dict(
-                self.con.execute("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]).fetchall()
-            )
+            sums = dict(self.con.execute("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]).fetchall())
             for shard in np.unique(rows[mine] // unit.shard_rows):
                 start, stop = unit.shard_range(int(shard))
                 block = np.asarray(arr[start:stop, :])  # type: ignore[index]

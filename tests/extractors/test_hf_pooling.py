@@ -49,9 +49,7 @@ def test_pooling_equals_hand_computation(family: str, llama_dir: Path, bert_dir:
     for i, text in enumerate(TEXTS):
         np.testing.assert_allclose(pooled.values[i], _hand_pool(folder, text), rtol=1e-5, atol=1e-6)
     assert pooled.values.dtype == np.float32
-    assert pooled.n_tokens.tolist() == [
-        len(AutoTokenizer.from_pretrained(folder)(t)["input_ids"]) for t in TEXTS
-    ]
+    assert pooled.n_tokens.tolist() == [len(AutoTokenizer.from_pretrained(folder)(t)["input_ids"]) for t in TEXTS]
 
 
 @pytest.mark.parametrize("family", ["causal_lm", "text_encoder"])
@@ -68,9 +66,7 @@ def test_left_and_right_padding_and_batch_mates_agree(family: str, llama_dir: Pa
 
 
 def test_truncation_is_flagged_and_counted(llama_dir: Path) -> None:
-    ex = load_extractor(
-        ModelSource(name="m", family="causal_lm", path=str(llama_dir), device="cpu", max_tokens=5)
-    )
+    ex = load_extractor(ModelSource(name="m", family="causal_lm", path=str(llama_dir), device="cpu", max_tokens=5))
     pooled = ex.encode(TEXTS)
     lengths = ex.token_lengths(TEXTS)
     assert pooled.n_tokens.max() == 5
@@ -80,9 +76,7 @@ def test_truncation_is_flagged_and_counted(llama_dir: Path) -> None:
 
 def test_intermediate_layer_stops_the_forward_pass(llama_dir: Path) -> None:
     ex = load_extractor(
-        ModelSource(
-            name="m", family="causal_lm", path=str(llama_dir), device="cpu", options=(("layer", "0"),)
-        )
+        ModelSource(name="m", family="causal_lm", path=str(llama_dir), device="cpu", options=(("layer", "0"),))
     )
     assert len(ex.model.layers) == 1  # type: ignore[attr-defined]
     model = AutoModel.from_pretrained(llama_dir).eval()
@@ -126,6 +120,4 @@ def test_spec_key_changes_with_every_field() -> None:
         base.spec(layer="3").key(),
     }
     assert len(keys) == 5
-    assert (
-        base.spec().key() == ModelSource(name="m", family="causal_lm", path="/x", device="cpu").spec().key()
-    )
+    assert base.spec().key() == ModelSource(name="m", family="causal_lm", path="/x", device="cpu").spec().key()

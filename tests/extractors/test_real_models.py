@@ -23,9 +23,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def smollm2():  # type: ignore[no-untyped-def]
     return load_extractor(
-        ModelSource(
-            name="smollm2", family="causal_lm", path=str(smollm2_folder()), gguf_file=GGUF, device="cpu"
-        )
+        ModelSource(name="smollm2", family="causal_lm", path=str(smollm2_folder()), gguf_file=GGUF, device="cpu")
     )
 
 
@@ -56,9 +54,7 @@ def test_smollm2_padding_side_and_batch_mates(smollm2) -> None:  # type: ignore[
 
 
 def test_minilm_masked_mean_matches_hand_computation() -> None:
-    ex = load_extractor(
-        ModelSource(name="minilm", family="text_encoder", path=str(minilm_folder()), device="cpu")
-    )
+    ex = load_extractor(ModelSource(name="minilm", family="text_encoder", path=str(minilm_folder()), device="cpu"))
     assert ex.dim == 384
     pooled = ex.encode(TEXTS)
     from transformers import AutoModel

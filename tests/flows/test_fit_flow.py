@@ -1,0 +1,123 @@
+"""The real Prefect run/fit flows on a tiny store: vectors, lineage, report, bit-for-bit reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.fit import fit_flow
+from flows.run import run_flow
+from mappers.vectors import anchor_scale, centre, train_mean
+from store import artifacts
+from store.store import Store
+from tests.flows.catalogs import tiny_catalog
+
+
+@pytest.fixture(scope="module")
+def fitted(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("fit")
+    catalog = tiny_catalog(tmp, anchors=60, pairs=24, prompts=12)
+    extracted, fits = run_flow(str(catalog))
+    assert {r.status for r in extracted} == {"done"}
+    assert [(f.source, f.target, f.status) for f in fits] == [("src", "tgt", "done")]
+    return catalog
+
+
+def _vectors(root: Path) -> dict[str, np.ndarray]:
+    with Store(root, read_only=True) as store:
+        names = [r[0] for r in store.con.execute("SELECT name FROM vectors ORDER BY name").fetchall()]
+        return {n: artifacts.load_vector(store, n)[0] for n in names}
+
+
+def test_vectors_baselines_and_report_exist(fitted: Path) -> None:
+    root = fitted.parent / "store"
+    vectors = _vectors(root)
+    for name in (
+        "source:src",
+        "native:tgt",
+        "calibrated:src->tgt:procrustes",
+        "calibrated:src->tgt:ridge",
+        "uncalibrated:src->tgt:ridge",
+        "raw:src->tgt:ridge",
+        "random:src->tgt",
+        "string:src->tgt",
+    ):
+        assert name in vectors, name
+    assert any(n.startswith("calibrated:src->tgt:ridge:") for n in vectors)  # per-category vectors
+    report = root / "reports" / "fit-src--tgt.md"
+    text = report.read_text()
+    assert "Alignment maps (test anchors)" in text and "Verdict" in text
+    assert (root / "reports" / "fit-src--tgt-prompts-proxy.png").stat().st_size > 1000
+
+
+def test_calibration_and_source_vector_match_hand_computation(fitted: Path) -> None:
+    root = fitted.parent / "store"
+    vectors = _vectors(root)
+    with Store(root, read_only=True) as store:
+        src_a = store.activations("src", "anchors", "split = 'train'")[1]
+        tgt_a = store.activations("tgt", "anchors", "split = 'train'")[1]
+        meta, pairs = store.activations("src", "pairs", "split = 'train'")
+    side = np.asarray(meta.column("side").to_pylist())
+    pid = np.asarray(meta.column("pair_id").to_pylist())
+    safe = pairs[side == "safe"][np.argsort(pid[side == "safe"])]
+    unsafe = pairs[side == "unsafe"][np.argsort(pid[side == "unsafe"])]
+    v_s = (safe.astype(np.float64) - unsafe).mean(axis=0)
+    np.testing.assert_allclose(vectors["source:src"], v_s, rtol=1e-5, atol=1e-6)
+    a, b = centre(src_a, train_mean(src_a)), centre(tgt_a, train_mean(tgt_a))
+    s = np.median(np.linalg.norm(b, axis=1)) / np.median(np.linalg.norm(a, axis=1))
+    assert anchor_scale(a, b) == pytest.approx(s)
+    for mapper in ("procrustes", "ridge"):
+        cal = vectors[f"calibrated:src->tgt:{mapper}"]
+        raw = vectors[f"raw:src->tgt:{mapper}"]
+        np.testing.assert_allclose(np.linalg.norm(cal), s * np.linalg.norm(v_s), rtol=1e-5)
+        np.testing.assert_allclose(cal / np.linalg.norm(cal), raw / np.linalg.norm(raw), atol=1e-5)
+    rnd = vectors["random:src->tgt"]
+    np.testing.assert_allclose(np.linalg.norm(rnd), s * np.linalg.norm(v_s), rtol=1e-5)
+
+
+def test_lineage_points_at_the_exact_arrays_used(fitted: Path) -> None:
+    root = fitted.parent / "store"
+    with Store(root, read_only=True) as store:
+        rows = store.sql("SELECT * FROM lineage WHERE kind = 'calibrated' AND category IS NULL").to_pylist()
+        units = {
+            r[0]
+            for r in store.con.execute(
+                "SELECT DISTINCT unit_key FROM activations WHERE dataset IN ('anchors', 'pairs')"
+            ).fetchall()
+        }
+        split_hash = store.scalar("SELECT DISTINCT split_hash FROM maps")
+    assert {r["mapper"] for r in rows} == {"procrustes", "ridge"}
+    for r in rows:
+        assert set(json.loads(r["input_units"])) <= units
+        assert r["split_hash"] == split_hash
+        assert json.loads(r["map_params"])  # chosen hyper-parameters recorded
+    ridge = next(r for r in rows if r["mapper"] == "ridge")
+    assert "lambda" in json.loads(ridge["map_params"])
+
+
+def test_rerun_refits_nothing_and_is_bit_for_bit(fitted: Path) -> None:
+    root = fitted.parent / "store"
+    before = _vectors(root)
+    with Store(root, read_only=True) as store:
+        maps_before = store.sql("SELECT map_key, created_at FROM maps ORDER BY 1").to_pylist()
+    again = fit_flow(str(fitted))
+    assert [r.status for r in again] == ["skipped"]
+    after = _vectors(root)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    with Store(root, read_only=True) as store:
+        assert store.sql("SELECT map_key, created_at FROM maps ORDER BY 1").to_pylist() == maps_before
+
+
+def test_fit_from_scratch_reproduces_the_same_vectors(fitted: Path, tmp_path: Path) -> None:
+    """A second store built from the same inputs gives identical vectors (seed 42 everywhere)."""
+    first = _vectors(fitted.parent / "store")
+    catalog = tiny_catalog(tmp_path, anchors=60, pairs=24, prompts=12)
+    run_flow(str(catalog))
+    second = _vectors(tmp_path / "store")
+    assert first.keys() == second.keys()
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k], err_msg=k)
