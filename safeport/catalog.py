@@ -98,22 +98,20 @@ class ModelEntry(_Strict):
     @classmethod
     def _family(cls, v: str) -> str:
         if v not in FAMILIES:
-            raise ValueError(f"unknown family {v!r}; use one of {', '.join(sorted(FAMILIES))}")
+            raise ValueError(f"unknown family {_shown(v)}; use one of {', '.join(sorted(FAMILIES))}")
         return v
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         if not _DEVICE.fullmatch(v):
-            raise ValueError(f"device {v!r} is not understood; use auto, cpu, cuda, cuda:N or mps")
+            raise ValueError(f"device {_shown(v)} is not understood; use auto, cpu, cuda, cuda:N or mps")
         return v
 
     @model_validator(mode="after")
     def _one_location(self) -> ModelEntry:
         if (self.hub_id is None) == (self.path is None):
-            raise ValueError(
-                "give exactly one of hub_id (e.g. meta-llama/Llama-3.1-8B) or path (a local folder)"
-            )
+            raise ValueError("give exactly one of hub_id (e.g. meta-llama/Llama-3.1-8B) or path (a local folder)")
         return self
 
 
@@ -135,7 +133,7 @@ class SourceEntry(_Strict):
         try:
             codecs.lookup(v)
         except LookupError:
-            raise ValueError(f"encoding {v!r} is unknown; use e.g. utf-8, latin-1 or cp1252") from None
+            raise ValueError(f"encoding {_shown(v)} is unknown; use e.g. utf-8, latin-1 or cp1252") from None
         return v
 
     @model_validator(mode="after")
@@ -153,8 +151,7 @@ class SourceEntry(_Strict):
         suffix = Path(str(self.path)).suffix.lower()
         if suffix not in _SUFFIX_FORMAT:
             raise CatalogError(
-                f"cannot tell the format of {self.path!r} from its suffix; "
-                f"add format: one of {', '.join(FORMATS)}"
+                f"cannot tell the format of {self.path!r} from its suffix; add format: one of {', '.join(FORMATS)}"
             )
         return _SUFFIX_FORMAT[suffix]
 
@@ -290,7 +287,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - {where}: unknown key; remove it or check its spelling (see README, 'Catalog')")
+            lines.append(
+                f"  - {where} = {_shown(e.get('input'))}: unknown key; remove it or check its spelling "
+                "(see README, 'Catalog')"
+            )
+        elif e["type"] == "missing" and e["loc"] and isinstance(e["loc"][-1], int):
+            parent = ".".join(str(x) for x in e["loc"][:-1])
+            lines.append(
+                f"  - {parent} = {_shown(e.get('input'))}: item {e['loc'][-1]} is missing; give every item "
+                "(see README, 'Catalog')"
+            )
         elif e["type"] == "missing":
             lines.append(f"  - {where}: required key is missing; add it")
         else:
@@ -321,15 +327,12 @@ def load_catalog(path: Path | str | None = None, profile: str = "default") -> Re
     path = Path(path) if path is not None else DEFAULT_CATALOG
     if not path.is_file():
         raise CatalogError(
-            f"catalog {str(path)!r} does not exist or is not a file; pass --catalog PATH or omit it "
-            "for the default"
+            f"catalog {str(path)!r} does not exist or is not a file; pass --catalog PATH or omit it for the default"
         )
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise CatalogError(
-            f"catalog {str(path)!r} cannot be read ({err.strerror}); check its permissions"
-        ) from None
+        raise CatalogError(f"catalog {str(path)!r} cannot be read ({err.strerror}); check its permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -363,20 +366,16 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
     if roles != {"source", "target"}:
         have = {m: cat.models[m].role for m in prof.models}
         raise CatalogError(
-            f"{where}.models = {prof.models}: roles {have}; add at least one role: source and one "
-            "role: target model"
+            f"{where}.models = {prof.models}: roles {have}; add at least one role: source and one role: target model"
         )
     wanted = {"anchors": [prof.anchors], "pairs": [prof.pairs], "prompts": prof.prompts}
     for kind, names in wanted.items():
         for d in names:
             if d not in cat.datasets:
-                raise CatalogError(
-                    f"{where}.{kind}: dataset {d!r} is not in the catalog; add it under datasets:"
-                )
+                raise CatalogError(f"{where}.{kind}: dataset {d!r} is not in the catalog; add it under datasets:")
             if cat.datasets[d].kind != kind:
                 raise CatalogError(
-                    f"{where}.{kind}: dataset {d!r} has kind {cat.datasets[d].kind!r}; "
-                    f"name a dataset of kind {kind!r}"
+                    f"{where}.{kind}: dataset {d!r} has kind {cat.datasets[d].kind!r}; name a dataset of kind {kind!r}"
                 )
     names = [prof.anchors, prof.pairs, *prof.prompts]
     resolved = Resolved(

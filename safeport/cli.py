@@ -87,8 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in extracted:
         print(f"  extract {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.seconds:7.1f}s")
     _print_summary(root)
-    for r in fitted:
-        print(f"  fit {r.source} -> {r.target}: {r.status} in {r.seconds:.1f}s; report {r.report}")
+    for f in fitted:
+        print(f"  fit {f.source} -> {f.target}: {f.status} in {f.seconds:.1f}s; report {f.report}")
     _print_headlines(fitted)
     print(f"\nsafeport run finished in {time.time() - t0:.1f}s; store at {root}")
     return 0

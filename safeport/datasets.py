@@ -43,12 +43,9 @@ def _columns_for(entry: DatasetEntry, src: SourceEntry) -> list[str]:
 
     A text file has one unnamed column, so it never supplies categories (its rows get none).
     """
-    text_file = src.resolved_format() == "text"
-    if entry.kind == "pairs":
-        cols = [str(entry.safe_column), str(entry.unsafe_column)]
-    else:
-        cols = [src.column or "text"]
-    if entry.category_column and not text_file:
+    pairs = entry.kind == "pairs"
+    cols = [str(entry.safe_column), str(entry.unsafe_column)] if pairs else [src.column or "text"]
+    if entry.category_column and src.resolved_format() != "text":
         cols.append(entry.category_column)
     return cols
 

@@ -106,7 +106,9 @@ def readonly_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con = duckdb.connect(str(db), read_only=True, config=READONLY_CONFIG)
     except duckdb.IOException as err:
-        raise StoreBusyError(f"store {root} is being written by another process ({err}); query it later") from None
+        if "lock" in str(err).lower():  # DuckDB: 'Could not set lock on file ...: Conflicting lock'
+            raise StoreBusyError(f"store {root} is being written by another process ({err}); query it later") from None
+        raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
     except duckdb.Error as err:
         raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
     try:

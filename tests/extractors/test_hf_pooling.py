@@ -107,7 +107,7 @@ def test_length_batches_cover_everything_once_and_cap_tokens() -> None:
     assert sorted(flat.tolist()) == list(range(7))
     for b in batches:
         assert len(b) == 1 or lengths[b].max() * len(b) <= 16
-    assert [lengths[b].tolist() for b in batches][0] == [1, 2, 3]
+    assert lengths[batches[0]].tolist() == [1, 2, 3]
 
 
 def test_spec_key_changes_with_every_field() -> None:
