@@ -99,7 +99,6 @@ def _encode_shard(
         check_finite(pooled.values, extractor.spec.model_id, [text_ids[i] for i in idx])
         values[idx], n_tokens[idx], truncated[idx] = pooled.values, pooled.n_tokens, pooled.truncated
         bar.update(len(idx))
-        bar.set_postfix(tok_s=f"{int(n_tokens[idx].sum()) / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
     return values, n_tokens, truncated
 
 
@@ -166,6 +165,7 @@ def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid
                 store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
                 rows += stop - start
                 tokens += int(n_tok.sum())
+                bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
                 if trunc.any():
                     log.warning(
                         "%s/%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
