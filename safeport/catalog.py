@@ -11,6 +11,7 @@ import codecs
 import importlib.util
 import math
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -304,8 +305,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 4, 6, 200, 200
+
+
 def _shown(value: Any) -> str:
-    shown = repr(value)
+    """A short repr of an offending value; bounded work even for a YAML alias bomb (9**9 items)."""
+    shown = _REPR.repr(value)
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 

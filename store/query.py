@@ -46,6 +46,9 @@ _LITERALS = re.compile(
 )
 
 
+_PLAIN_EXPLAIN = re.compile(r"\s*EXPLAIN\s+(?!ANALY[SZ]E\b|\()", re.IGNORECASE)
+
+
 class QueryError(ValueError):
     """A query that safeport refuses or DuckDB rejects; the message says why."""
 
@@ -60,6 +63,17 @@ def _strip_literals(sql: str) -> str:
     return _LITERALS.sub(blank, sql)
 
 
+def _statement_types(sql: str) -> list[str]:
+    """DuckDB's own classification of each statement in ``sql`` (parsed only, never run)."""
+    parser = duckdb.connect(":memory:", config=READONLY_CONFIG)
+    try:
+        return [st.type.name for st in parser.extract_statements(sql)]
+    except duckdb.Error as err:
+        raise QueryError(f"query does not parse: {err}") from None
+    finally:
+        parser.close()
+
+
 def check_readonly_sql(sql: str) -> None:
     """Refuse anything but one read-only statement, with a message naming what was refused.
 
@@ -69,26 +83,28 @@ def check_readonly_sql(sql: str) -> None:
     """
     if not sql.strip():
         raise QueryError("empty query; pass a SELECT statement")
-    parser = duckdb.connect(":memory:", config=READONLY_CONFIG)
-    try:
-        statements = parser.extract_statements(sql)
-    except duckdb.Error as err:
-        raise QueryError(f"query does not parse: {err}") from None
-    finally:
-        parser.close()
+    statements = _statement_types(sql)
     if not statements:
         raise QueryError("empty query (only comments or ';'); pass a SELECT statement")
     if len(statements) != 1:
-        raise QueryError(f"only one statement per query, got {len(statements)}; remove the extra ';' statements")
-    kind = statements[0].type.name
+        raise QueryError(f"{len(statements)} statements refused: only one statement per query; remove the extra ';'")
+    kind = statements[0]
     body = _strip_literals(sql)
     words = body.split(None, 2)
     first = words[0].upper() if words else kind
     if kind not in _READ_TYPES:
         named = first if first == kind else f"{first} ({kind})"
         raise QueryError(f"{named} statements are refused: `safeport query` is read-only; use one SELECT")
-    if kind == "EXPLAIN" and len(words) > 1 and words[1].upper().startswith("ANALY"):
-        raise QueryError("EXPLAIN ANALYZE runs its statement and is refused; use EXPLAIN without ANALYZE")
+    if kind == "EXPLAIN":
+        # EXPLAIN ANALYZE and EXPLAIN (ANALYZE) run their statement; plain EXPLAIN only plans it.
+        plain = _PLAIN_EXPLAIN.match(body)
+        if plain is None:
+            raise QueryError(
+                "EXPLAIN ANALYZE and EXPLAIN (options) run their statement and are refused; use plain EXPLAIN"
+            )
+        inner = _statement_types(body[plain.end() :])
+        if inner != ["SELECT"]:
+            raise QueryError(f"EXPLAIN of {', '.join(inner) or 'nothing'} is refused; EXPLAIN a SELECT")
     bad = _FILE_FUNCTIONS.search(body)
     if bad:
         raise QueryError(

@@ -1,0 +1,201 @@
+"""The CLI, in-process: user errors print `safeport: error: ...` and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from safeport.cli import main
+from store.store import Store
+from tests.test_catalog import base_catalog, write_catalog
+
+BROKEN = {
+    "yaml syntax": b"version: 1\nmodels: {a: [1, 2}\n",
+    "unknown key": b"version: 1\nmodels: {}\ndatasets: {}\nprofiles: {}\ncolour: red\n",
+    "not utf-8": b"version: 1\nmodels:\n  caf\xe9: {}\n",
+    "a list": b"- a\n- b\n",
+    "python tag": b"version: !!python/object/apply:os.system ['true']\n",
+    "empty": b"",
+}
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _is_user_error(code: int, out: str, err: str) -> None:
+    assert code == 2
+    assert err.startswith("safeport: error: ")
+    assert "Traceback" not in err and "Traceback" not in out
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+@pytest.mark.parametrize("command", [["catalog"], ["query", "select 1"], ["status"]])
+def test_broken_catalog_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str, command: list[str]
+) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_bytes(BROKEN[broken])
+    code, out, err = _run(capsys, *command, "--catalog", str(path))
+    _is_user_error(code, out, err)
+    assert str(path) in err
+
+
+def test_missing_catalog_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "catalog", "--catalog", str(tmp_path / "nope.yaml"))
+    _is_user_error(code, out, err)
+    assert "does not exist" in err
+
+
+def test_unknown_profile_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_catalog(tmp_path, base_catalog(tmp_path))
+    code, out, err = _run(capsys, "catalog", "--catalog", str(path), "--profile", "nope")
+    _is_user_error(code, out, err)
+    assert "'nope'" in err
+
+
+def test_catalog_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_catalog(tmp_path, base_catalog(tmp_path))
+    code, out, err = _run(capsys, "catalog", "--catalog", str(path))
+    assert code == 0, err
+    assert "profile 'default': OK" in out and "dataset pr" in out
+
+
+def test_catalog_reports_a_wrong_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = base_catalog(tmp_path)
+    data["datasets"]["pr"]["sources"][0]["column"] = "promt"
+    code, out, err = _run(capsys, "catalog", "--catalog", str(write_catalog(tmp_path, data)))
+    _is_user_error(code, out, err)
+    assert "datasets.pr.sources.0" in err and "['promt'] not found" in err and "'prompt'" in err
+
+
+def test_catalog_reports_a_file_with_no_usable_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = base_catalog(tmp_path)
+    (tmp_path / "data" / "prompts.csv").write_text("prompt,cat\n  ,a\n,b\n", encoding="utf-8")
+    code, out, err = _run(capsys, "catalog", "--catalog", str(write_catalog(tmp_path, data)))
+    _is_user_error(code, out, err)
+    assert "no usable texts" in err
+
+
+def test_catalog_reports_invalid_utf8_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = base_catalog(tmp_path)
+    (tmp_path / "data" / "prompts.csv").write_bytes(b"prompt,cat\ncaf\xe9,a\n")
+    code, out, err = _run(capsys, "catalog", "--catalog", str(write_catalog(tmp_path, data)))
+    _is_user_error(code, out, err)
+    assert "byte 14 (line 2)" in err and "encoding:" in err
+
+
+# --- query ------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def store_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    rows = pa.table(
+        {
+            "idx": pa.array([0, 1, 2], pa.int32()),
+            "text_id": ["t0", "t1", "t2"],
+            "text": ["one", "two", "three"],
+            "split": ["train", "val", "test"],
+            "category": [None, "a", "b"],
+            "pair_id": pa.array([None, None, None], pa.int32()),
+            "side": pa.array([None, None, None], pa.string()),
+        }
+    )
+    with Store(root) as s:
+        s.register_dataset("prompts", "prompts", "h", rows, {})
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_query_writes_output(tmp_path: Path, store_dir: Path, capsys: pytest.CaptureFixture[str], suffix: str) -> None:
+    out_path = tmp_path / "out" / f"result{suffix}"
+    sql = "select text_id, text from texts order by text_id"
+    code, out, err = _run(capsys, "query", sql, "--store", str(store_dir), "-o", str(out_path))
+    assert code == 0, err
+    assert f"wrote 3 row(s) as {suffix[1:]}" in out
+    if suffix == ".parquet":
+        assert pq.read_table(out_path).column("text").to_pylist() == ["one", "two", "three"]
+    elif suffix == ".json":
+        rows = [json.loads(x) for x in out_path.read_text(encoding="utf-8").splitlines()]
+        assert rows[0] == {"text_id": "t0", "text": "one"}
+    else:
+        assert out_path.read_text(encoding="utf-8").splitlines()[1] == '"t0","one"'
+
+
+def test_query_format_flag_and_terminal_table(
+    store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "result.data"
+    code, out, err = _run(
+        capsys, "query", "from texts", "--store", str(store_dir), "-o", str(out_path), "--format", "json"
+    )
+    assert code == 0 and "as json" in out, err
+    code, out, _ = _run(capsys, "query", "select count(*) as n from texts", "--store", str(store_dir))
+    assert code == 0 and out.splitlines()[0].strip() == "n" and "(1 row)" in out
+
+
+def test_query_with_store_ignores_a_broken_catalog(
+    tmp_path: Path, store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_bytes(BROKEN["yaml syntax"])
+    code, _, err = _run(capsys, "query", "select 1 as x", "--store", str(store_dir), "--catalog", str(path))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "drop table texts",
+        "delete from texts",
+        "select 1; drop table texts",
+        "copy texts to '/tmp/safeport-cli-test.csv'",
+        "select * from read_csv('/etc/passwd')",
+        "attach '/tmp/x.db'",
+        "pragma version",
+    ],
+)
+def test_refused_query_exits_2_with_one_line(store_dir: Path, capsys: pytest.CaptureFixture[str], sql: str) -> None:
+    before = (store_dir / "meta.duckdb").read_bytes()
+    code, out, err = _run(capsys, "query", sql, "--store", str(store_dir))
+    _is_user_error(code, out, err)
+    assert len(err.strip().splitlines()) == 1 and "refused" in err
+    assert (store_dir / "meta.duckdb").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-o", "{store}/meta.duckdb", "--format", "parquet"], "inside the store"),
+        (["-o", "{tmp}/out.xlsx"], "output format 'xlsx'"),
+        (["--max-rows", "-1"], "--max-rows 0 or more"),
+    ],
+)
+def test_query_output_errors_exit_2(
+    tmp_path: Path, store_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    before = (store_dir / "meta.duckdb").read_bytes()
+    argv = [x.format(store=store_dir, tmp=tmp_path) for x in extra]
+    code, out, err = _run(capsys, "query", "select * from texts", "--store", str(store_dir), *argv)
+    _is_user_error(code, out, err)
+    assert message in err
+    assert (store_dir / "meta.duckdb").read_bytes() == before
+
+
+def test_query_on_a_missing_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "query", "select 1", "--store", str(tmp_path / "none"))
+    _is_user_error(code, out, err)
+    assert "no store at" in err
+
+
+def test_query_sql_error_exits_2(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "query", "select * from no_such_table", "--store", str(store_dir))
+    _is_user_error(code, out, err)
+    assert "no_such_table" in err
