@@ -133,6 +133,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeport", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("sql", help='e.g. "select model, dataset, count(*) from activations group by all"')
     q.add_argument("--output", "-o", default=None, help="write all rows to FILE (.csv, .json, .parquet)")
     q.add_argument("--format", choices=["csv", "json", "parquet"], default=None)
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument("--max-rows", type=_non_negative, default=50)
     return parser
 
 
@@ -171,6 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except USER_ERRORS as err:
         print(f"safeport: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        # Anything else a user can cause (a bad option value, an unreadable path) is
+        # still one line; SAFEPORT_DEBUG=1 shows the traceback for bug reports.
+        if os.environ.get("SAFEPORT_DEBUG"):
+            raise
+        print(f"safeport: error: {type(err).__name__}: {err} (SAFEPORT_DEBUG=1 shows details)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("safeport: interrupted; committed work is kept, rerun to resume", file=sys.stderr)

