@@ -143,3 +143,45 @@ def test_kill9_then_resume_equals_uninterrupted_run(prefect_api: str, tmp_path: 
 def test_catalog_fixture_is_valid_yaml(tmp_path: Path) -> None:
     data = yaml.safe_load(tiny_catalog(tmp_path).read_text())
     assert set(data["profiles"]["default"]["models"]) == {"src", "tgt"}
+
+
+def test_nan_activations_are_refused_and_committed_rows_kept(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that emits NaN for one text fails the unit naming it; earlier shards stay committed."""
+    from extractors.base import ExtractionError
+
+    catalog = tiny_catalog(tmp_path, shard_rows=4)
+    real_load = flows.common.load_extractor
+    calls = {"n": 0}
+
+    def poisoned(source):  # type: ignore[no-untyped-def]
+        ex = real_load(source)
+        encode = ex.encode
+
+        def encode_with_nan(texts):  # type: ignore[no-untyped-def]
+            pooled = encode(texts)
+            calls["n"] += 1
+            if calls["n"] == 5:  # the fifth batch of the first model
+                pooled.values[0, 0] = np.nan
+            return pooled
+
+        ex.encode = encode_with_nan
+        return ex
+
+    monkeypatch.setattr(flows.common, "load_extractor", poisoned)
+    flows.common.release_models()
+    with pytest.raises(
+        ExtractionError, match=r"model .* produced NaN/inf activations for 1 text\(s\), e\.g\. text ids"
+    ):
+        extract_flow(str(catalog))
+    with Store(tmp_path / "store", read_only=True) as store:
+        committed = store.scalar("SELECT count(*) FROM shards")
+        bad = store.scalar("SELECT count(*) FROM activation_rows")
+    assert (committed, bad) == (4, 16)  # four one-batch shards of four rows came before the NaN batch
+    monkeypatch.setattr(flows.common, "load_extractor", real_load)
+    flows.common.release_models()
+    results = extract_flow(str(catalog))  # resumes: the failed shard is redone, nothing is duplicated
+    counts = _counts(tmp_path / "store")
+    assert counts["rows"] == counts["distinct"] == 2 * counts["texts"]
+    assert any(r.status == "done" for r in results)
