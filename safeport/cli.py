@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", default=None, help="write all rows to FILE (.csv, .json, .parquet)")
     q.add_argument("--format", choices=["csv", "json", "parquet"], default=None)
     q.add_argument("--max-rows", type=_non_negative, default=50)
+    from safeport.cli_eval import add_eval_commands
+
+    add_eval_commands(sub, add)
     return parser
 
 

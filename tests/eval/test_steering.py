@@ -56,9 +56,7 @@ def _seed() -> torch.Generator:
     return torch.Generator().manual_seed(42)
 
 
-def _own_encoding(
-    pipe: Any, family: str, prompts: list[str], negatives: list[str] | None, msl: int
-) -> dict[str, Any]:
+def _own_encoding(pipe: Any, family: str, prompts: list[str], negatives: list[str] | None, msl: int) -> dict[str, Any]:
     """What the pipeline itself computes for these prompts (independent of eval.steering)."""
     with torch.no_grad():
         if family == "flux":
@@ -179,9 +177,7 @@ def test_flux_pooled_clip_is_untouched(pipes: dict[str, Any]) -> None:
 
 def test_qwen_image_mask_is_kept_for_uneven_batches(pipes: dict[str, Any]) -> None:
     pipe = pipes["qwen_image"]
-    kw = steered_embeds(
-        pipe, [PROMPT, "a much longer prompt about a dog in a park"], _vector("qwen_image"), 1.0
-    )
+    kw = steered_embeds(pipe, [PROMPT, "a much longer prompt about a dog in a park"], _vector("qwen_image"), 1.0)
     mask = kw["prompt_embeds_mask"]
     assert mask.shape == kw["prompt_embeds"].shape[:2]
     assert mask[0].sum() < mask[1].sum() and bool(mask[1].all())
@@ -191,9 +187,7 @@ def test_qwen_image_mask_is_kept_for_uneven_batches(pipes: dict[str, Any]) -> No
 def test_dimension_mismatch_names_both_dims_and_pipeline(pipes: dict[str, Any], family: str) -> None:
     pipe = pipes[family]
     wrong = np.ones(DIMS[family] + 3, np.float32)
-    with pytest.raises(
-        ValueError, match=rf"dim {DIMS[family] + 3}.*{type(pipe).__name__}.*dim {DIMS[family]}"
-    ):
+    with pytest.raises(ValueError, match=rf"dim {DIMS[family] + 3}.*{type(pipe).__name__}.*dim {DIMS[family]}"):
         steered_embeds(pipe, PROMPT, wrong, 1.0)
 
 
@@ -256,9 +250,7 @@ def test_negative_prompt_guidance_path_runs(pipes: dict[str, Any], family: str) 
     with_neg = _media(
         family, steer(pipe, PROMPT, v, 2.0, NEGATIVE, generator=_seed(), **_kwargs(family, **CFG[family]))
     )
-    without = _media(
-        family, steer(pipe, PROMPT, v, 2.0, generator=_seed(), **_kwargs(family, **NO_CFG[family]))
-    )
+    without = _media(family, steer(pipe, PROMPT, v, 2.0, generator=_seed(), **_kwargs(family, **NO_CFG[family])))
     assert with_neg.shape == without.shape
     assert np.isfinite(with_neg).all()
     assert not np.array_equal(with_neg, without)

@@ -1,0 +1,329 @@
+"""Content-addressed generated outputs: PNG files under ``<store>/outputs`` plus DuckDB records.
+
+An output's key hashes everything that decides its pixels (target model key, method and the
+content hash of the steering vector, α, seed, prompt text id, generation settings key), so
+the same request always maps to the same file and a rerun can skip it. The commit protocol
+is the activation shards' one:
+
+1. the PNG(s) are written to a temporary name, fsynced and renamed into place (atomic);
+2. only then one DuckDB transaction records the output in ``generations`` (and clears any
+   stale scores of that key).
+
+An output is done only when its record is committed *and* its files exist, so a crash
+between 1 and 2 leaves a file that the rerun simply overwrites, and nothing is generated
+twice once committed. Scores go to ``scores`` (one row per output and metric), each batch in
+one transaction. Prompt texts never enter these tables, only their ``text_id``.
+
+Both tables are created here on first use (``CREATE TABLE IF NOT EXISTS``), so the store's
+core schema does not depend on the evaluation stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from store.store import Store, StoreError
+
+OUTPUTS_DIR = "outputs"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS generations (
+    output_key VARCHAR PRIMARY KEY, target VARCHAR, target_key VARCHAR, method VARCHAR, vector_id VARCHAR,
+    alpha DOUBLE, seed INTEGER, text_id VARCHAR, settings_key VARCHAR, settings_json VARCHAR, n_images INTEGER,
+    files VARCHAR, checksum VARCHAR, seconds DOUBLE, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS scores (
+    output_key VARCHAR, metric VARCHAR, value DOUBLE, flagged BOOLEAN, detail_json VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (output_key, metric));
+"""
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What decides one output; :attr:`key` is its content address."""
+
+    target: str
+    target_key: str
+    method: str
+    vector_id: str  # content hash of the float32 vector ("" for the original model)
+    alpha: float
+    seed: int
+    text_id: str
+    settings_key: str
+
+    @property
+    def key(self) -> str:
+        parts = [self.target_key, self.method, self.vector_id, float(self.alpha), int(self.seed)]
+        parts += [self.text_id, self.settings_key]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    output_key: str
+    metric: str
+    value: float
+    flagged: bool | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+def ensure_tables(store: Store) -> None:
+    """Create ``generations`` and ``scores`` if missing (no-op on a read-only handle)."""
+    if not store.read_only:
+        store.con.execute(DDL)
+
+
+def _has_tables(store: Store) -> bool:
+    n = store.scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('generations', 'scores')",
+    )
+    return int(n or 0) == 2
+
+
+def outputs_dir(store: Store) -> Path:
+    return store.root / OUTPUTS_DIR
+
+
+def file_names(key: str, n_images: int) -> list[str]:
+    """``<key>.png`` for an image, ``<key>.f0.png`` ... for video frames."""
+    if n_images < 1:
+        raise ValueError(f"an output has at least one image, got {n_images}")
+    return [f"{key}.png"] if n_images == 1 else [f"{key}.f{i}.png" for i in range(n_images)]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _temp_path(final: Path) -> Iterator[Path]:
+    """A unique temporary sibling of ``final``; removed on exit unless it was renamed into place."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    with _temp_path(path) as tmp:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_output(
+    store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
+) -> str:
+    """Write the output's PNGs atomically, then commit its record; returns the key."""
+    ensure_tables(store)
+    if not images:
+        raise ValueError(f"output {spec.key} has no images; a generation returns at least one")
+    folder = outputs_dir(store)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        names = file_names(spec.key, len(images))
+        digest = hashlib.sha256()
+        for name, image in zip(names, images, strict=True):
+            data = _png_bytes(image)
+            digest.update(data)
+            _write_atomic(folder / name, data)
+        _fsync_dir(folder)
+    except OSError as err:
+        raise StoreError(
+            f"writing output {spec.key} to {folder} failed: {err}. Nothing was recorded for it; free disk space "
+            "and rerun (committed outputs are kept)"
+        ) from None
+    with store.transaction() as con:
+        con.execute("DELETE FROM scores WHERE output_key = ?", [spec.key])
+        con.execute(
+            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                spec.key,
+                spec.target,
+                spec.target_key,
+                spec.method,
+                spec.vector_id,
+                float(spec.alpha),
+                int(spec.seed),
+                spec.text_id,
+                spec.settings_key,
+                json.dumps(dict(settings), sort_keys=True, default=str),
+                len(images),
+                json.dumps(names),
+                digest.hexdigest()[:32],
+                float(seconds),
+            ],
+        )
+    return spec.key
+
+
+def _keys_table(keys: Sequence[str]) -> pa.Table:
+    return pa.table({"output_key": pa.array(list(dict.fromkeys(keys)), pa.string())})
+
+
+def done_keys(store: Store, keys: Sequence[str]) -> set[str]:
+    """Keys among ``keys`` whose record is committed and whose files are all on disk."""
+    ensure_tables(store)
+    if not keys or not _has_tables(store):
+        return set()
+    store.con.register("_want", _keys_table(keys))
+    try:
+        rows = store.con.execute(
+            "SELECT g.output_key, g.files FROM generations g JOIN _want USING (output_key)"
+        ).fetchall()
+    finally:
+        store.con.unregister("_want")
+    folder = outputs_dir(store)
+    return {key for key, files in rows if all((folder / f).is_file() for f in json.loads(files))}
+
+
+def load_images(store: Store, key: str, verify: bool = True) -> list[Image.Image]:
+    """The committed images of one output (checksum-verified), in frame order."""
+    row = None
+    if _has_tables(store):
+        row = store.con.execute("SELECT files, checksum FROM generations WHERE output_key = ?", [key]).fetchone()
+    if row is None:
+        raise StoreError(f"output {key} is not recorded in {store.root}; run `safeport eval` to generate it")
+    digest = hashlib.sha256()
+    images: list[Image.Image] = []
+    for name in json.loads(row[0]):
+        path = outputs_dir(store) / name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StoreError(
+                f"output file {path} cannot be read ({err.strerror}); rerun `safeport eval`, which regenerates it"
+            ) from None
+        digest.update(data)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        images.append(image)
+    if verify and digest.hexdigest()[:32] != row[1]:
+        raise StoreError(f"output {key} fails its checksum: its PNGs were changed on disk; delete them and rerun")
+    return images
+
+
+def save_scores(store: Store, rows: Sequence[ScoreRow]) -> None:
+    """Record one batch of scores in one transaction (a rescore replaces the old value)."""
+    ensure_tables(store)
+    if not rows:
+        return
+    tbl = pa.table(
+        {
+            "output_key": pa.array([r.output_key for r in rows], pa.string()),
+            "metric": pa.array([r.metric for r in rows], pa.string()),
+            "value": pa.array([float(r.value) for r in rows], pa.float64()),
+            "flagged": pa.array([r.flagged for r in rows], pa.bool_()),
+            "detail_json": pa.array(
+                [None if r.detail is None else json.dumps(dict(r.detail), sort_keys=True, default=str) for r in rows],
+                pa.string(),
+            ),
+        }
+    )
+    with store.transaction() as con:
+        con.register("_scores", tbl)
+        con.execute(
+            "INSERT OR REPLACE INTO scores SELECT output_key, metric, value, flagged, detail_json, now() FROM _scores"
+        )
+        con.unregister("_scores")
+
+
+def unscored(store: Store, keys: Sequence[str], metric: str) -> list[str]:
+    """Committed outputs among ``keys`` without a ``metric`` score, in the given order."""
+    ensure_tables(store)
+    if not keys or not _has_tables(store):
+        return []
+    store.con.register("_want", _keys_table(keys))
+    try:
+        rows = store.con.execute(
+            "SELECT w.output_key FROM _want w JOIN generations g USING (output_key) "
+            "WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.output_key = w.output_key AND s.metric = ?)",
+            [metric],
+        ).fetchall()
+    finally:
+        store.con.unregister("_want")
+    have = {r[0] for r in rows}
+    return [k for k in dict.fromkeys(keys) if k in have]
+
+
+def scores_for(store: Store, keys: Sequence[str]) -> pa.Table:
+    """Columns output_key, metric, value, flagged for the given outputs."""
+    if not keys or not _has_tables(store):
+        return pa.table({"output_key": [], "metric": [], "value": [], "flagged": []})
+    store.con.register("_want", _keys_table(keys))
+    try:
+        return store.con.sql(
+            "SELECT s.output_key, s.metric, s.value, s.flagged FROM scores s JOIN _want USING (output_key)"
+        ).to_arrow_table()
+    finally:
+        store.con.unregister("_want")
+
+
+def generations_for(store: Store, keys: Sequence[str]) -> pa.Table:
+    """The ``generations`` rows of the given outputs."""
+    if not keys or not _has_tables(store):
+        return pa.table({"output_key": [], "seconds": []})
+    store.con.register("_want", _keys_table(keys))
+    try:
+        return store.con.sql("SELECT g.* FROM generations g JOIN _want USING (output_key)").to_arrow_table()
+    finally:
+        store.con.unregister("_want")
+
+
+def replace_results(store: Store, run_key: str, kind: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Replace this run's aggregate rows in ``eval_results`` in one transaction (a rerun does not append)."""
+    cols = ["source", "target", "method", "category", "metric", "alpha", "value", "n"]
+    types = [pa.string()] * 5 + [pa.float64(), pa.float64(), pa.int32()]
+    tbl = pa.table({c: pa.array([r.get(c) for r in rows], t) for c, t in zip(cols, types, strict=True)})
+    with store.transaction() as con:
+        con.execute("DELETE FROM eval_results WHERE fit_key = ? AND kind = ?", [run_key, kind])
+        if rows:
+            con.register("_res", tbl)
+            con.execute(f"INSERT INTO eval_results SELECT ?, ?, {', '.join(cols)}, now() FROM _res", [run_key, kind])
+            con.unregister("_res")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def reference_images(folder: Path, batch: int = 64) -> Iterator[list[Image.Image]]:
+    """The images of a reference folder (e.g. FID's real images), sorted by name, ``batch`` at a time."""
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as err:
+        raise StoreError(
+            f"reference folder {folder} cannot be listed ({err.strerror}); pass a folder of images"
+        ) from None
+    if len(paths) < 2:
+        raise StoreError(f"reference folder {folder} has {len(paths)} images ({', '.join(IMAGE_SUFFIXES)}); give >= 2")
+    for start in range(0, len(paths), batch):
+        out = []
+        for p in paths[start : start + batch]:
+            with Image.open(p) as img:
+                out.append(img.convert("RGB"))
+        yield out

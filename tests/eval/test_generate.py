@@ -1,0 +1,252 @@
+"""Generation helpers on tiny pipelines: exact α = 0, seeded determinism, one encode per prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from eval.generate import (
+    GenerationSettings,
+    PromptEmbeddings,
+    evenly_spaced,
+    generate,
+    generate_once,
+    load_pipeline,
+    resolve_settings,
+    steered_kwargs,
+    vector_id,
+)
+from extractors.base import ModelSource
+from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build, save_tiny
+
+PROMPT = "a cat on a red sofa"
+DIMS = {"flux": 32, "sd3": 48, "z_image": 16, "qwen_image": 16, "wan": 32}
+
+
+def _settings(family: str) -> GenerationSettings:
+    kw: dict[str, Any] = dict(TINY_CALL_KWARGS[family])
+    msl = int(kw.pop("max_sequence_length"))
+    return GenerationSettings(tuple(sorted(kw.items())), msl)
+
+
+def _vector(family: str, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIMS[family]).astype(np.float32)
+
+
+def _pixels(images: list[Any]) -> np.ndarray:
+    return np.stack([np.asarray(i) for i in images])
+
+
+@pytest.fixture(scope="module")
+def pipes() -> dict[str, Any]:
+    return {f: build(f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_alpha_zero_reproduces_the_unsteered_output_exactly(pipes: dict[str, Any], family: str) -> None:
+    pipe = pipes[family]
+    settings = _settings(family)
+    cached = generate(PromptEmbeddings(pipe, settings), PROMPT, _vector(family), 0.0, seed=42)
+    direct = pipe(
+        prompt=PROMPT, generator=torch.Generator().manual_seed(42), output_type="np", **TINY_CALL_KWARGS[family]
+    )
+    if family == "wan":
+        frames = np.asarray(direct.frames[0])
+        want = (frames[evenly_spaced(frames.shape[0])] * 255).round().astype(np.uint8)
+    else:
+        want = (np.asarray(direct.images[:1]) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(_pixels(cached), want)
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_cached_embeddings_steer_exactly_like_steer(pipes: dict[str, Any], family: str) -> None:
+    pipe, settings, v = pipes[family], _settings(family), _vector(family)
+    cached = generate(PromptEmbeddings(pipe, settings), PROMPT, v, 1.5, seed=7)
+    direct = generate_once(pipe, PROMPT, v, 1.5, settings, seed=7)
+    np.testing.assert_array_equal(_pixels(cached), _pixels(direct))
+    unsteered = generate(PromptEmbeddings(pipe, settings), PROMPT, None, 0.0, seed=7)
+    assert not np.array_equal(_pixels(cached), _pixels(unsteered))
+
+
+def test_outputs_are_deterministic_for_a_seed(pipes: dict[str, Any]) -> None:
+    emb = PromptEmbeddings(pipes["flux"], _settings("flux"))
+    v = _vector("flux")
+    a = _pixels(generate(emb, PROMPT, v, 1.0, seed=42))
+    b = _pixels(generate(emb, PROMPT, v, 1.0, seed=42))
+    c = _pixels(generate(emb, PROMPT, v, 1.0, seed=43))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_an_alpha_sweep_encodes_each_prompt_once() -> None:
+    # FluxPipeline.__call__ calls encode_prompt itself even with prompt_embeds given (to build text
+    # ids), so what is counted is the text encoders actually running.
+    pipe = build("flux")
+    calls = {"clip": 0, "t5": 0}
+
+    def counter(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            calls[name] += 1
+
+        return hook
+
+    pipe.text_encoder.register_forward_hook(counter("clip"))
+    pipe.text_encoder_2.register_forward_hook(counter("t5"))
+    emb = PromptEmbeddings(pipe, _settings("flux"))
+    prompts = [PROMPT, "a dog in the snow"]
+    emb.encode_all(prompts)
+    emb.release_text_encoders()
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    v = _vector("flux")
+    outputs = {
+        (p, a, s): _pixels(generate(emb, p, v, a, seed=s)) for p in prompts for a in (0.0, 1.0, 2.0) for s in (1, 2)
+    }
+    assert calls == {"clip": len(prompts), "t5": len(prompts)}
+    assert len(outputs) == 12
+    with pytest.raises(ValueError, match="after the text encoders were released"):
+        emb.get("a prompt that was not encoded")
+
+
+def test_video_output_is_four_evenly_spaced_frames(pipes: dict[str, Any]) -> None:
+    frames = generate(PromptEmbeddings(pipes["wan"], _settings("wan")), PROMPT, None, 0.0)
+    assert len(frames) == 4
+    assert evenly_spaced(5) == [0, 1, 3, 4]
+    assert evenly_spaced(81) == [0, 27, 53, 80]
+    assert evenly_spaced(2) == [0, 1]
+    with pytest.raises(ValueError, match="at least one frame"):
+        evenly_spaced(0)
+
+
+def test_dimension_mismatch_names_both_dims(pipes: dict[str, Any]) -> None:
+    emb = PromptEmbeddings(pipes["flux"], _settings("flux"))
+    with pytest.raises(ValueError, match=r"dim 7 but the pipeline's prompt_embeds have dim 32"):
+        generate(emb, PROMPT, np.ones(7, np.float32), 1.0)
+    with pytest.raises(ValueError, match="without a vector"):
+        steered_kwargs(emb.get(PROMPT), None, 1.0, "cpu")
+
+
+def test_steered_kwargs_add_alpha_v_to_every_token(pipes: dict[str, Any]) -> None:
+    emb = PromptEmbeddings(pipes["flux"], _settings("flux"))
+    v = _vector("flux")
+    base = emb.get(PROMPT)
+    out = steered_kwargs(base, v, 2.0, "cpu")
+    torch.testing.assert_close(out["prompt_embeds"], base["prompt_embeds"] + 2.0 * torch.from_numpy(v))
+    assert torch.equal(out["pooled_prompt_embeds"], base["pooled_prompt_embeds"])  # CLIP pooled untouched
+
+
+def _source(folder: Path, **kw: Any) -> ModelSource:
+    args: dict[str, Any] = {"device": "cpu", "dtype": "float32", "max_tokens": 24}
+    args.update(kw)
+    return ModelSource(name="tiny-flux", family="flux", path=str(folder), **args)
+
+
+def test_load_pipeline_loads_the_full_pipeline(tmp_path: Path) -> None:
+    pipe = load_pipeline(_source(save_tiny("flux", tmp_path / "flux")))
+    for name in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2"):
+        assert getattr(pipe, name) is not None
+    with pytest.raises(ValueError, match="not a diffusion pipeline"):
+        load_pipeline(ModelSource(name="bert", family="text_encoder", path=str(tmp_path)))
+
+
+def test_resolve_settings_merges_model_card_and_validates(tmp_path: Path) -> None:
+    schnell = _source(tmp_path, hub_id=None, max_tokens=256)
+    settings = resolve_settings(schnell, {"height": 64, "width": 64})
+    assert settings.max_sequence_length == 256
+    assert dict(settings.call) == {"height": 64, "width": 64}
+    card = resolve_settings(
+        ModelSource(name="s", family="flux", hub_id="black-forest-labs/FLUX.1-schnell", max_tokens=256)
+    )
+    assert dict(card.call) == {"num_inference_steps": 4, "guidance_scale": 0.0}
+    assert card.key != settings.key
+    with pytest.raises(ValueError, match="has no argument 'stepz'"):
+        resolve_settings(schnell, {"stepz": 3})
+    with pytest.raises(ValueError, match="extracted with"):
+        resolve_settings(schnell, {"max_sequence_length": 512})
+    with pytest.raises(ValueError, match="set by the generator"):
+        resolve_settings(schnell, {"generator": 1})
+    neg = resolve_settings(schnell, {"negative_prompt": "blurry"})
+    assert "blurry" not in str(neg.record())
+
+
+def test_vector_id_is_a_content_hash() -> None:
+    v = np.arange(4, dtype=np.float32)
+    assert vector_id(v) == vector_id(v.astype(np.float64))
+    assert vector_id(v) != vector_id(v + 1)
+    assert vector_id(None) == ""
+
+
+# --- `safeport generate` ------------------------------------------------------------------------
+
+
+def _parser() -> Any:
+    """The CLI's parser shape: ``add`` adds --catalog/--profile/--store, as safeport.cli does."""
+    import argparse
+
+    from safeport.cli_eval import add_eval_commands
+
+    parser = argparse.ArgumentParser(prog="safeport")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--catalog", default=None)
+        p.add_argument("--profile", default="default")
+        p.add_argument("--store", default=None)
+        p.set_defaults(func=func)
+        return p
+
+    add_eval_commands(sub, add)
+    return parser
+
+
+def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import yaml
+
+    from store.artifacts import export_vector
+
+    flux = save_tiny("flux", tmp_path / "flux")
+    (tmp_path / "src").mkdir()
+    data = Path(__file__).resolve().parents[2] / "data"
+    catalog = {
+        "version": 1,
+        "models": {
+            "src": {"role": "source", "family": "causal_lm", "path": str(tmp_path / "src")},
+            "tflux": {"role": "target", "family": "flux", "path": str(flux), "device": "cpu", "max_tokens": 24},
+        },
+        "datasets": {
+            "a": {"kind": "anchors", "sources": [{"path": str(data / "coco_30k.csv"), "column": "prompt"}]},
+            "p": {
+                "kind": "pairs",
+                "safe_column": "safe_prompt",
+                "unsafe_column": "unsafe_prompt",
+                "sources": [{"path": str(data / "SafeSteer_test.parquet")}],
+            },
+        },
+        "profiles": {"default": {"models": ["src", "tflux"], "anchors": "a", "pairs": "p"}},
+    }
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog), encoding="utf-8")
+    export_vector(_vector("flux"), {"target": "tflux", "kind": "calibrated"}, tmp_path / "v")
+    out = tmp_path / "out"
+    argv = ["generate", "--catalog", str(tmp_path / "catalog.yaml"), "--vector-file", str(tmp_path / "v.safetensors")]
+    argv += ["--alpha", "1.5", "--steps", "2", "--set", "height=32", "--set", "width=32", "--out", str(out), PROMPT]
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert PROMPT not in capsys.readouterr().out
+    [meta_path] = out.glob("*.json")
+    meta = json.loads(meta_path.read_text())
+    assert meta["target"] == "tflux" and meta["alpha"] == 1.5 and meta["seed"] == 42
+    assert meta["settings"]["call"] == {"height": 32, "width": 32, "num_inference_steps": 2}
+    assert PROMPT not in meta_path.read_text()
+    [png] = [out / f for f in meta["files"]]
+    first = png.read_bytes()
+    assert args.func(args) == 0  # same request, same key, same bytes
+    assert png.read_bytes() == first
+    bad = _parser().parse_args([*argv[:-1], "--set", "max_sequence_length=99", PROMPT])
+    with pytest.raises(ValueError, match="extracted with"):
+        bad.func(bad)
