@@ -48,9 +48,7 @@ def _unit_rows(X: np.ndarray, name: str) -> np.ndarray:
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0.0)
     if zero.size:
-        raise ValueError(
-            f"{name} has {zero.size} zero row(s) (e.g. row {int(zero[0])}); cosine is undefined there"
-        )
+        raise ValueError(f"{name} has {zero.size} zero row(s) (e.g. row {int(zero[0])}); cosine is undefined there")
     return X / norms
 
 

@@ -58,9 +58,7 @@ def train_probe(
     safe = as_matrix(X_safe, "X_safe")
     unsafe = as_matrix(X_unsafe, "X_unsafe")
     if safe.shape[1] != unsafe.shape[1]:
-        raise ValueError(
-            f"X_safe dim {safe.shape[1]} != X_unsafe dim {unsafe.shape[1]}; use one target model"
-        )
+        raise ValueError(f"X_safe dim {safe.shape[1]} != X_unsafe dim {unsafe.shape[1]}; use one target model")
     X = np.concatenate([safe, unsafe])
     y = np.concatenate([np.full(len(safe), SAFE), np.full(len(unsafe), UNSAFE)])
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
@@ -73,9 +71,7 @@ def probe_accuracy(probe: SafetyProbe, X: np.ndarray, y: np.ndarray) -> float:
     """Accuracy on held-out rows with labels 0 (safe) / 1 (unsafe)."""
     labels = np.asarray(y)
     if labels.shape != (np.shape(X)[0],):
-        raise ValueError(
-            f"y has shape {labels.shape} but X has {np.shape(X)[0]} rows; pass one label per row"
-        )
+        raise ValueError(f"y has shape {labels.shape} but X has {np.shape(X)[0]} rows; pass one label per row")
     if not np.isin(labels, (SAFE, UNSAFE)).all():
         raise ValueError(f"labels must be 0 (safe) or 1 (unsafe), got values {sorted(set(labels.tolist()))}")
     return float(np.mean(probe.flags(X) == (labels == UNSAFE)))

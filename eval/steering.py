@@ -72,14 +72,10 @@ def combine(vectors: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> 
         raise ValueError(f"combine() got no weights; give a weight for at least one of {sorted(vectors)}")
     unknown = sorted(set(weights) - set(vectors))
     if unknown:
-        raise ValueError(
-            f"weights name categories {unknown} with no vector; known categories: {sorted(vectors)}"
-        )
+        raise ValueError(f"weights name categories {unknown} with no vector; known categories: {sorted(vectors)}")
     bad = {c: w for c, w in weights.items() if not math.isfinite(float(w)) or float(w) < 0}
     if bad:
-        raise ValueError(
-            f"weights must be finite and non-negative, got {bad}; use 0 to switch a category off"
-        )
+        raise ValueError(f"weights must be finite and non-negative, got {bad}; use 0 to switch a category off")
     total = sum(float(w) for w in weights.values())
     if total <= 0:
         raise ValueError(f"weights sum to {total}; give at least one active category a positive weight")
@@ -234,9 +230,7 @@ def _add(embeds: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tens
 def _check_vector(vector: np.ndarray, alpha: float) -> torch.Tensor:
     v = np.asarray(vector)
     if v.ndim != 1 or v.size == 0:
-        raise ValueError(
-            f"steering vector must be 1-D and non-empty, got shape {v.shape}; combine() categories first"
-        )
+        raise ValueError(f"steering vector must be 1-D and non-empty, got shape {v.shape}; combine() categories first")
     if not np.isfinite(v).all():
         raise ValueError("steering vector contains NaN/inf; recompute or reload it")
     if not math.isfinite(alpha):

@@ -22,8 +22,7 @@ def load_extractor(source: ModelSource) -> Extractor:
     """Load the extractor for ``source.family`` (imports the family lazily)."""
     if source.family not in FAMILIES:
         raise ValueError(
-            f"model {source.name!r}: family {source.family!r} is unknown; "
-            f"use one of {', '.join(sorted(FAMILIES))}"
+            f"model {source.name!r}: family {source.family!r} is unknown; use one of {', '.join(sorted(FAMILIES))}"
         )
     module = importlib.import_module(FAMILIES[source.family])
     extractor: Extractor = module.load(source)

@@ -192,9 +192,7 @@ def _stack_ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 def _qwen_image_embed(
     pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    embeds, mask = pipe.encode_prompt(
-        prompt=texts, device=device, num_images_per_prompt=1, max_sequence_length=max_len
-    )
+    embeds, mask = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1, max_sequence_length=max_len)
     # encode_prompt returns mask=None when every position is a real token.
     return embeds, (_all_positions(embeds) if mask is None else mask)
 

@@ -11,11 +11,7 @@ from extractors.hf import HFPooler
 def load(source: ModelSource) -> HFPooler:
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(
-        source.location, revision=source.revision, trust_remote_code=False
-    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision, trust_remote_code=False)
     tokenizer.padding_side = "right"
-    model = AutoModel.from_pretrained(
-        source.location, revision=source.revision, dtype=dtype, trust_remote_code=False
-    )
+    model = AutoModel.from_pretrained(source.location, revision=source.revision, dtype=dtype, trust_remote_code=False)
     return HFPooler(model, tokenizer, source.spec(), device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from extractors import Extractor, ModelSource, load_extractor
@@ -18,6 +18,7 @@ from store.store import Store, writer_lock
 
 _STORES: dict[str, Store] = {}
 _EXTRACTOR: dict[str, Extractor] = {}
+_PINNED: dict[tuple[str | None, str], dict[str, str]] = {}
 
 
 @contextlib.contextmanager
@@ -43,7 +44,41 @@ def store_for(root: str) -> Store:
 
 
 def catalog(catalog_path: str | None, profile: str) -> Resolved:
-    return load_catalog(catalog_path, profile)
+    """The resolved profile, with any hub revisions pinned by the running rebuild applied."""
+    resolved = load_catalog(catalog_path, profile)
+    pins = _PINNED.get((catalog_path, profile))
+    return with_revisions(resolved, pins) if pins else resolved
+
+
+def with_revisions(resolved: Resolved, revisions: Mapping[str, str]) -> Resolved:
+    """``resolved`` with the named models' ``revision`` replaced (e.g. by a resolved hub commit sha)."""
+    unknown = sorted(set(revisions) - set(resolved.models))
+    if unknown:
+        raise ValueError(f"revisions name model(s) {unknown} that are not in profile {resolved.name!r}")
+    models = {
+        name: entry.model_copy(update={"revision": revisions[name]}) if name in revisions else entry
+        for name, entry in resolved.models.items()
+    }
+    return resolved.model_copy(update={"models": models})
+
+
+@contextlib.contextmanager
+def pinned_revisions(catalog_path: str | None, profile: str, revisions: Mapping[str, str]) -> Iterator[None]:
+    """Make every task of this process that loads (catalog_path, profile) see ``revisions``.
+
+    Tasks reload the catalog from its path (they receive keys, not objects), so a
+    rebuild that resolved ``main`` to a commit sha pins it here for its duration.
+    """
+    key = (catalog_path, profile)
+    previous = _PINNED.get(key)
+    _PINNED[key] = dict(revisions)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _PINNED[key]
+        else:
+            _PINNED[key] = previous
 
 
 def model_source(resolved: Resolved, name: str) -> ModelSource:

@@ -313,7 +313,7 @@ def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, s
 
 def _plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
     source = model_source(resolved, sweep.target)
-    settings = resolve_settings(source, dict(sweep.settings))
+    settings = resolve_settings(source, {**resolved.models[sweep.target].generation, **dict(sweep.settings)})
     return build_plan(store, sweep, source.spec().key(), settings.key, settings.record()), settings, source
 
 

@@ -47,9 +47,7 @@ def make_mapper(name: str, **options: Any) -> Mapper:
     return factory(**options)
 
 
-def from_state(
-    name: str, state: Mapping[str, np.ndarray], params: Mapping[str, float | int | str]
-) -> FittedMap:
+def from_state(name: str, state: Mapping[str, np.ndarray], params: Mapping[str, float | int | str]) -> FittedMap:
     """Rebuild a fitted map of kind ``name`` from what ``FittedMap.state()`` / ``.params`` returned."""
     _known(name, FITTED)
     return FITTED[name].from_state(state, params)

@@ -67,9 +67,7 @@ class Mapper(Protocol):
     @property
     def name(self) -> str: ...
 
-    def fit(
-        self, A_train: np.ndarray, B_train: np.ndarray, A_val: np.ndarray, B_val: np.ndarray
-    ) -> FittedMap:
+    def fit(self, A_train: np.ndarray, B_train: np.ndarray, A_val: np.ndarray, B_val: np.ndarray) -> FittedMap:
         """Fit on centred ``A_train → B_train``; ``A_val``/``B_val`` are centred with the train means."""
         ...
 

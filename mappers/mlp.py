@@ -130,9 +130,7 @@ class MLPMap:
         out = []
         with torch.no_grad():
             for start in range(0, x.shape[0], _EVAL_BATCH):
-                chunk = torch.from_numpy(
-                    np.ascontiguousarray(x[start : start + _EVAL_BATCH], dtype=np.float32)
-                )
+                chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + _EVAL_BATCH], dtype=np.float32))
                 out.append(self.net(chunk).numpy().astype(np.float64))
         return np.concatenate(out, axis=0)
 
@@ -158,9 +156,7 @@ class MLPMap:
         d_out = np.shape(state["fc2.weight"])[0]
         net = _Net(int(d_in), int(hidden), int(d_out))
         try:
-            net.load_state_dict(
-                {k: torch.from_numpy(np.array(state[k], dtype=np.float32)) for k in _STATE_KEYS}
-            )
+            net.load_state_dict({k: torch.from_numpy(np.array(state[k], dtype=np.float32)) for k in _STATE_KEYS})
         except RuntimeError as err:
             raise ValueError(f"mlp state arrays have inconsistent shapes: {err}") from err
         net.eval()

@@ -61,9 +61,7 @@ class ProcrustesMapper:
     def name(self) -> str:
         return ProcrustesMap.map_name
 
-    def fit(
-        self, A_train: np.ndarray, B_train: np.ndarray, A_val: np.ndarray, B_val: np.ndarray
-    ) -> ProcrustesMap:
+    def fit(self, A_train: np.ndarray, B_train: np.ndarray, A_val: np.ndarray, B_val: np.ndarray) -> ProcrustesMap:
         a, b, _, _ = check_anchor_splits(A_train, B_train, A_val, B_val)
         W, rho = procrustes(a, b)
         params: dict[str, float | int | str] = {"rho": rho, "n_train": int(a.shape[0])}

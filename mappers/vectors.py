@@ -91,9 +91,7 @@ def category_vectors(diffs: np.ndarray, categories: Sequence[str]) -> dict[str, 
     d = as_matrix(diffs, "diffs")
     labels = np.asarray(list(categories), dtype=object)
     if labels.shape != (d.shape[0],):
-        raise ValueError(
-            f"got {labels.shape[0]} categories for {d.shape[0]} pair differences; pass one per pair"
-        )
+        raise ValueError(f"got {labels.shape[0]} categories for {d.shape[0]} pair differences; pass one per pair")
     return {str(c): _f32(d[labels == c].mean(axis=0)) for c in sorted(set(labels.tolist()))}
 
 
@@ -110,9 +108,7 @@ def centre(X: np.ndarray, mu: np.ndarray) -> np.ndarray:
     x = as_matrix(X, "X")
     m = as_vector(mu, "mu")
     if m.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"mu has dim {m.shape[0]} but X has dim {x.shape[1]}; use the mean of the same model"
-        )
+        raise ValueError(f"mu has dim {m.shape[0]} but X has dim {x.shape[1]}; use the mean of the same model")
     return x - m
 
 
@@ -124,9 +120,7 @@ def anchor_scale(A_train: np.ndarray, B_train: np.ndarray) -> float:
     a = as_matrix(A_train, "A_train")
     b = as_matrix(B_train, "B_train")
     if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"A_train has {a.shape[0]} rows but B_train has {b.shape[0]}; pass the paired anchors"
-        )
+        raise ValueError(f"A_train has {a.shape[0]} rows but B_train has {b.shape[0]}; pass the paired anchors")
     check_centred(a, "A_train")
     check_centred(b, "B_train")
     med_a = float(np.median(np.linalg.norm(a, axis=1)))
@@ -192,9 +186,7 @@ def uniform_weights(categories: Sequence[str]) -> dict[str, float]:
 def combine(vectors: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """v = Σ_c w_c v_c / Σ_c w_c over the categories in ``weights`` (the active ones)."""
     if not weights:
-        raise ValueError(
-            "weights is empty: no active category; skip steering (α = 0) for this prompt instead"
-        )
+        raise ValueError("weights is empty: no active category; skip steering (α = 0) for this prompt instead")
     missing = sorted(set(weights) - set(vectors))
     if missing:
         raise ValueError(f"no vector for categories {missing}; available: {sorted(vectors)}")
@@ -211,8 +203,6 @@ def oracle_weights(i2p_categories: str) -> dict[str, float]:
     labels = [c.strip().lower() for c in i2p_categories.split(",") if c.strip()]
     unknown = sorted({c for c in labels if c not in I2P_TO_SAFESTEER})
     if unknown:
-        raise ValueError(
-            f"unknown I2P categories {unknown} in {i2p_categories!r}; known: {sorted(I2P_TO_SAFESTEER)}"
-        )
+        raise ValueError(f"unknown I2P categories {unknown} in {i2p_categories!r}; known: {sorted(I2P_TO_SAFESTEER)}")
     active = sorted({target for c in labels for target in I2P_TO_SAFESTEER[c]})
     return {c: 1.0 / len(active) for c in active}

@@ -93,6 +93,9 @@ class ModelEntry(_Strict):
     max_batch_tokens: int = Field(0, ge=0)
     allow_pickle: bool = False
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Default diffusers __call__ arguments for generation (height, num_inference_steps, ...). Not part of
+    # the representation key: changing them never re-extracts. CLI --set / --steps override them.
+    generation: dict[str, str | int | float | bool] = Field(default_factory=dict)
     description: str = ""
 
     @field_validator("family")

@@ -130,6 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ):
         print(f"\n{title}:")
         print(format_table(readonly_query(root, sql)))
+    from safeport.cli_ops import print_staleness
+
+    print_staleness(root)
     return 0
 
 
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, func, help_)
         p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
     add("catalog", cmd_catalog, "validate the catalog and show what the profile would read")
-    add("status", cmd_status, "models, datasets and units recorded in the store")
+    add("status", cmd_status, "models, datasets, rows cached, and what is stale and why")
     q = add("query", cmd_query, "read-only SQL over the store's metadata (tables and views)")
     q.add_argument("sql", help='e.g. "select model, dataset, count(*) from activations group by all"')
     q.add_argument("--output", "-o", default=None, help="write all rows to FILE (.csv, .json, .parquet)")
@@ -169,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from safeport.cli_eval import add_eval_commands
 
     add_eval_commands(sub, add)
+    from safeport.cli_ops import add_ops_commands
+
+    add_ops_commands(sub, add)
     return parser
 
 

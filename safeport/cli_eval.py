@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "pass --profile (e.g. paper) or --target"
         )
     source = model_source(resolved, target)
-    settings = resolve_settings(source, parse_settings(args.set, args.steps))
+    settings = resolve_settings(source, {**resolved.models[target].generation, **parse_settings(args.set, args.steps)})
     started = time.time()
     pipe = load_pipeline(source, offload=args.offload)
     images = generate_once(pipe, args.prompt, values, args.alpha, settings, seed=args.seed)

@@ -68,6 +68,72 @@ def checksum(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class ShardDescriptor:
+    """A written shard, small enough to send between processes: the commit step records it.
+
+    Workers write the rows themselves (step 2 of the commit protocol) and return
+    only this; the one DuckDB writer commits it (step 3).
+    """
+
+    unit_key: str
+    shard: int
+    row_start: int
+    row_stop: int
+    checksum: str
+    text_ids: tuple[str, ...]
+    n_tokens: np.ndarray  # int, one per row
+    truncated: np.ndarray  # bool, one per row
+
+    @property
+    def tokens(self) -> int:
+        return int(np.asarray(self.n_tokens, dtype=np.int64).sum())
+
+
+def write_shard_array(
+    arrays: zarr.Group | str,
+    unit: UnitInfo,
+    shard: int,
+    text_ids: Sequence[str],
+    values: np.ndarray,
+    n_tokens: np.ndarray,
+    truncated: np.ndarray,
+) -> ShardDescriptor:
+    """Step 2 of the commit protocol: write a shard's region of its unit array; nothing is recorded.
+
+    ``arrays`` is the store's open Zarr group, or its location (a path or fsspec
+    URL) when called from a worker process that has no DuckDB connection.
+    """
+    start, stop = unit.shard_range(shard)
+    if values.shape != (stop - start, unit.dim) or len(text_ids) != stop - start:
+        raise StoreError(
+            f"shard {shard} of unit {unit.unit_key} expects {stop - start} rows of dim {unit.dim}, "
+            f"got values {values.shape} and {len(text_ids)} ids"
+        )
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    try:
+        if isinstance(arrays, zarr.Group):
+            target = arrays[unit.array_path]
+        else:
+            target = zarr.open_array(store=arrays, path=unit.array_path, mode="r+")
+        target[start:stop, :] = values  # type: ignore[index]
+    except OSError as err:
+        raise StoreError(
+            f"writing shard {shard} of {unit.array_path} failed: {err}. Nothing of this shard was "
+            "committed; free disk space and rerun (committed shards are kept)"
+        ) from None
+    return ShardDescriptor(
+        unit.unit_key,
+        shard,
+        start,
+        stop,
+        checksum(values),
+        tuple(text_ids),
+        np.asarray(n_tokens).astype(np.int32),
+        np.asarray(truncated).astype(bool),
+    )
+
+
 @contextlib.contextmanager
 def writer_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Exclusive advisory lock: one writer per store, released on exit or process death."""
@@ -303,32 +369,41 @@ class Store:
         truncated: np.ndarray,
     ) -> None:
         """Write one shard's rows, then commit its record; see the module docstring."""
-        start, stop = unit.shard_range(shard)
-        if values.shape != (stop - start, unit.dim) or len(text_ids) != stop - start:
+        self._writable()
+        self.commit_shard(unit, write_shard_array(self.arrays, unit, shard, text_ids, values, n_tokens, truncated))
+
+    def commit_shard(self, unit: UnitInfo, desc: ShardDescriptor, verify: bool = False) -> None:
+        """Step 3 of the commit protocol for a shard whose array region is already written.
+
+        ``verify`` re-reads the region and checks the checksum: a shard written by
+        another process (a Dask worker) must be visible here before it is recorded,
+        or a worker writing to its own private disk would commit rows nobody can read.
+        """
+        if desc.unit_key != unit.unit_key or (desc.row_start, desc.row_stop) != unit.shard_range(desc.shard):
             raise StoreError(
-                f"shard {shard} of unit {unit.unit_key} expects {stop - start} rows of dim {unit.dim}, "
-                f"got values {values.shape} and {len(text_ids)} ids"
+                f"shard descriptor {desc.unit_key}/{desc.shard} rows {desc.row_start}-{desc.row_stop} does not "
+                f"belong to unit {unit.unit_key} (rows {unit.shard_range(desc.shard)}); rerun the extraction"
             )
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        try:
-            self.arrays[unit.array_path][start:stop, :] = values  # type: ignore[index]
-        except OSError as err:
-            raise StoreError(
-                f"writing shard {shard} of {unit.array_path} failed: {err}. Nothing of this shard was "
-                "committed; free disk space and rerun (committed shards are kept)"
-            ) from None
+        if verify:
+            block = np.asarray(self.arrays[unit.array_path][desc.row_start : desc.row_stop, :])  # type: ignore[index]
+            if checksum(block) != desc.checksum:
+                raise StoreError(
+                    f"shard {desc.shard} of {unit.array_path} was written by a worker but {self.root} holds "
+                    "different data: the workers must write to the same store folder (a shared filesystem); "
+                    "nothing of this shard was committed, rerun once the store is shared"
+                )
         tbl = pa.table(
             {
-                "text_id": list(text_ids),
-                "row": np.arange(start, stop, dtype=np.int32),
-                "n_tokens": n_tokens.astype(np.int32),
-                "truncated": truncated.astype(bool),
+                "text_id": list(desc.text_ids),
+                "row": np.arange(desc.row_start, desc.row_stop, dtype=np.int32),
+                "n_tokens": np.asarray(desc.n_tokens).astype(np.int32),
+                "truncated": np.asarray(desc.truncated).astype(bool),
             }
         )
         with self.transaction() as con:
             con.execute(
                 "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, now())",
-                [unit.unit_key, shard, start, stop, checksum(values), int(n_tokens.sum())],
+                [unit.unit_key, desc.shard, desc.row_start, desc.row_stop, desc.checksum, desc.tokens],
             )
             con.register("_rows", tbl)
             con.execute(

@@ -70,9 +70,7 @@ def test_loads_only_text_components(extractors: dict[str, PipelineEncoder], fami
         assert getattr(pipe, name, None) is None
     for name in ENCODER_FAMILIES[family].components:
         assert getattr(pipe, name) is not None
-    assert not any(
-        p.requires_grad for p in getattr(pipe, ENCODER_FAMILIES[family].embed_component).parameters()
-    )
+    assert not any(p.requires_grad for p in getattr(pipe, ENCODER_FAMILIES[family].embed_component).parameters())
     assert ex.spec.family == family
     assert ex.spec.layer == "prompt_embeds"
     assert ex.spec.pooling == ("mean_all_positions" if family in ("flux", "sd3") else "masked_mean")
@@ -110,16 +108,12 @@ def test_flux_pools_t5_over_all_positions_including_padding(extractors: dict[str
     pipe = ex.pipe
     pooled = ex.encode(TEXTS)
     with torch.no_grad():
-        embeds, clip_pooled, _ = pipe.encode_prompt(
-            prompt=list(TEXTS), prompt_2=None, max_sequence_length=MAX_LEN
-        )
+        embeds, clip_pooled, _ = pipe.encode_prompt(prompt=list(TEXTS), prompt_2=None, max_sequence_length=MAX_LEN)
     assert embeds.shape[1] == MAX_LEN
     np.testing.assert_allclose(pooled.values, _np(embeds.mean(dim=1)), rtol=1e-6, atol=1e-7)
     assert pooled.n_tokens.tolist() == [MAX_LEN] * 3
     # Independently: the T5 encoder alone on max-length-padded ids, no attention mask.
-    tok = pipe.tokenizer_2(
-        list(TEXTS), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
-    )
+    tok = pipe.tokenizer_2(list(TEXTS), padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
     with torch.no_grad():
         t5 = pipe.text_encoder_2(tok.input_ids).last_hidden_state
     np.testing.assert_allclose(pooled.values, _np(t5.mean(dim=1)), rtol=1e-5, atol=1e-6)
@@ -166,9 +160,7 @@ def test_z_image_pools_second_to_last_layer_over_real_tokens(extractors: dict[st
     pipe = ex.pipe
     pooled = ex.encode(TEXTS)
     with torch.no_grad():
-        rows, _ = pipe.encode_prompt(
-            prompt=list(TEXTS), do_classifier_free_guidance=False, max_sequence_length=MAX_LEN
-        )
+        rows, _ = pipe.encode_prompt(prompt=list(TEXTS), do_classifier_free_guidance=False, max_sequence_length=MAX_LEN)
     expected = np.stack([_np(r.mean(dim=0)) for r in rows])
     np.testing.assert_allclose(pooled.values, expected, rtol=1e-6, atol=1e-7)
     assert pooled.n_tokens.tolist() == [len(r) for r in rows]
@@ -179,16 +171,12 @@ def test_z_image_pools_second_to_last_layer_over_real_tokens(extractors: dict[st
         )
         for t in TEXTS
     ]
-    tok = pipe.tokenizer(
-        templated, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
-    )
+    tok = pipe.tokenizer(templated, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
     with torch.no_grad():
         hidden = pipe.text_encoder(
             input_ids=tok.input_ids, attention_mask=tok.attention_mask, output_hidden_states=True
         ).hidden_states
-    np.testing.assert_allclose(
-        pooled.values, _np(masked_mean(hidden[-2], tok.attention_mask)), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(pooled.values, _np(masked_mean(hidden[-2], tok.attention_mask)), rtol=1e-5, atol=1e-6)
     assert not np.allclose(pooled.values, _np(masked_mean(hidden[-1], tok.attention_mask)), atol=1e-4)
 
 
@@ -337,16 +325,12 @@ def diffusers_logs() -> Iterator[_Collect]:
         root.removeHandler(handler)
 
 
-def test_prompt_text_never_reaches_the_logs(
-    extractors: dict[str, PipelineEncoder], diffusers_logs: _Collect
-) -> None:
+def test_prompt_text_never_reaches_the_logs(extractors: dict[str, PipelineEncoder], diffusers_logs: _Collect) -> None:
     ex = extractors["flux"]
     secret = "zq" * 40  # long enough to be truncated; FluxPipeline logs the removed part
     with torch.no_grad():
         ex.pipe.encode_prompt(prompt=[secret], prompt_2=None, max_sequence_length=MAX_LEN)
-    assert any(
-        "z q" in m or "zq" in m.replace(" ", "") for m in diffusers_logs.messages
-    )  # the hazard is real
+    assert any("z q" in m or "zq" in m.replace(" ", "") for m in diffusers_logs.messages)  # the hazard is real
     diffusers_logs.messages.clear()
     assert ex.encode([secret]).truncated.tolist() == [True]
     assert not any("zq" in m.replace(" ", "") for m in diffusers_logs.messages)

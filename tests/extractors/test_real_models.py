@@ -21,13 +21,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2():  # type: ignore[no-untyped-def]
+def smollm2():
     return load_extractor(
         ModelSource(name="smollm2", family="causal_lm", path=str(smollm2_folder()), gguf_file=GGUF, device="cpu")
     )
 
 
-def test_smollm2_final_layer_without_lm_head(smollm2) -> None:  # type: ignore[no-untyped-def]
+def test_smollm2_final_layer_without_lm_head(smollm2) -> None:
     assert smollm2.dim == 576
     assert not hasattr(smollm2.model, "lm_head")
     # Hand computation through the full causal LM: last hidden state (post final norm), plain mean.
@@ -40,7 +40,7 @@ def test_smollm2_final_layer_without_lm_head(smollm2) -> None:  # type: ignore[n
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_smollm2_padding_side_and_batch_mates(smollm2) -> None:  # type: ignore[no-untyped-def]
+def test_smollm2_padding_side_and_batch_mates(smollm2) -> None:
     alone = np.stack([smollm2.encode([t]).values[0] for t in TEXTS])
     right = smollm2.encode(TEXTS).values
     smollm2.tokenizer.padding_side = "left"

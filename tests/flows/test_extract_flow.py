@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,18 +156,18 @@ def test_nan_activations_are_refused_and_committed_rows_kept(
     real_load = flows.common.load_extractor
     calls = {"n": 0}
 
-    def poisoned(source):  # type: ignore[no-untyped-def]
+    def poisoned(source: Any) -> Any:
         ex = real_load(source)
         encode = ex.encode
 
-        def encode_with_nan(texts):  # type: ignore[no-untyped-def]
+        def encode_with_nan(texts: Any) -> Any:
             pooled = encode(texts)
             calls["n"] += 1
             if calls["n"] == 5:  # the fifth batch of the first model
                 pooled.values[0, 0] = np.nan
             return pooled
 
-        ex.encode = encode_with_nan
+        monkeypatch.setattr(ex, "encode", encode_with_nan)
         return ex
 
     monkeypatch.setattr(flows.common, "load_extractor", poisoned)

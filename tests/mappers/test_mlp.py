@@ -34,9 +34,7 @@ def planted() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def fitted(planted: dict[str, np.ndarray]) -> MLPMap:
-    return MLPMapper(**SMALL, device="cpu").fit(
-        planted["A"], planted["B"], planted["A_val"], planted["B_val"]
-    )
+    return MLPMapper(**SMALL, device="cpu").fit(planted["A"], planted["B"], planted["A_val"], planted["B_val"])
 
 
 def test_early_stops_and_keeps_best_weights(fitted: MLPMap, planted: dict[str, np.ndarray]) -> None:
@@ -50,9 +48,7 @@ def test_early_stops_and_keeps_best_weights(fitted: MLPMap, planted: dict[str, n
     assert p["lr"] == 1e-3 and p["weight_decay"] == 1e-2 and p["seed"] == 42 and p["device"] == "cpu"
 
 
-def test_beats_the_mean_predictor_on_planted_nonlinear_map(
-    fitted: MLPMap, planted: dict[str, np.ndarray]
-) -> None:
+def test_beats_the_mean_predictor_on_planted_nonlinear_map(fitted: MLPMap, planted: dict[str, np.ndarray]) -> None:
     mse = np.mean((fitted.rows(planted["A_test"]) - planted["B_test"]) ** 2)
     mean_predictor = np.mean(planted["B_test"] ** 2)  # targets are centred: the mean predictor outputs 0
     assert mse < 0.5 * mean_predictor
@@ -60,9 +56,7 @@ def test_beats_the_mean_predictor_on_planted_nonlinear_map(
 
 def test_bit_for_bit_deterministic_on_cpu(fitted: MLPMap, planted: dict[str, np.ndarray]) -> None:
     rng_before = torch.get_rng_state()
-    again = MLPMapper(**SMALL, device="cpu").fit(
-        planted["A"], planted["B"], planted["A_val"], planted["B_val"]
-    )
+    again = MLPMapper(**SMALL, device="cpu").fit(planted["A"], planted["B"], planted["A_val"], planted["B_val"])
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
     assert not torch.are_deterministic_algorithms_enabled()  # the global switch is restored
     for key, value in fitted.state().items():
@@ -109,6 +103,4 @@ def test_errors(fitted: MLPMap) -> None:
         mappers.from_state("mlp", {"fc1.weight": np.ones((2, 2))}, {})
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            MLPMapper(device="cuda").fit(
-                np.ones((2, 2)) - 1, np.ones((2, 2)) - 1, np.ones((1, 2)), np.ones((1, 2))
-            )
+            MLPMapper(device="cuda").fit(np.ones((2, 2)) - 1, np.ones((2, 2)) - 1, np.ones((1, 2)), np.ones((1, 2)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ SECRET = "UNSAFE-SENTINEL-how-to-make-a-weapon"
 ROUNDTRIP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def write(path: Path, fmt: str, rows: list[str | None], column: str = "prompt") -> Path:
+def write(path: Path, fmt: str, rows: Sequence[str | None], column: str = "prompt") -> Path:
     """Write ``rows`` as one column of a ``fmt`` file (text: one row per line)."""
     path = path.with_suffix({"csv": ".csv", "parquet": ".parquet", "jsonl": ".jsonl", "text": ".txt"}[fmt])
     if fmt == "csv":
@@ -341,7 +342,7 @@ def test_errors_never_quote_rows(tmp_path: Path) -> None:
 
 # --- property-based round trips ---------------------------------------------------------
 
-ROW = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60)
+ROW = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=60)
 
 
 @ROUNDTRIP

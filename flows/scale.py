@@ -1,0 +1,288 @@
+"""Extraction scale-out on Dask: workers encode and write shards, the flow process commits them.
+
+DuckDB allows one writer, so workers never open it. The flow process holds the
+store's writer lock and does all bookkeeping: it plans every unit exactly as the
+single-process path does (same unit keys, same text order, same shards), creates
+the unit arrays and records, and sends each worker one shard's texts plus the
+model source. A worker loads the model once (cached per worker process), encodes
+the shard with the same batches as :func:`flows.extract.extract_unit`, writes
+the rows into its own Zarr chunk and returns a small :class:`ShardDescriptor`
+(checksum, token counts). The flow process re-reads the chunk, checks the
+checksum and records it in one DuckDB transaction: the commit protocol of
+``store/store.py`` with steps 2 and 3 in different processes.
+
+Workers must see the store folder (a local cluster always does; a remote one
+needs it on a shared filesystem; the checksum check refuses a shard a worker
+wrote anywhere else). Multiple GPUs: start one single-threaded worker per device,
+each seeing one GPU, e.g. ``CUDA_VISIBLE_DEVICES=$i dask worker ADDRESS
+--nthreads 1 --nworkers 1`` per device (or dask-cuda's ``LocalCUDACluster``), and
+set ``dtype:`` explicitly in the catalog when the flow process has no GPU, so
+both sides derive the same representation key (a mismatch is refused by name).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
+from tqdm import tqdm
+
+from extractors import ModelSource
+from extractors.base import ExtractionError
+from flows.common import catalog, extractor_for, model_source, run_id, store_for, writing
+from flows.extract import CONCEPT_DATASET, UnitResult, _encode_shard, register_datasets_task, unit_key
+from safeport.catalog import Resolved
+from store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
+
+log = logging.getLogger("safeport.scale")
+
+
+def dask_task_runner(address: str | None = None, workers: int = 2) -> Any:
+    """A ``DaskTaskRunner``: an existing cluster by address, else a local one of ``workers`` processes.
+
+    Local workers are single-threaded processes bound to loopback: one model per
+    process, no GIL contention, and nothing listens beyond this machine.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    if workers < 1:
+        raise ValueError(f"dask workers = {workers}; use 1 or more (or pass --dask-address to use a cluster)")
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """What a worker measured for a new unit: token lengths (to order texts) and the row width."""
+
+    lengths: np.ndarray
+    dim: int
+
+
+def _check_key(source: ModelSource, model_key: str) -> None:
+    got = source.spec().key()
+    if got != model_key:
+        raise ExtractionError(
+            f"model {source.name!r}: this worker derives representation key {got} but the flow expects "
+            f"{model_key} (device {source.device!r} / dtype {source.dtype!r} resolve differently here); "
+            "set dtype: explicitly in the catalog (e.g. float32 or bfloat16) so every machine agrees"
+        )
+
+
+@task(name="plan-unit", cache_policy=NO_CACHE, task_run_name="plan-{source.name}")
+def plan_unit_task(source: ModelSource, model_key: str, texts: list[str]) -> UnitPlan:
+    """Token lengths of a new unit's texts, measured where the model lives."""
+    _check_key(source, model_key)
+    extractor = extractor_for(source)
+    return UnitPlan(np.asarray(extractor.token_lengths(texts), dtype=np.int64), int(extractor.dim))
+
+
+@task(name="encode-shard", cache_policy=NO_CACHE, task_run_name="encode-{source.name}-{unit.dataset}-{shard}")
+def encode_shard_task(
+    arrays: str,
+    unit: UnitInfo,
+    shard: int,
+    text_ids: list[str],
+    texts: list[str],
+    source: ModelSource,
+    batch_size: int,
+    max_batch_tokens: int,
+) -> ShardDescriptor:
+    """Encode one shard and write its chunk; returns only the descriptor the flow commits."""
+    _check_key(source, unit.model_key)
+    extractor = extractor_for(source)
+    lengths = extractor.token_lengths(texts)
+    with tqdm(total=len(texts), disable=True) as bar:
+        values, n_tok, trunc = _encode_shard(extractor, texts, lengths, batch_size, max_batch_tokens, text_ids, bar)
+    return write_shard_array(arrays, unit, shard, text_ids, values, n_tok, trunc)
+
+
+@dataclass
+class _Pending:
+    """A unit of this run that needs work, with everything the commit step accumulates."""
+
+    model: str
+    dataset: str
+    source: ModelSource
+    started: float
+    unit: UnitInfo | None = None
+    missing: list[str] = field(default_factory=list)
+    plan: PrefectFuture[UnitPlan] | None = None
+    shards: list[tuple[int, PrefectFuture[ShardDescriptor]]] = field(default_factory=list)
+    remaining: int = 0  # rows sent to workers
+
+
+def _require_dask() -> None:
+    ctx = FlowRunContext.get()
+    runner = type(ctx.task_runner).__name__ if ctx is not None else "none"
+    if runner != "DaskTaskRunner":
+        raise ValueError(
+            f"Dask extraction needs a flow running on a DaskTaskRunner (this one runs on {runner}); "
+            "call flows.scale.extract_on_dask(...) or safeport rebuild --dask"
+        )
+
+
+def _plan(store: Store, resolved: Resolved, datasets: Sequence[str], rid: str) -> list[_Pending | UnitResult]:
+    """Mirror of the bookkeeping half of ``extract_unit``, for every unit, without loading a model here.
+
+    Texts claimed by an earlier unit of the same model in this run are left to
+    that unit, exactly as the sequential path (which would find them committed).
+    """
+    out: list[_Pending | UnitResult] = []
+    for model in resolved.profile.models:
+        source = model_source(resolved, model)
+        model_key = source.spec().key()
+        claimed: set[str] = set()
+        for dataset in datasets:
+            started = time.time()
+            ds_hash = store.dataset_hash(dataset)
+            if ds_hash is None:
+                raise ValueError(f"dataset {dataset!r} is not registered in the store; run the extract flow")
+            done = store.done_unit(model_key, dataset, ds_hash)
+            if done is not None:
+                seconds = time.time() - started
+                store.record_run(
+                    rid, "extract", "extract_unit", model, dataset, done, "skipped", 0, 0, seconds, started
+                )
+                out.append(UnitResult(model, dataset, done, "skipped", 0, 0, seconds))
+                continue
+            pending = _Pending(model, dataset, source, started, unit=store.unit(unit_key(model_key, dataset, ds_hash)))
+            if pending.unit is None:
+                pending.missing = [t for t in store.missing_texts(model_key, dataset) if t not in claimed]
+                if pending.missing:
+                    pending.plan = plan_unit_task.submit(source, model_key, store.texts(pending.missing))
+                claimed.update(pending.missing)
+            else:
+                claimed.update(store.unit_text_ids(pending.unit.unit_key))
+            out.append(pending)
+    return out
+
+
+def _create_unit(store: Store, resolved: Resolved, p: _Pending, ds_hash: str) -> UnitInfo:
+    """Create a planned unit: register the model, order texts by length, make array + record."""
+    model_key = p.source.spec().key()
+    missing = p.missing
+    if p.plan is not None:
+        plan = p.plan.result()
+        store.register_model(model_key, p.model, resolved.models[p.model].role, asdict(p.source.spec()), plan.dim)
+        order = sorted(range(len(missing)), key=lambda i: (int(plan.lengths[i]), missing[i]))
+        missing = [missing[i] for i in order]
+        dim = plan.dim
+    else:
+        dim = store.model_dim(model_key) or 0
+    key = unit_key(model_key, p.dataset, ds_hash)
+    return store.create_unit(key, model_key, p.dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
+
+
+def _submit_shards(store: Store, resolved: Resolved, p: _Pending, arrays: str) -> UnitInfo:
+    """Create the unit if it is new, then send every uncommitted shard to a worker."""
+    entry = resolved.models[p.model]
+    unit = p.unit or _create_unit(store, resolved, p, store.dataset_hash(p.dataset) or "")
+    todo = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
+    if todo:
+        spec = p.source.spec()
+        store.register_model(spec.key(), p.model, entry.role, asdict(spec), unit.dim)
+        ids = store.unit_text_ids(unit.unit_key)
+        for shard in todo:
+            start, stop = unit.shard_range(shard)
+            shard_ids = ids[start:stop]
+            fut = encode_shard_task.submit(
+                arrays,
+                unit,
+                shard,
+                shard_ids,
+                store.texts(shard_ids),
+                p.source,
+                entry.batch_size,
+                entry.max_batch_tokens,
+            )
+            p.shards.append((shard, fut))
+            p.remaining += stop - start
+    return unit
+
+
+def _commit(store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, rid: str, bar: tqdm) -> UnitResult:
+    """The single commit step: verify and record each returned shard in order, then finish the unit."""
+    rows = tokens = truncated = 0
+    for _, fut in p.shards:
+        desc = fut.result()
+        store.commit_shard(unit, desc, verify=True)
+        rows += desc.row_stop - desc.row_start
+        tokens += desc.tokens
+        truncated += int(np.asarray(desc.truncated).sum())
+        bar.update(desc.row_stop - desc.row_start)
+    if truncated:
+        log.warning(
+            "%s/%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
+            p.model,
+            p.dataset,
+            truncated,
+            resolved.models[p.model].max_tokens,
+        )
+    store.finish_unit(unit.unit_key)
+    seconds = time.time() - p.started
+    store.record_run(
+        rid, "extract", "extract_unit", p.model, p.dataset, unit.unit_key, "done", rows, tokens, seconds, p.started
+    )
+    log.info("%s/%s: %d rows, %d tokens in %.1fs (dask)", p.model, p.dataset, rows, tokens, seconds)
+    return UnitResult(p.model, p.dataset, unit.unit_key, "done", rows, tokens, seconds)
+
+
+def extract_all_dask(store_root: str, catalog_path: str | None, profile: str) -> list[UnitResult]:
+    """Body of a Dask extraction inside a flow that holds the store (same results as ``extract_all``)."""
+    _require_dask()
+    resolved = catalog(catalog_path, profile)
+    register_datasets_task(store_root, catalog_path, profile)
+    store = store_for(store_root)
+    arrays = str((store.root / "arrays.zarr").resolve())
+    rid = run_id()
+    planned = _plan(store, resolved, [*resolved.datasets, CONCEPT_DATASET], rid)
+    units = {id(p): _submit_shards(store, resolved, p, arrays) for p in planned if isinstance(p, _Pending)}
+    total = sum(p.remaining for p in planned if isinstance(p, _Pending))
+    with tqdm(total=total, desc="extract (dask)", unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
+        return [
+            p if isinstance(p, UnitResult) else _commit(store, resolved, p, units[id(p)], rid, bar) for p in planned
+        ]
+
+
+@flow(name="safeport-extract-dask", log_prints=False)
+def extract_dask_flow(
+    catalog_path: str | None = None, profile: str = "default", store: str | None = None, wait_s: float = 0.0
+) -> list[UnitResult]:
+    """The extract flow with shards computed on Dask workers; run it through :func:`extract_on_dask`."""
+    resolved = catalog(catalog_path, profile)
+    root = Path(store) if store else resolved.store_path
+    with writing(root, wait_s):
+        return extract_all_dask(str(root), catalog_path, profile)
+
+
+def extract_on_dask(
+    catalog_path: str | None = None,
+    profile: str = "default",
+    store: str | None = None,
+    wait_s: float = 0.0,
+    address: str | None = None,
+    workers: int = 2,
+) -> list[UnitResult]:
+    """Extract a profile on a Dask cluster (``address``) or a local one of ``workers`` processes."""
+    runner = dask_task_runner(address, workers)
+    return extract_dask_flow.with_options(task_runner=runner)(catalog_path, profile, store, wait_s)

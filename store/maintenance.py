@@ -1,0 +1,346 @@
+"""Store upkeep: what is stale and why, garbage collection of orphan arrays, vector export/import.
+
+Staleness is a label, not a deletion: a model that left the catalog (or was
+superseded by a new revision or new weights) keeps its rows, maps and vectors,
+so putting it back costs nothing and old results stay reproducible. ``gc`` only
+removes arrays that no committed record refers to (left by a crash between the
+array write and its record, or by a refit that replaced a vector), and by
+default only says what it would remove.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from store import artifacts
+from store.store import Store, StoreError, checksum, writer_lock
+
+STALE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stale (
+    kind VARCHAR, key VARCHAR, name VARCHAR, reason VARCHAR, marked_at TIMESTAMP, PRIMARY KEY (kind, key));
+"""
+STALE_KINDS = ("model", "unit", "map", "fit", "vector")
+
+
+# -- staleness ------------------------------------------------------------------
+def mark_stale(
+    store: Store, profile: str, current_models: Mapping[str, str], current_fits: Collection[str]
+) -> dict[str, int]:
+    """Recompute the ``stale`` table from the profile's current model keys and fit keys.
+
+    A model row is stale when its name left the profile or its key was superseded
+    (new hub revision, changed local weights, changed options); its units and maps
+    follow it. A fit is stale when this rebuild did not produce it; its vectors
+    follow it (imported vectors belong to no local fit and are never stale).
+    Returns counts per kind. Rebuilding a profile that brings a model back clears it.
+    """
+    models = store.con.execute("SELECT model_key, name FROM models").fetchall()
+    model_reason: dict[str, tuple[str, str]] = {}
+    for key, name in models:
+        if name not in current_models:
+            model_reason[key] = (name, f"model {name!r} ({key}) is no longer in profile {profile!r} of the catalog")
+        elif current_models[name] != key:
+            model_reason[key] = (
+                name,
+                f"model {name!r} ({key}) was superseded by {current_models[name]} "
+                "(new hub revision, changed weights or changed options)",
+            )
+    rows: list[tuple[str, str, str, str]] = [("model", k, n, r) for k, (n, r) in model_reason.items()]
+    for ukey, mkey, dataset in store.con.execute("SELECT unit_key, model_key, dataset FROM units").fetchall():
+        if mkey in model_reason:
+            rows.append(("unit", ukey, f"{model_reason[mkey][0]}/{dataset}", model_reason[mkey][1]))
+    for mapk, src, tgt, skey, tkey, mapper in store.con.execute(
+        "SELECT map_key, source, target, source_key, target_key, mapper FROM maps"
+    ).fetchall():
+        why = model_reason.get(skey) or model_reason.get(tkey)
+        if why:
+            rows.append(("map", mapk, f"{src}->{tgt}:{mapper}", why[1]))
+    fits = store.con.execute("SELECT fit_key, source, target, inputs_json FROM fits").fetchall()
+    current_fits = set(current_fits)
+    current_pairs = {(s, t) for f, s, t, _ in fits if f in current_fits}  # pairs this rebuild fitted
+    fit_reason: dict[str, str] = {}
+    for fkey, src, tgt, inputs_json in fits:
+        if fkey in current_fits:
+            continue
+        inputs = json.loads(inputs_json or "{}")
+        why = model_reason.get(inputs.get("source_key", "")) or model_reason.get(inputs.get("target_key", ""))
+        if why:
+            fit_reason[fkey] = why[1]
+        elif (src, tgt) in current_pairs:
+            fit_reason[fkey] = f"fit {src}->{tgt} ({fkey}) was superseded by a newer fit (changed inputs or code)"
+        else:
+            fit_reason[fkey] = f"pair {src}->{tgt} ({fkey}) is no longer fitted by profile {profile!r}"
+        rows.append(("fit", fkey, f"{src}->{tgt}", fit_reason[fkey]))
+    for vkey, name, fkey in store.con.execute("SELECT vector_key, name, fit_key FROM vectors").fetchall():
+        if fkey in fit_reason:
+            rows.append(("vector", vkey, name, fit_reason[fkey]))
+    with store.transaction() as con:
+        con.execute(STALE_SCHEMA)
+        con.execute("DELETE FROM stale")
+        if rows:
+            con.executemany("INSERT INTO stale VALUES (?, ?, ?, ?, now())", rows)
+    return {k: sum(1 for r in rows if r[0] == k) for k in STALE_KINDS}
+
+
+def stale_rows(store: Store) -> pa.Table:
+    """Every stale artefact with its reason (empty before the first rebuild)."""
+    if not store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'stale'"):
+        return pa.table({c: pa.array([], pa.string()) for c in ("kind", "key", "name", "reason")})
+    return store.sql("SELECT kind, key, name, reason FROM stale ORDER BY kind, name, key")
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """What ``safeport status`` shows: tables, ready to print or to assert on."""
+
+    models: pa.Table
+    datasets: pa.Table
+    rows: pa.Table
+    fits: pa.Table
+    stale: pa.Table
+
+
+def status(root: Path | str) -> StoreStatus:
+    """Models (with staleness), datasets, rows cached per model and dataset, fits, and what is stale and why."""
+    with Store(root, read_only=True) as store:
+        stale = stale_rows(store)
+        store.con.register("_stale", stale)
+        try:
+            models = store.sql(
+                "SELECT m.name, m.role, m.family, m.model_key, m.revision, m.dim, m.current, "
+                "s.reason IS NOT NULL AS stale, s.reason FROM models m "
+                "LEFT JOIN _stale s ON s.kind = 'model' AND s.key = m.model_key ORDER BY m.name, m.registered_at"
+            )
+            fits = store.sql(
+                "SELECT f.source, f.target, f.fit_key, f.status, f.finished_at, s.reason IS NOT NULL AS stale "
+                "FROM fits f LEFT JOIN _stale s ON s.kind = 'fit' AND s.key = f.fit_key ORDER BY 1, 2, 5"
+            )
+        finally:
+            store.con.unregister("_stale")
+        datasets = store.sql("SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1")
+        rows = store.sql(
+            "SELECT m.name AS model, m.model_key, u.dataset, count(a.row) AS rows, sum(a.n_tokens) AS tokens "
+            "FROM activation_rows a JOIN units u USING (unit_key) JOIN models m ON m.model_key = a.model_key "
+            "GROUP BY ALL ORDER BY 1, 2, 3"
+        )
+    return StoreStatus(models, datasets, rows, fits, stale)
+
+
+# -- garbage collection -----------------------------------------------------------
+@dataclass(frozen=True)
+class Garbage:
+    path: str  # inside arrays.zarr
+    kind: str  # acts | maps | vectors
+    bytes: int
+
+
+def _children(group: zarr.Group, path: str) -> list[tuple[str, bool]]:
+    """(name, is_array) of a group's members; empty when the group is absent."""
+    try:
+        node = group[path]
+    except KeyError:
+        return []
+    if not isinstance(node, zarr.Group):
+        return []
+    return sorted((name, isinstance(member, zarr.Array)) for name, member in node.members())
+
+
+def _bytes(folder: Path) -> int:
+    if folder.is_file():
+        return folder.stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def find_garbage(store: Store) -> list[Garbage]:
+    """Arrays under ``acts/``, ``maps/`` and ``vectors/`` that no committed DuckDB record refers to."""
+    units = {r[0] for r in store.con.execute("SELECT array_path FROM units").fetchall()}
+    maps = {r[0] for r in store.con.execute("SELECT map_key FROM maps").fetchall()}
+    vectors = {r[0] for r in store.con.execute("SELECT vector_key FROM vectors").fetchall()}
+    base = store.root / "arrays.zarr"
+    found: list[str] = []
+    for model_key, is_array in _children(store.arrays, "acts"):
+        if is_array:
+            found.append(f"acts/{model_key}")
+            continue
+        members = _children(store.arrays, f"acts/{model_key}")
+        orphans = [f"acts/{model_key}/{u}" for u, _ in members if f"acts/{model_key}/{u}" not in units]
+        found.extend([f"acts/{model_key}"] if members and len(orphans) == len(members) else orphans)
+    found.extend(f"maps/{k}" for k, _ in _children(store.arrays, "maps") if k not in maps)
+    found.extend(f"vectors/{k}" for k, _ in _children(store.arrays, "vectors") if k not in vectors)
+    return [Garbage(p, p.split("/")[0], _bytes(base / p)) for p in found]
+
+
+@dataclass(frozen=True)
+class GcReport:
+    garbage: list[Garbage]
+    applied: bool
+
+    @property
+    def bytes(self) -> int:
+        return sum(g.bytes for g in self.garbage)
+
+
+def collect_garbage(root: Path | str, apply: bool = False, wait_s: float = 0.0) -> GcReport:
+    """List (and with ``apply`` delete) unreferenced arrays, holding the writer lock.
+
+    The lock matters even for a dry run: a running extraction creates a unit's
+    array a moment before its record, and must not be reported (or removed) as garbage.
+    """
+    root = Path(root)
+    if not (root / "meta.duckdb").exists():
+        raise StoreError(f"no store at {root}; check --store")
+    with writer_lock(root, wait_s), Store(root) as store:
+        garbage = find_garbage(store)
+        if apply:
+            for g in garbage:
+                try:
+                    del store.arrays[g.path]
+                except KeyError:  # pragma: no cover - listed a moment ago under the lock
+                    continue
+                folder = store.root / "arrays.zarr" / g.path
+                if folder.exists():  # a store that does not delete prefixes: remove what is left
+                    shutil.rmtree(folder)
+    return GcReport(garbage, apply)
+
+
+# -- vector export / import -------------------------------------------------------
+@dataclass(frozen=True)
+class ImportedVector:
+    name: str
+    vector_key: str
+    status: str  # imported | present
+    file: str
+
+
+# Fields that are columns of ``vectors`` (or describe the export itself), not lineage.
+_DESCRIPTIVE = (
+    "name",
+    "vector_key",
+    "kind",
+    "source",
+    "target",
+    "mapper",
+    "category",
+    "norm",
+    "checksum",
+    "exported_from",
+    "exported_at",
+)
+
+
+def export_vectors(root: Path | str, out: Path | str, names: Sequence[str] = ()) -> list[Path]:
+    """Write ``<vector_key>.safetensors`` + ``.json`` per vector (all names by default) and a manifest.
+
+    The JSON carries the full lineage plus the checksum, so ``import_vectors`` can
+    refuse a file that changed on the way.
+    """
+    out = Path(out)
+    written: list[Path] = []
+    manifest: list[dict[str, Any]] = []
+    with Store(root, read_only=True) as store:
+        wanted = list(names) or [
+            r[0] for r in store.con.execute("SELECT DISTINCT name FROM vectors ORDER BY 1").fetchall()
+        ]
+        if not wanted:
+            raise StoreError(f"store {store.root} has no vectors to export; run `safeport fit` first")
+        for name in wanted:
+            values, lineage = artifacts.load_vector(store, name)
+            lineage.update(
+                {
+                    "checksum": checksum(values.reshape(1, -1)),
+                    "exported_from": str(store.root.resolve()),
+                    "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+            st, _ = artifacts.export_vector(values, lineage, out / lineage["vector_key"])
+            written.append(st)
+            manifest.append(
+                {"name": name, "vector_key": lineage["vector_key"], "file": st.name, "checksum": lineage["checksum"]}
+            )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return written
+
+
+def _exported_files(src: Path) -> list[Path]:
+    if src.is_dir():
+        files = sorted(src.glob("*.safetensors"))
+        if not files:
+            raise StoreError(f"{src} holds no .safetensors files; export some with `safeport export -o {src}`")
+        return files
+    if not src.exists() and not src.with_suffix(".safetensors").exists():
+        raise StoreError(f"{src} does not exist; pass a folder written by `safeport export` or one .safetensors file")
+    return [src]
+
+
+def import_vectors(root: Path | str, src: Path | str, wait_s: float = 0.0) -> list[ImportedVector]:
+    """Add exported vectors to a store, checksum-verified, with their lineage and where they came from.
+
+    A vector already present under the same key with the same checksum is left as
+    it is; the same key with different values is refused (keys are content hashes,
+    so that means one side is damaged).
+    """
+    root, src = Path(root), Path(src)
+    files = _exported_files(src)
+    loaded = []
+    for f in files:
+        values, lineage = artifacts.read_exported_vector(f)
+        missing = [k for k in ("name", "vector_key", "kind", "target", "checksum") if not lineage.get(k)]
+        if missing:
+            raise StoreError(f"{f}: its lineage JSON lacks {missing}; re-export it with `safeport export`")
+        got = checksum(values.reshape(1, -1))
+        if got != lineage["checksum"]:
+            raise StoreError(
+                f"{f}: values have checksum {got} but the export recorded {lineage['checksum']}; "
+                "the file was damaged or edited, export it again"
+            )
+        loaded.append((f, values, lineage))
+    out: list[ImportedVector] = []
+    rid = uuid.uuid4().hex
+    with writer_lock(root, wait_s), Store(root) as store:
+        for f, values, lineage in loaded:
+            started = time.time()
+            key, name = str(lineage["vector_key"]), str(lineage["name"])
+            have = store.scalar("SELECT checksum FROM vectors WHERE vector_key = ?", [key])
+            if have is not None:
+                if have != lineage["checksum"]:
+                    raise StoreError(
+                        f"{f}: vector {name!r} ({key}) is already in {store.root} with checksum {have}, not "
+                        f"{lineage['checksum']}; one of the two is damaged, run `safeport verify` on both stores"
+                    )
+                out.append(ImportedVector(name, key, "present", str(f)))
+                continue
+            kept = {k: v for k, v in lineage.items() if k not in _DESCRIPTIVE}
+            kept["imported_from"] = {
+                "store": lineage.get("exported_from"),
+                "exported_at": lineage.get("exported_at"),
+                "file": str(f.resolve()),
+                "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            record = artifacts.VectorRecord(
+                key,
+                name,
+                str(lineage["kind"]),
+                lineage.get("source"),
+                str(lineage["target"]),
+                lineage.get("mapper"),
+                lineage.get("category"),
+                np.asarray(values, dtype=np.float32),
+                kept,
+            )
+            artifacts.save_vectors(store, str(lineage.get("fit_key") or f"imported:{key}"), [record])
+            store.record_run(
+                rid, "import", "import_vector", name, "", key, "done", 1, 0, time.time() - started, started, f"from {f}"
+            )
+            out.append(ImportedVector(name, key, "imported", str(f)))
+    return out

@@ -1,0 +1,234 @@
+"""Store upkeep without models: gc of orphan arrays, vector export/import, staleness labels."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from safeport.cli_ops import add_ops_commands
+from store import artifacts
+from store.maintenance import collect_garbage, export_vectors, import_vectors, mark_stale, status
+from store.store import Store, StoreBusyError, StoreError, writer_lock
+
+DIM = 3
+
+
+def _build(root: Path) -> dict[str, np.ndarray]:
+    """A small real store: one dataset, one model with a 2-shard unit, one map, three vectors."""
+    ids = [f"t{i}" for i in range(4)]
+    rows = pa.table(
+        {
+            "idx": list(range(4)),
+            "text_id": ids,
+            "text": [f"text {i}" for i in range(4)],
+            "split": pa.array(["train"] * 4, pa.string()),
+            "category": pa.array([None] * 4, pa.string()),
+            "pair_id": pa.array([None] * 4, pa.int32()),
+            "side": pa.array([None] * 4, pa.string()),
+        }
+    )
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, DIM)).astype(np.float32)
+    spec = {"family": "text_encoder", "model_id": "m", "revision": "main", "weights": "w"}
+    vectors = {
+        "calibrated:m->n:ridge": rng.normal(size=DIM).astype(np.float32),
+        "native:n": rng.normal(size=DIM).astype(np.float32),
+        "calibrated:m->n:ridge:violence": rng.normal(size=DIM).astype(np.float32),
+    }
+    with Store(root) as store:
+        store.register_dataset("d", "anchors", "h1", rows, {})
+        store.register_model("mk", "m", "source", spec, DIM)
+        unit = store.create_unit("u1", "mk", "d", "h1", ids, DIM, 2)
+        for shard in range(2):
+            sl = slice(2 * shard, 2 * shard + 2)
+            store.write_shard(unit, shard, ids[sl], values[sl], np.array([3, 4]), np.array([False, False]))
+        store.finish_unit("u1")
+        artifacts.save_map(
+            store,
+            "map1",
+            {"w": np.eye(DIM, dtype=np.float32)},
+            {
+                "source": "m",
+                "target": "n",
+                "source_key": "mk",
+                "target_key": "nk",
+                "mapper": "ridge",
+                "params": {"alpha": 1.0},
+                "split_hash": "s",
+                "anchors": "d",
+                "anchors_hash": "h1",
+                "input_units": ["u1"],
+                "code_version": "test",
+                "n_train": 4,
+            },
+        )
+        lineage = {"fit_key": "fit1", "source_key": "mk", "target_key": "nk", "input_units": ["u1"], "scale": 1.5}
+        records = [
+            artifacts.VectorRecord(
+                f"vk{i}",
+                name,
+                name.split(":")[0],
+                None if name.startswith("native") else "m",
+                "n",
+                "ridge" if "ridge" in name else None,
+                "violence" if name.endswith("violence") else None,
+                v,
+                {**lineage, "map_key": "map1" if "ridge" in name else None},
+            )
+            for i, (name, v) in enumerate(vectors.items())
+        ]
+        artifacts.save_vectors(store, "fit1", records)
+    return vectors
+
+
+ORPHANS = {"acts/mk/u-crashed", "acts/gone-model", "maps/map-orphan", "vectors/vk-orphan"}
+
+
+def _add_orphans(root: Path) -> None:
+    """Arrays a crash (array written, record not) or a replaced artefact would leave behind."""
+    with Store(root) as store:
+        for path in ("acts/mk/u-crashed", "acts/gone-model/u9", "maps/map-orphan/w", "vectors/vk-orphan"):
+            store.arrays.create_array(path, data=np.ones((4, DIM), dtype=np.float32))
+
+
+def _exists(root: Path, path: str) -> bool:
+    return (root / "arrays.zarr" / path).exists()
+
+
+def test_gc_dry_run_lists_only_unreferenced_arrays_and_deletes_nothing(tmp_path: Path) -> None:
+    _build(tmp_path)
+    assert collect_garbage(tmp_path).garbage == []  # a clean store has no garbage
+    _add_orphans(tmp_path)
+    report = collect_garbage(tmp_path)
+    assert not report.applied
+    assert {g.path for g in report.garbage} == ORPHANS
+    assert all(g.bytes > 0 for g in report.garbage) and report.bytes == sum(g.bytes for g in report.garbage)
+    assert all(_exists(tmp_path, p) for p in ORPHANS)
+
+
+def test_gc_apply_deletes_them_and_the_store_still_reads(tmp_path: Path) -> None:
+    vectors = _build(tmp_path)
+    _add_orphans(tmp_path)
+    report = collect_garbage(tmp_path, apply=True)
+    assert {g.path for g in report.garbage} == ORPHANS and report.applied
+    assert not any(_exists(tmp_path, p) for p in ORPHANS)
+    assert collect_garbage(tmp_path).garbage == []
+    with Store(tmp_path, read_only=True) as store:
+        meta, values = store.activations("mk", "d")
+        assert meta.num_rows == 4 and np.isfinite(values).all()  # checksum-verified read
+        for name, v in vectors.items():
+            np.testing.assert_array_equal(artifacts.load_vector(store, name)[0], v)
+        state, _ = artifacts.load_map(store, "map1", artifacts.map_state_names(store, "map1"))
+        np.testing.assert_array_equal(state["w"], np.eye(DIM))
+
+
+def test_gc_never_runs_beside_a_writer(tmp_path: Path) -> None:
+    _build(tmp_path)
+    with writer_lock(tmp_path), pytest.raises(StoreBusyError, match="--wait"):
+        collect_garbage(tmp_path)
+
+
+def test_export_import_round_trip_keeps_values_and_lineage(tmp_path: Path) -> None:
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    vectors = _build(a)
+    Store(b).close()  # an empty store
+    files = export_vectors(a, out)
+    assert len(files) == 3 and (out / "manifest.json").is_file()
+
+    done = import_vectors(b, out)
+    assert sorted(v.status for v in done) == ["imported"] * 3
+    with Store(a, read_only=True) as sa, Store(b, read_only=True) as sb:
+        for name, v in vectors.items():
+            _, la = artifacts.load_vector(sa, name)
+            vb, lb = artifacts.load_vector(sb, name)
+            np.testing.assert_array_equal(vb, v)
+            assert vb.dtype == np.float32
+            for key in ("vector_key", "kind", "source", "target", "mapper", "category", "fit_key", "map_key"):
+                assert lb[key] == la[key], key
+            assert lb["input_units"] == ["u1"] and lb["scale"] == 1.5
+            assert lb["imported_from"]["store"] == str(a.resolve())
+        cols = "vector_key, name, kind, source, target, mapper, category, map_key, fit_key, dim, norm, checksum"
+        assert sorted(sa.con.execute(f"SELECT {cols} FROM vectors").fetchall()) == sorted(
+            sb.con.execute(f"SELECT {cols} FROM vectors").fetchall()
+        )
+        assert sb.scalar("SELECT count(*) FROM lineage") == 3  # queryable like any other vector
+        assert sb.scalar("SELECT count(*) FROM runs WHERE flow = 'import' AND status = 'done'") == 3
+
+    again = import_vectors(b, out)  # same keys, same checksums: nothing to do
+    assert {v.status for v in again} == {"present"}
+
+
+def test_import_refuses_a_damaged_export(tmp_path: Path) -> None:
+    _build(tmp_path / "a")
+    out = tmp_path / "out"
+    export_vectors(tmp_path / "a", out, ["native:n"])
+    (st,) = out.glob("*.safetensors")
+    values, _ = artifacts.read_exported_vector(st)
+    from safetensors.numpy import save_file
+
+    save_file({"vector": values + np.float32(1e-3)}, str(st))  # values changed on the way
+    with pytest.raises(StoreError, match="damaged or edited"):
+        import_vectors(tmp_path / "b", out)
+    assert not (tmp_path / "b" / "meta.duckdb").exists()  # refused before touching the target
+
+
+def test_stale_labels_follow_the_model_and_clear_when_it_returns(tmp_path: Path) -> None:
+    _build(tmp_path)
+    with Store(tmp_path) as store:
+        assert mark_stale(store, "p", {"m": "mk"}, ["fit1"]) == dict.fromkeys(
+            ("model", "unit", "map", "fit", "vector"), 0
+        )
+        artifacts.start_fit(store, "fit1", "m", "n", {"source_key": "mk", "target_key": "nk"})
+        counts = mark_stale(store, "p", {"m": "mk2"}, [])  # m got new weights; fit1 not produced
+    assert counts == {"model": 1, "unit": 1, "map": 1, "fit": 1, "vector": 0}  # start_fit cleared fit1's vectors
+    st = status(tmp_path)
+    assert {r["kind"] for r in st.stale.to_pylist()} == {"model", "unit", "map", "fit"}
+    assert all("superseded by mk2" in r["reason"] for r in st.stale.to_pylist())
+    assert st.rows.to_pylist()[0]["rows"] == 4
+    with Store(tmp_path) as store:
+        assert not any(mark_stale(store, "p", {"m": "mk"}, ["fit1"]).values())
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The same ``add`` helper ``safeport.cli.build_parser`` passes to ``add_ops_commands``."""
+    parser = argparse.ArgumentParser(prog="safeport")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--catalog", default=None)
+        p.add_argument("--profile", default="default")
+        p.add_argument("--store", default=None)
+        p.set_defaults(func=func)
+        return p
+
+    add_ops_commands(sub, add)
+    return parser
+
+
+def _cli(*argv: str) -> Any:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_gc_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _build(a)
+    _add_orphans(a)
+    assert _cli("gc", "--store", str(a)) == 0
+    out = capsys.readouterr().out
+    assert "would remove 4 unreferenced array(s)" in out and "pass --apply" in out
+    assert all(_exists(a, p) for p in ORPHANS)
+    assert _cli("gc", "--store", str(a), "--apply") == 0
+    assert "removed 4" in capsys.readouterr().out
+    assert _cli("export", "--store", str(a), "-o", str(tmp_path / "x"), "native:n") == 0
+    assert _cli("import", "--store", str(b), str(tmp_path / "x")) == 0
+    assert "1 vector(s) imported" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _cli("serve", "--store", str(a))  # a schedule is required
