@@ -149,13 +149,11 @@ def require_state(state: Mapping[str, np.ndarray], keys: tuple[str, ...], name: 
         )
 
 
-@dataclass(frozen=True, eq=False)
-class LinearMap:
-    """``M(x) = x @ W`` with no intercept (inputs are centred); subclasses only set ``map_name``."""
+class NamedMap:
+    """``name`` and ``params`` of a fitted map, read from its ``map_name`` and ``fit_params``."""
 
-    W: np.ndarray  # float64 [d_s, d_t]
-    fit_params: Params = field(default_factory=dict)
-    map_name: ClassVar[str] = "linear"
+    map_name: ClassVar[str]
+    fit_params: Params
 
     @property
     def name(self) -> str:
@@ -164,6 +162,15 @@ class LinearMap:
     @property
     def params(self) -> Params:
         return dict(self.fit_params)
+
+
+@dataclass(frozen=True, eq=False)
+class LinearMap(NamedMap):
+    """``M(x) = x @ W`` with no intercept (inputs are centred); subclasses only set ``map_name``."""
+
+    W: np.ndarray  # float64 [d_s, d_t]
+    fit_params: Params = field(default_factory=dict)
+    map_name: ClassVar[str] = "linear"
 
     @property
     def source_dim(self) -> int:

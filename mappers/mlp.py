@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mappers.base import Params, State, as_matrix, as_vector, check_anchor_splits, require_state
+from mappers.base import NamedMap, Params, State, as_matrix, as_vector, check_anchor_splits, require_state
 
 _STATE_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 _EVAL_BATCH = 4096
@@ -99,20 +99,12 @@ class TrainLog:
 
 
 @dataclass(frozen=True, eq=False)
-class MLPMap:
+class MLPMap(NamedMap):
     """The fitted network (on CPU, float32) plus its lineage params."""
 
     net: _Net
     fit_params: Params = field(default_factory=dict)
     map_name: ClassVar[str] = "mlp"
-
-    @property
-    def name(self) -> str:
-        return self.map_name
-
-    @property
-    def params(self) -> Params:
-        return dict(self.fit_params)
 
     @property
     def source_dim(self) -> int:

@@ -7,6 +7,7 @@ exit with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -136,13 +137,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeport", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("sql", help='e.g. "select model, dataset, count(*) from activations group by all"')
     q.add_argument("--output", "-o", default=None, help="write all rows to FILE (.csv, .json, .parquet)")
     q.add_argument("--format", choices=["csv", "json", "parquet"], default=None)
-    q.add_argument("--max-rows", type=_non_negative, default=50)
+    q.add_argument("--max-rows", type=int, default=50)
     from safeport.cli_eval import add_eval_commands
 
     add_eval_commands(sub, add)
@@ -198,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safeport: interrupted; committed work is kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        # Drop reference cycles from caught tracebacks while DuckDB is still loaded (quiet exit).
+        gc.collect()
 
 
 if __name__ == "__main__":

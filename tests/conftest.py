@@ -27,3 +27,11 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield str(PREFECT_API_URL.value())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Free DuckDB objects held by reference cycles of caught tracebacks before interpreter shutdown
+    (otherwise nanobind prints "leaked instance" noise after pytest's summary line)."""
+    import gc
+
+    gc.collect()
