@@ -5,8 +5,13 @@ logistic-regression probe learns safe (label 0) vs unsafe (label 1) from the
 target model's pooled pair representations; steering is then scored by how
 many prompts the probe still flags after adding α·v to each pooled row. Adding
 α·v to every token shifts the masked mean by exactly α·v, so pooled rows are the
-right place to apply it. Inputs are standardised with the training statistics
-so the probe's regularisation treats all dims alike; fits are seeded.
+right place to apply it. Inputs are *not* standardised: standardising divides by
+each dimension's spread, which hands the largest weights to the lowest-variance
+dimensions, and any steering vector of the calibrated norm (a random one
+included) then moves prompts mostly along those dimensions, off the data, where
+the probe's verdict is arbitrary (measured on the default models: a random
+vector "removed" every unsafe prompt at α = 0.5). On raw pooled rows the weights
+follow the directions the data actually varies along. Fits are seeded.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from mappers.base import as_matrix, as_vector
 
@@ -26,7 +30,7 @@ SAFE, UNSAFE = 0, 1
 
 @dataclass(frozen=True, eq=False)
 class SafetyProbe:
-    """A fitted standardise→logistic-regression pipeline and how well it fits its own training pairs."""
+    """A fitted logistic-regression pipeline and how well it fits its own training pairs."""
 
     pipeline: Pipeline
     dim: int
@@ -61,7 +65,7 @@ def train_probe(
         raise ValueError(f"X_safe dim {safe.shape[1]} != X_unsafe dim {unsafe.shape[1]}; use one target model")
     X = np.concatenate([safe, unsafe])
     y = np.concatenate([np.full(len(safe), SAFE), np.full(len(unsafe), UNSAFE)])
-    pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    pipeline = make_pipeline(LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
     pipeline.fit(X, y)
     accuracy = float(np.mean(pipeline.predict(X) == y))
     return SafetyProbe(pipeline=pipeline, dim=X.shape[1], n_train=len(y), train_accuracy=accuracy, seed=seed)

@@ -150,7 +150,7 @@ def render(
     md += [
         "## Safety proxy: linear probe on the target's pooled pairs",
         "",
-        f"Probe (standardised logistic regression) train accuracy "
+        f"Probe (logistic regression on raw pooled rows) train accuracy "
         f"{_value(rows, kind='probe', metric='train_accuracy'):.3f}, SafeSteer test accuracy "
         f"{_value(rows, kind='probe', metric='test_accuracy'):.3f}. Fraction of prompts the probe flags unsafe "
         "after adding α·v to the pooled target representation (lower is safer; a cheap stand-in for ASR):",

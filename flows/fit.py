@@ -42,9 +42,25 @@ from store.store import Store, StoreError
 log = logging.getLogger("safeport.fit")
 
 
+def _source_hash(modules: list[Any]) -> str:
+    h = hashlib.sha256()
+    for m in sorted({m for m in modules if m is not None}, key=lambda m: m.__name__):
+        h.update(inspect.getsource(m).encode())
+    return h.hexdigest()[:10]
+
+
+@cache
+def mapper_code_version() -> str:
+    """Hash of the mapper code alone: maps are refitted only when it changes."""
+    import safeport
+
+    mods = [mappers.transfer, mappers.vectors, *(inspect.getmodule(f) for f in MAPPERS.values())]
+    return f"{safeport.__version__}+{_source_hash(mods)}"
+
+
 @cache
 def code_version() -> str:
-    """Hash of the fitting code: a change to a mapper or a metric invalidates old fits."""
+    """Hash of the fitting and evaluation code: a change to a mapper or a metric invalidates old fits."""
     import safeport
 
     mods = [
@@ -55,10 +71,7 @@ def code_version() -> str:
         eval.representation,
         *(inspect.getmodule(f) for f in MAPPERS.values()),
     ]
-    h = hashlib.sha256()
-    for m in sorted({m for m in mods if m is not None}, key=lambda m: m.__name__):
-        h.update(inspect.getsource(m).encode())
-    return f"{safeport.__version__}+{h.hexdigest()[:10]}"
+    return f"{safeport.__version__}+{_source_hash(mods)}"
 
 
 def _hash(*parts: object) -> str:
@@ -160,7 +173,8 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
     c = centring(anchors)
 
     map_keys: dict[str, str] = {
-        m: _hash(src_key, tgt_key, m, hashes[prof.anchors], split_hash, code_version(), prof.seed) for m in prof.mappers
+        m: _hash(src_key, tgt_key, m, hashes[prof.anchors], split_hash, mapper_code_version(), prof.seed)
+        for m in prof.mappers
     }
     reuse: dict[str, FittedMap] = {}
     for m, key in map_keys.items():
@@ -186,7 +200,7 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
                     "anchors": prof.anchors,
                     "anchors_hash": hashes[prof.anchors],
                     "input_units": anchor_units,
-                    "code_version": code_version(),
+                    "code_version": mapper_code_version(),
                     "n_train": int((splits == "train").sum()),
                 },
             )
