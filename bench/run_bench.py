@@ -301,6 +301,34 @@ def bench_ridge(n: int, d_s: int, d_t: int) -> list[str]:
     ]
 
 
+def bench_dask(tmp: Path, n_anchors: int) -> list[str]:
+    """The same extraction in one process, and on local Dask clusters of 1 and 2 worker processes."""
+    from flows.extract import extract_flow
+    from flows.scale import extract_on_dask
+
+    models = ["smollm2-135m", "minilm-l6"]
+    t_single, res = timed(lambda: extract_flow(str(_catalog(tmp, models, n_anchors, "dask0"))))
+    rows = sum(r.rows for r in res)
+    t_one, _ = timed(lambda: extract_on_dask(str(_catalog(tmp, models, n_anchors, "dask1")), workers=1))
+    t_two, _ = timed(lambda: extract_on_dask(str(_catalog(tmp, models, n_anchors, "dask2")), workers=2))
+    return [
+        "## 7a. Scale: 1 vs 2 Dask workers",
+        "",
+        f"{rows} rows (2 models), fresh store each time, model loads and cluster start-up included.",
+        "",
+        "| run | seconds | rows/s |",
+        "|---|---|---|",
+        f"| single process (2 torch threads) | {t_single:.1f} | {rows / t_single:.1f} |",
+        f"| Dask, 1 worker process (1 thread) | {t_one:.1f} | {rows / t_one:.1f} |",
+        f"| Dask, 2 worker processes (1 thread each) | {t_two:.1f} | {rows / t_two:.1f} |",
+        "",
+        f"2 workers vs 1: **{t_one / t_two:.2f}x**. On a 2-core machine two single-threaded workers compete "
+        "for the same cores the single process already uses with 2 threads, and each worker loads its own "
+        "copy of every model; the gain comes with one worker per GPU or per machine.",
+        "",
+    ]
+
+
 def paper_estimate() -> list[str]:
     """FLOP-based time to extract the paper's inputs with an 8B source on one GPU."""
     anchors, pairs, prompts = 27000, 2300, 4703
@@ -325,8 +353,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--only", choices=["dask"], default=None, help="run one section and append it to --out")
     args = parser.parse_args()
     n_texts = 300 if args.quick else 1200
+    if args.only == "dask":
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with tempfile.TemporaryDirectory() as d, prefect_test_harness(server_startup_timeout=60):
+            os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+            lines = bench_dask(Path(d), 200 if args.quick else 400)
+        with Path(args.out).open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n(Section 7a: `.venv/bin/python bench/run_bench.py --only dask`.)\n")
+        print("\n".join(lines))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     header = [
         "# safeport benchmarks",
