@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -147,6 +148,8 @@ class ModelSource:
     max_tokens: int = 512
     weights: str = ""
     options: tuple[tuple[str, str], ...] = ()
+    # Not part of the representation key: pickle or safetensors files of one checkpoint hold the same weights.
+    allow_pickle: bool = False
 
     @property
     def location(self) -> str:
@@ -169,4 +172,45 @@ class ModelSource:
             compute_dtype=dtype,
             max_tokens=self.max_tokens,
             extra=self.options,
+        )
+
+
+# Weight formats that cannot run code when loaded, and torch pickle formats that can.
+SAFE_WEIGHTS = (".safetensors", ".gguf")
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_weights(folder: str | Path, allow_pickle: bool = False, name: str = "", gguf_file: str | None = None) -> None:
+    """Refuse a local model folder without weights, or with only pickle weights unless ``allow_pickle``.
+
+    Why: a torch pickle (``*.bin``, ``*.pt``...) can execute code while it is unpickled, so a
+    downloaded or shared folder must bring safetensors or GGUF weights; loaders are then told
+    to read only those (``use_safetensors``). A folder without weights would otherwise fail
+    deep inside ``from_pretrained`` (or, worse, silently build random weights).
+    """
+    root = Path(folder)
+    who = f"model {name!r}: " if name else ""
+    if not root.is_dir():
+        raise ExtractionError(f"{who}model folder {root} does not exist; fix `path:` in the catalog entry")
+    if gguf_file is not None:
+        if not (root / gguf_file).is_file():
+            raise ExtractionError(
+                f"{who}gguf_file {gguf_file!r} is not in {root}; set gguf_file to one of "
+                f"{sorted(p.name for p in root.glob('*.gguf'))} or fix `path:`"
+            )
+        return
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SAFE_WEIGHTS + PICKLE_WEIGHTS]
+    if any(p.suffix.lower() in SAFE_WEIGHTS for p in files):
+        return
+    if not files:
+        raise ExtractionError(
+            f"{who}model folder {root} holds no weight files (*.safetensors, *.gguf); point `path:` at the folder "
+            "that holds the model's config.json and weights, or use `hub_id:`"
+        )
+    if not allow_pickle:
+        shown = ", ".join(str(p.relative_to(root)) for p in sorted(files)[:3])
+        raise ExtractionError(
+            f"{who}model folder {root} holds only pickle weights ({shown}), which can run code when loaded; "
+            "convert them to safetensors (e.g. `model.save_pretrained(folder, safe_serialization=True)`), or, "
+            "if you trust these files, set `allow_pickle: true` on the catalog entry"
         )

@@ -9,11 +9,13 @@ from typing import Any
 
 from transformers import AutoModel, AutoTokenizer
 
-from extractors.base import ModelSource, resolve_device, resolve_dtype
+from extractors.base import ModelSource, check_weights, resolve_device, resolve_dtype
 from extractors.hf import HFPooler
 
 
 def load(source: ModelSource) -> HFPooler:
+    if source.path is not None:
+        check_weights(source.path, source.allow_pickle, source.name, source.gguf_file)
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
     kwargs: dict[str, Any] = {"revision": source.revision, "trust_remote_code": False}
@@ -24,6 +26,8 @@ def load(source: ModelSource) -> HFPooler:
         # Padding is masked out of the mean, so any token id serves.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
+    if not source.gguf_file and not source.allow_pickle:
+        kwargs["use_safetensors"] = True  # never unpickle weights unless the catalog entry allows it
     model = AutoModel.from_pretrained(source.location, dtype=dtype, **kwargs)
     layer_opt = source.option("layer", "final")
     layer = None if layer_opt == "final" else int(layer_opt)

@@ -36,6 +36,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -47,6 +48,7 @@ from extractors.base import (
     ModelSource,
     Pooled,
     RepresentationSpec,
+    check_weights,
     masked_mean,
     resolve_device,
     resolve_dtype,
@@ -390,6 +392,11 @@ def load(source: ModelSource) -> PipelineEncoder:
             f"{family.name!r}, which pools {family.pipeline}.encode_prompt; remove the option or set it "
             f"to {family.pipeline}"
         )
+    if source.path is not None:
+        # Only the text encoders are loaded, so only their folders must bring safe weights.
+        for name in family.components:
+            if not name.startswith("tokenizer"):
+                check_weights(Path(source.path) / name, source.allow_pickle, source.name)
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
     max_len = _max_sequence_length(source)
@@ -398,6 +405,9 @@ def load(source: ModelSource) -> PipelineEncoder:
     expected, _optional = cls._get_signature_keys(cls)
     kwargs: dict[str, Any] = {name: None for name in expected if name not in family.components}
     kwargs["dtype"] = dtype
+    kwargs["trust_remote_code"] = False
+    if not source.allow_pickle:
+        kwargs["use_safetensors"] = True  # never unpickle weights unless the catalog entry allows it
     if source.hub_id is not None:
         kwargs["revision"] = source.revision
     pipe = cls.from_pretrained(source.location, **kwargs)

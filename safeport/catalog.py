@@ -257,6 +257,7 @@ class Resolved(BaseModel):
             max_tokens=m.max_tokens,
             weights=weights,
             options=tuple(sorted((k, str(v)) for k, v in m.options.items())),
+            allow_pickle=m.allow_pickle,
         )
 
     def source_path(self, src: SourceEntry) -> Path:

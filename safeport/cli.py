@@ -108,9 +108,9 @@ def _print_summary(root: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from store.query import format_table, readonly_query, write_table
+    from store.query import format_table, hide_implicit_text, readonly_query, write_table
 
-    table = readonly_query(_store_root(args), args.sql)
+    table = hide_implicit_text(readonly_query(_store_root(args), args.sql), args.sql)
     if args.output:
         fmt = write_table(table, Path(args.output), args.format)
         print(f"wrote {table.num_rows} row(s) as {fmt} to {args.output}")
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     from safeport.cli_ops import add_ops_commands
 
     add_ops_commands(sub, add)
+    from safeport.cli_verify import add_verify_commands
+
+    add_verify_commands(sub, add)
     return parser
 
 

@@ -155,6 +155,23 @@ def readonly_query(root: Path, sql: str) -> pa.Table:
             raise QueryError(f"query failed: {err}") from None
 
 
+TEXT_HIDDEN = "<hidden: name the text column in the query to see texts>"
+_TEXT_WORD = re.compile(r"\btext\b", re.IGNORECASE)
+
+
+def hide_implicit_text(table: pa.Table, sql: str) -> pa.Table:
+    """Blank a ``text`` column that the query did not ask for by name (``SELECT *``).
+
+    Prompts include unsafe ones; they are data, shown only when a user names the
+    column on purpose (``SELECT text FROM texts``), never as a side effect of ``*``.
+    """
+    if "text" not in table.column_names or _TEXT_WORD.search(_strip_literals(sql)):
+        return table
+    i = table.column_names.index("text")
+    hidden = pa.array([None if v is None else TEXT_HIDDEN for v in table.column(i).to_pylist()], pa.string())
+    return table.set_column(i, "text", hidden)
+
+
 _OUTPUT_FORMATS = ("csv", "json", "jsonl", "parquet")
 # Control characters in a cell (newlines, ANSI escapes from a prompt) would break the table
 # or act on the terminal; they are shown as visible escapes instead.

@@ -14,6 +14,7 @@ One process writes (guarded by a file lock); readers open DuckDB read-only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -118,9 +119,10 @@ def write_shard_array(
             target = zarr.open_array(store=arrays, path=unit.array_path, mode="r+")
         target[start:stop, :] = values  # type: ignore[index]
     except OSError as err:
+        why = "the disk is full, free some space" if err.errno == errno.ENOSPC else "check the disk"
         raise StoreError(
             f"writing shard {shard} of {unit.array_path} failed: {err}. Nothing of this shard was "
-            "committed; free disk space and rerun (committed shards are kept)"
+            f"committed and committed shards are kept; {why} and rerun (work resumes)"
         ) from None
     return ShardDescriptor(
         unit.unit_key,
@@ -186,7 +188,11 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
-        self.con.close()
+        """Close DuckDB and drop the handle, so a traceback that keeps this Store alive keeps no
+        DuckDB object alive past interpreter shutdown."""
+        con = self.__dict__.pop("con", None)
+        if con is not None:
+            con.close()
 
     def __enter__(self) -> Store:
         return self
@@ -203,7 +209,17 @@ class Store:
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
-        self.con.execute("COMMIT")
+        try:
+            self.con.execute("COMMIT")
+        except duckdb.Error as err:
+            # A failed COMMIT (disk full, I/O error) must not leave the transaction open: later
+            # statements would otherwise join it and could commit half of this step.
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("ROLLBACK")
+            raise StoreError(
+                f"committing to {self.root / 'meta.duckdb'} failed: {err}. Nothing of this step was recorded and "
+                "earlier commits are intact; if the disk is full free some space, then rerun (work resumes)"
+            ) from None
 
     def _writable(self) -> None:
         if self.read_only:
@@ -385,7 +401,7 @@ class Store:
                 f"belong to unit {unit.unit_key} (rows {unit.shard_range(desc.shard)}); rerun the extraction"
             )
         if verify:
-            block = np.asarray(self.arrays[unit.array_path][desc.row_start : desc.row_stop, :])  # type: ignore[index]
+            block = self.read_shard(unit, desc.shard)
             if checksum(block) != desc.checksum:
                 raise StoreError(
                     f"shard {desc.shard} of {unit.array_path} was written by a worker but {self.root} holds "
@@ -415,6 +431,53 @@ class Store:
     def finish_unit(self, unit_key: str) -> None:
         with self.transaction() as con:
             con.execute("UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ?", [unit_key])
+
+    def invalidate_shards(self, unit_key: str, shards: Sequence[int]) -> int:
+        """Forget committed shards (damaged on disk) so the unit's normal resume recomputes exactly them.
+
+        One transaction deletes each shard's record and its ``activation_rows`` and sets the
+        unit's status to ``repair`` (not ``done``, so extraction resumes it; the unit keeps its
+        text list, so the same texts land in the same rows). Returns the number of rows removed.
+        """
+        unit = self.unit(unit_key)
+        if unit is None:
+            raise StoreError(f"unit {unit_key} is not recorded; nothing to invalidate")
+        removed = 0
+        with self.transaction() as con:
+            for shard in sorted(set(shards)):
+                start, stop = unit.shard_range(int(shard))
+                before = con.execute(
+                    "SELECT count(*) FROM activation_rows WHERE unit_key = ? AND row >= ? AND row < ?",
+                    [unit_key, start, stop],
+                ).fetchall()[0][0]
+                con.execute(
+                    "DELETE FROM activation_rows WHERE unit_key = ? AND row >= ? AND row < ?", [unit_key, start, stop]
+                )
+                con.execute("DELETE FROM shards WHERE unit_key = ? AND shard = ?", [unit_key, int(shard)])
+                removed += int(before)
+            con.execute("UPDATE units SET status = 'repair', finished_at = NULL WHERE unit_key = ?", [unit_key])
+        return removed
+
+    def reset_unit_array(self, unit_key: str) -> None:
+        """Recreate a unit's empty array (its metadata was damaged); call after invalidating all its shards."""
+        self._writable()
+        unit = self.unit(unit_key)
+        if unit is None:
+            raise StoreError(f"unit {unit_key} is not recorded; nothing to reset")
+        if self.committed_shards(unit_key):
+            raise StoreError(f"unit {unit_key} still has committed shards; invalidate them before resetting its array")
+        try:
+            self.arrays.create_array(
+                unit.array_path,
+                shape=(unit.n_rows, unit.dim),
+                chunks=(unit.shard_rows, unit.dim),
+                dtype="float32",
+                compressors=zarr.codecs.ZstdCodec(level=3),
+                fill_value=np.nan,
+                overwrite=True,
+            )
+        except OSError as err:
+            raise StoreError(f"cannot recreate array {unit.array_path} in {self.root}: {err}") from None
 
     def done_unit(self, model_key: str, dataset: str, dataset_hash: str) -> str | None:
         value = self.scalar(
@@ -459,6 +522,22 @@ class Store:
             )
 
     # -- reading rows ------------------------------------------------------------
+    def read_shard(self, unit: UnitInfo, shard: int) -> np.ndarray:
+        """One shard's rows as stored, unverified; a damaged array or chunk is a StoreError naming it.
+
+        Decoding errors of a truncated or garbled chunk (zstd, zarr metadata) would otherwise
+        surface as a bare RuntimeError without saying which array is damaged.
+        """
+        start, stop = unit.shard_range(shard)
+        try:
+            arr = self.arrays[unit.array_path]
+            return np.asarray(arr[start:stop, :], dtype=np.float32)  # type: ignore[index]
+        except Exception as err:  # any decoding failure means damaged data
+            raise StoreError(
+                f"array {unit.array_path} shard {shard} (rows {start}-{stop}) cannot be read "
+                f"({type(err).__name__}: {err}): the data on disk is damaged. Run `safeport verify --repair`"
+            ) from None
+
     def read_rows(self, selection: pa.Table, verify: bool = True) -> np.ndarray:
         """Values for rows listed in ``selection`` (columns unit_key, row), in that order.
 
@@ -477,13 +556,12 @@ class Store:
             if out is None:
                 out = np.empty((len(keys), unit.dim), dtype=np.float32)
             mine = np.flatnonzero(np.asarray(keys) == key)
-            arr = self.arrays[unit.array_path]
             sums = dict(self.con.execute("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]).fetchall())
             for shard in np.unique(rows[mine] // unit.shard_rows):
                 start, stop = unit.shard_range(int(shard))
-                block = np.asarray(arr[start:stop, :])  # type: ignore[index]
                 if int(shard) not in sums:
                     raise StoreError(f"shard {shard} of {unit.array_path} is not committed")
+                block = self.read_shard(unit, int(shard))
                 if verify and checksum(block) != sums[int(shard)]:
                     raise StoreError(
                         f"array {unit.array_path} shard {shard} (rows {start}-{stop}) fails its checksum: "

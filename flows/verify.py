@@ -1,0 +1,162 @@
+"""Repair flow: verify the store, invalidate what is damaged, re-extract only those shards.
+
+Why a flow: re-extraction loads models and writes shards, so it runs like the extract flow
+(writer lock, Prefect task per unit, ``runs`` rows); the checking and invalidation live in
+``store/verify.py``. Units are resumed by the normal extraction (``extract_unit``), which
+recomputes exactly the shards whose commit records were removed, with the same texts in
+the same rows and the same batches, hence the same values. A unit of an older version of
+its dataset (the dataset grew since) is not the one ``extract_unit`` would pick, so it is
+resumed here directly, shard by shard, the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from flows.extract import _encode_shard, extract_unit, unit_key
+from safeport.catalog import CatalogError, Resolved
+from store.store import Store, StoreError, UnitInfo
+from store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
+
+log = logging.getLogger("safeport.verify")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """One unit re-extracted by the repair (``model`` empty when it could not be)."""
+
+    unit_key: str
+    model: str
+    dataset: str
+    rows: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    before: Report
+    invalidation: Invalidation
+    resumed: tuple[Resumed, ...]
+    after: Report
+
+    @property
+    def pending(self) -> list[str]:
+        """What the repair left for the user to do, one line each."""
+        lines = [r.note for r in self.resumed if r.note]
+        lines += [
+            f"fit {src}->{tgt} ({key}) was reset: run `safeport fit` with the profile that produced it to recompute "
+            "its maps and vectors"
+            for key, src, tgt in self.invalidation.fits_reset
+        ]
+        lines += [f"{d.path} ({d.owner}): {why}" for d, why in self.invalidation.kept]
+        return lines
+
+
+def _model_names(resolved: Resolved) -> dict[str, str]:
+    """Representation key -> catalog model name, for the models this catalog can load as they are now."""
+    names: dict[str, str] = {}
+    for name in resolved.models:
+        try:
+            names[model_source(resolved, name).spec().key()] = name
+        except (CatalogError, OSError, ValueError) as err:  # an unreadable folder: it cannot re-extract anything
+            log.warning("model %s cannot be resolved (%s); its units are not re-extracted", name, err)
+    return names
+
+
+def _resume_unit(store: Store, resolved: Resolved, model: str, unit: UnitInfo, rid: str) -> int:
+    """Commit a unit's uncommitted shards exactly as ``extract_unit`` would (same texts, rows, batches)."""
+    started = time.time()
+    entry = resolved.models[model]
+    extractor = extractor_for(model_source(resolved, model))
+    ids = store.unit_text_ids(unit.unit_key)
+    todo = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
+    rows = tokens = 0
+    total = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
+    with tqdm(total=total, desc=f"repair {model}/{unit.dataset}", unit="text", mininterval=2.0) as bar:
+        for shard in todo:
+            start, stop = unit.shard_range(shard)
+            shard_ids = ids[start:stop]
+            texts = store.texts(shard_ids)
+            values, n_tok, trunc = _encode_shard(
+                extractor,
+                texts,
+                extractor.token_lengths(texts),
+                entry.batch_size,
+                entry.max_batch_tokens,
+                shard_ids,
+                bar,
+            )
+            store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
+            rows += stop - start
+            tokens += int(n_tok.sum())
+    store.finish_unit(unit.unit_key)
+    seconds = time.time() - started
+    store.record_run(
+        rid, "repair", "resume_unit", model, unit.dataset, unit.unit_key, "done", rows, tokens, seconds, started
+    )
+    return rows
+
+
+def resume(store: Store, resolved: Resolved, unit: UnitInfo, rid: str = "") -> Resumed:
+    """Re-extract the uncommitted shards of ``unit`` if this catalog still describes its model."""
+    rid = rid or run_id()
+    model = _model_names(resolved).get(unit.model_key)
+    if model is None:
+        return Resumed(
+            unit.unit_key,
+            "",
+            unit.dataset,
+            0,
+            f"unit {unit.unit_key} (model key {unit.model_key}, dataset {unit.dataset}) was not re-extracted: no "
+            f"model of profile {resolved.name!r} has that key now (changed weights, revision or options). Run "
+            "`safeport extract` with the catalog and profile that produced it to recompute its missing shards",
+        )
+    ds_hash = store.dataset_hash(unit.dataset)
+    if ds_hash is not None and unit_key(unit.model_key, unit.dataset, ds_hash) == unit.unit_key:
+        result = extract_unit(store, resolved, model, unit.dataset, rid)
+        return Resumed(unit.unit_key, model, unit.dataset, result.rows)
+    return Resumed(unit.unit_key, model, unit.dataset, _resume_unit(store, resolved, model, unit, rid))
+
+
+@task(name="repair-unit", cache_policy=NO_CACHE, task_run_name="repair-{unit_key}")
+def resume_task(store_root: str, catalog_path: str | None, profile: str, unit_key: str) -> Resumed:
+    store = store_for(store_root)
+    unit = store.unit(unit_key)
+    if unit is None:
+        return Resumed(unit_key, "", "", 0, f"unit {unit_key} vanished from the store during the repair")
+    return resume(store, catalog(catalog_path, profile), unit)
+
+
+def repair_all(store_root: str, catalog_path: str | None, profile: str) -> RepairResult:
+    """Body of the repair flow, for a caller that already holds the store's writer lock."""
+    store = store_for(store_root)
+    before = verify_store(store)
+    plan = invalidate(store, before)
+    for d in before.damage:
+        log.warning("damaged: %s", d.describe())
+    resumed = tuple(resume_task(store_root, catalog_path, profile, u.unit_key) for u in units_to_resume(store))
+    return RepairResult(before, plan, resumed, verify_store(store))
+
+
+@flow(name="safeport-repair", log_prints=False)
+def repair_flow(
+    catalog_path: str | None = None, profile: str = "default", store: str | None = None, wait_s: float = 0.0
+) -> RepairResult:
+    """Verify a store and recompute what is damaged: shards now, fits reset for `safeport fit`."""
+    resolved = catalog(catalog_path, profile)
+    root = Path(store) if store else resolved.store_path
+    if not (root / "meta.duckdb").is_file():
+        raise StoreError(f"no store at {root}; check --store (or the profile's store:)")
+    with writing(root, wait_s):
+        try:
+            return repair_all(str(root), catalog_path, profile)
+        finally:
+            release_models()
