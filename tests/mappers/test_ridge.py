@@ -99,3 +99,14 @@ def test_errors() -> None:
         lambda_scale(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="A_val has 20 rows but B_val has 19"):
         RidgeMapper().fit(A, B, A, B[:19])
+
+
+@pytest.mark.parametrize("n, d_s", [(200, 12), (8, 12)])
+def test_gram_and_svd_paths_match_direct_solves(n: int, d_s: int) -> None:
+    """Tall A uses the Gram eigendecomposition, wide A the thin SVD; both equal the normal equations."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((n, d_s))
+    B = rng.standard_normal((n, 5))
+    path = ridge_path(A, B)
+    for lam in lambda_grid(A):
+        np.testing.assert_allclose(path.weights(float(lam)), ridge_solve(A, B, float(lam)), rtol=1e-8, atol=1e-10)
