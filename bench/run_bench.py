@@ -349,11 +349,41 @@ def paper_estimate() -> list[str]:
     ]
 
 
+def ridge_section(quick: bool) -> list[str]:
+    lines = [
+        "## 5. Fit: ridge over the 9-value lambda grid",
+        "",
+        "| size | one decomposition + 9 solves (s) | scikit-learn Ridge x 9 (s) | speed-up | max abs diff | "
+        "Procrustes (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += bench_ridge(5000 if quick else 27000, 576, 384)
+    if not quick:
+        lines += bench_ridge(27000, 4096, 4096)
+    return [*lines, ""]
+
+
+def replace_section(path: Path, header: str, lines: list[str]) -> None:
+    """Swap the section starting with ``header`` (up to the next ``## ``) for ``lines``; append if absent."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = "\n".join(lines) + "\n"
+    start = text.find("\n" + header)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + block + ("" if end < 0 else text[end:])
+    path.write_text(text, encoding="utf-8")
+    print(block)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
-    parser.add_argument("--only", choices=["dask"], default=None, help="run one section and append it to --out")
+    parser.add_argument(
+        "--only", choices=["dask", "ridge"], default=None, help="run one section and replace it in --out"
+    )
     args = parser.parse_args()
     n_texts = 300 if args.quick else 1200
     if args.only == "dask":
@@ -363,9 +393,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d, prefect_test_harness(server_startup_timeout=60):
             os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
             lines = bench_dask(Path(d), 200 if args.quick else 400)
-        with Path(args.out).open("a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n(Section 7a: `.venv/bin/python bench/run_bench.py --only dask`.)\n")
-        print("\n".join(lines))
+        replace_section(
+            Path(args.out), "## 7a.", [*lines, "Command: `.venv/bin/python bench/run_bench.py --only dask`.", ""]
+        )
+        return
+    if args.only == "ridge":
+        replace_section(
+            Path(args.out),
+            "## 5.",
+            [*ridge_section(args.quick), "Command: `.venv/bin/python bench/run_bench.py --only ridge`.", ""],
+        )
         return
     torch.set_num_threads(os.cpu_count() or 1)
     header = [
@@ -381,16 +418,7 @@ def main() -> None:
     ]
     body = bench_extraction(n_texts, 32)
     body += [f"Peak RSS of the benchmark process so far: {peak_rss_mib():.0f} MiB.", ""]
-    body += [
-        "## 5. Fit: ridge over the 9-value lambda grid",
-        "",
-        "| size | one SVD + 9 solves (s) | scikit-learn Ridge x 9 (s) | speed-up | max abs diff | Procrustes (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    body += bench_ridge(27000 if not args.quick else 5000, 576, 384)
-    if not args.quick:
-        body += bench_ridge(27000, 4096, 4096)
-    body += [""]
+    body += ridge_section(args.quick)
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
