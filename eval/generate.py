@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.steering import _RESERVED, _add, _check_vector, _family, steer
+from eval.steering import _RESERVED, _check_vector, _family, add_to_prompt_embeds, steer
 from extractors.base import ModelSource, resolve_device, resolve_dtype
 from extractors.pipeline_encoder import FAMILIES, PipelineFamily, _max_sequence_length, quiet_pipeline_logs
 
@@ -238,19 +238,7 @@ def steered_kwargs(
         if alpha != 0:
             raise ValueError(f"alpha={alpha} without a vector; pass the steering vector or alpha=0")
         return kwargs
-    v = _check_vector(vector, alpha)
-    embeds = kwargs["prompt_embeds"]
-    dim = int(embeds[0].shape[-1]) if isinstance(embeds, list) else int(embeds.shape[-1])
-    if v.shape[0] != dim:
-        raise ValueError(
-            f"steering vector has dim {v.shape[0]} but the pipeline's prompt_embeds have dim {dim}; "
-            "use the vector transferred to this target's text encoder"
-        )
-    if isinstance(embeds, list):
-        kwargs["prompt_embeds"] = [_add(e, v, alpha) for e in embeds]
-    else:
-        kwargs["prompt_embeds"] = _add(embeds, v, alpha)
-    return kwargs
+    return add_to_prompt_embeds(kwargs, _check_vector(vector, alpha), alpha, "the pipeline's")
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -270,11 +270,20 @@ def steered_embeds(
     # no_grad rather than inference_mode: these tensors go on into __call__, outside inference mode.
     with torch.no_grad(), quiet_pipeline_logs(pipe):
         kwargs = family.encode(pipe, prompts, negatives, msl, extra)
+    return add_to_prompt_embeds(kwargs, v, alpha, type(pipe).__name__)
+
+
+def add_to_prompt_embeds(kwargs: dict[str, Any], v: torch.Tensor, alpha: float, owner: str) -> dict[str, Any]:
+    """Add ``alpha * v`` to every token of ``kwargs["prompt_embeds"]`` (a tensor or a per-prompt list).
+
+    The one place the steering edit happens, shared by :func:`steered_embeds` and the cached
+    α-sweep path of :mod:`eval.generate`; ``owner`` names the pipeline in the dimension error.
+    """
     embeds = kwargs["prompt_embeds"]
     dim = int(embeds[0].shape[-1]) if isinstance(embeds, list) else int(embeds.shape[-1])
     if v.shape[0] != dim:
         raise ValueError(
-            f"steering vector has dim {v.shape[0]} but {type(pipe).__name__} prompt_embeds have dim {dim}; "
+            f"steering vector has dim {v.shape[0]} but {owner} prompt_embeds have dim {dim}; "
             "use the vector transferred to this pipeline's text encoder"
         )
     if isinstance(embeds, list):
