@@ -183,24 +183,10 @@ def test_vector_id_is_a_content_hash() -> None:
 
 
 def _parser() -> Any:
-    """The CLI's parser shape: ``add`` adds --catalog/--profile/--store, as safeport.cli does."""
-    import argparse
+    """The real CLI parser (its ``add`` gives every command --catalog/--profile/--store)."""
+    from safeport.cli import build_parser
 
-    from safeport.cli_eval import add_eval_commands
-
-    parser = argparse.ArgumentParser(prog="safeport")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--catalog", default=None)
-        p.add_argument("--profile", default="default")
-        p.add_argument("--store", default=None)
-        p.set_defaults(func=func)
-        return p
-
-    add_eval_commands(sub, add)
-    return parser
+    return build_parser()
 
 
 def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

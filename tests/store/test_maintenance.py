@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from safeport.cli_ops import add_ops_commands
 from store import artifacts
 from store.maintenance import collect_garbage, export_vectors, import_vectors, mark_stale, status
 from store.store import Store, StoreBusyError, StoreError, writer_lock
@@ -196,20 +194,10 @@ def test_stale_labels_follow_the_model_and_clear_when_it_returns(tmp_path: Path)
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The same ``add`` helper ``safeport.cli.build_parser`` passes to ``add_ops_commands``."""
-    parser = argparse.ArgumentParser(prog="safeport")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The real CLI parser (its ``add`` gives every command --catalog/--profile/--store)."""
+    from safeport.cli import build_parser
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--catalog", default=None)
-        p.add_argument("--profile", default="default")
-        p.add_argument("--store", default=None)
-        p.set_defaults(func=func)
-        return p
-
-    add_ops_commands(sub, add)
-    return parser
+    return build_parser()
 
 
 def _cli(*argv: str) -> Any:
