@@ -25,7 +25,7 @@ from extractors import Extractor
 from extractors.base import check_finite, length_batches
 from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
 from mappers.vectors import SAFESTEER_CONCEPT_STRING
-from safeport.catalog import Resolved
+from safeport.catalog import ModelEntry, Resolved
 from safeport.datasets import DatasetRows, TextRow, build_all
 from safeport.texts import text_id
 from store.store import Store, UnitInfo
@@ -102,6 +102,47 @@ def _encode_shard(
     return values, n_tokens, truncated
 
 
+def _uncommitted(store: Store, unit: UnitInfo) -> list[int]:
+    committed = store.committed_shards(unit.unit_key)
+    return [s for s in range(unit.n_shards) if s not in committed]
+
+
+def commit_missing_shards(
+    store: Store, unit: UnitInfo, extractor: Extractor, entry: ModelEntry, label: str
+) -> tuple[int, int]:
+    """Encode and commit every uncommitted shard of ``unit`` in its stored text order; (rows, tokens).
+
+    The one shard loop, shared by extraction and by ``safeport verify --repair``: same texts,
+    same rows, same batches, so a resumed or repaired shard gets the values an uninterrupted
+    run would have given it.
+    """
+    todo = _uncommitted(store, unit)
+    ids = store.unit_text_ids(unit.unit_key)
+    rows = tokens = 0
+    remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
+    with tqdm(total=remaining, desc=label, unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
+        for shard in todo:
+            start, stop = unit.shard_range(shard)
+            shard_ids = ids[start:stop]
+            texts = store.texts(shard_ids)
+            lengths = extractor.token_lengths(texts)
+            values, n_tok, trunc = _encode_shard(
+                extractor, texts, lengths, entry.batch_size, entry.max_batch_tokens, shard_ids, bar
+            )
+            store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
+            rows += stop - start
+            tokens += int(n_tok.sum())
+            bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+            if trunc.any():
+                log.warning(
+                    "%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
+                    label,
+                    int(trunc.sum()),
+                    entry.max_tokens,
+                )
+    return rows, tokens
+
+
 def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid: str = "") -> UnitResult:
     """Compute and commit every missing row of ``model`` on ``dataset``; resumable."""
     started = time.time()
@@ -146,34 +187,11 @@ def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid
         dim = extractor.dim if extractor is not None else (store.model_dim(model_key) or 0)
         unit = store.create_unit(key, model_key, dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
 
-    ids = store.unit_text_ids(unit.unit_key)
-    todo = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
     rows = tokens = 0
-    if todo:
+    if _uncommitted(store, unit):
         extractor = extractor or extractor_for(source)
         store.register_model(model_key, model, entry.role, asdict(spec), extractor.dim)
-        remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
-        with tqdm(total=remaining, desc=f"{model}/{dataset}", unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
-            for shard in todo:
-                start, stop = unit.shard_range(shard)
-                shard_ids = ids[start:stop]
-                texts = store.texts(shard_ids)
-                lengths = extractor.token_lengths(texts)
-                values, n_tok, trunc = _encode_shard(
-                    extractor, texts, lengths, entry.batch_size, entry.max_batch_tokens, shard_ids, bar
-                )
-                store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
-                rows += stop - start
-                tokens += int(n_tok.sum())
-                bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
-                if trunc.any():
-                    log.warning(
-                        "%s/%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
-                        model,
-                        dataset,
-                        int(trunc.sum()),
-                        entry.max_tokens,
-                    )
+        rows, tokens = commit_missing_shards(store, unit, extractor, entry, f"{model}/{dataset}")
     store.finish_unit(unit.unit_key)
     seconds = time.time() - started
     store.record_run(

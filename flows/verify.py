@@ -18,10 +18,9 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
-from flows.extract import _encode_shard, extract_unit, unit_key
+from flows.extract import commit_missing_shards, extract_unit, unit_key
 from safeport.catalog import CatalogError, Resolved
 from store.store import Store, StoreError, UnitInfo
 from store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
@@ -74,29 +73,10 @@ def _model_names(resolved: Resolved) -> dict[str, str]:
 def _resume_unit(store: Store, resolved: Resolved, model: str, unit: UnitInfo, rid: str) -> int:
     """Commit a unit's uncommitted shards exactly as ``extract_unit`` would (same texts, rows, batches)."""
     started = time.time()
-    entry = resolved.models[model]
     extractor = extractor_for(model_source(resolved, model))
-    ids = store.unit_text_ids(unit.unit_key)
-    todo = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
-    rows = tokens = 0
-    total = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
-    with tqdm(total=total, desc=f"repair {model}/{unit.dataset}", unit="text", mininterval=2.0) as bar:
-        for shard in todo:
-            start, stop = unit.shard_range(shard)
-            shard_ids = ids[start:stop]
-            texts = store.texts(shard_ids)
-            values, n_tok, trunc = _encode_shard(
-                extractor,
-                texts,
-                extractor.token_lengths(texts),
-                entry.batch_size,
-                entry.max_batch_tokens,
-                shard_ids,
-                bar,
-            )
-            store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
-            rows += stop - start
-            tokens += int(n_tok.sum())
+    rows, tokens = commit_missing_shards(
+        store, unit, extractor, resolved.models[model], f"repair {model}/{unit.dataset}"
+    )
     store.finish_unit(unit.unit_key)
     seconds = time.time() - started
     store.record_run(

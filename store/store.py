@@ -354,6 +354,10 @@ class Store:
                 return arr
         except KeyError:
             pass
+        return self._new_unit_array(path, shape, chunks, "create")
+
+    def _new_unit_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int], verb: str) -> zarr.Array:
+        """An empty NaN-filled float32 unit array (zstd), replacing whatever was at ``path``."""
         try:
             return self.arrays.create_array(
                 path,
@@ -365,7 +369,7 @@ class Store:
                 overwrite=True,
             )
         except OSError as err:
-            raise StoreError(f"cannot create array {path} in {self.root}: {err}") from None
+            raise StoreError(f"cannot {verb} array {path} in {self.root}: {err}") from None
 
     def unit_text_ids(self, unit_key: str) -> list[str]:
         rows = self.con.execute("SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]).fetchall()
@@ -466,18 +470,7 @@ class Store:
             raise StoreError(f"unit {unit_key} is not recorded; nothing to reset")
         if self.committed_shards(unit_key):
             raise StoreError(f"unit {unit_key} still has committed shards; invalidate them before resetting its array")
-        try:
-            self.arrays.create_array(
-                unit.array_path,
-                shape=(unit.n_rows, unit.dim),
-                chunks=(unit.shard_rows, unit.dim),
-                dtype="float32",
-                compressors=zarr.codecs.ZstdCodec(level=3),
-                fill_value=np.nan,
-                overwrite=True,
-            )
-        except OSError as err:
-            raise StoreError(f"cannot recreate array {unit.array_path} in {self.root}: {err}") from None
+        self._new_unit_array(unit.array_path, (unit.n_rows, unit.dim), (unit.shard_rows, unit.dim), "recreate")
 
     def done_unit(self, model_key: str, dataset: str, dataset_hash: str) -> str | None:
         value = self.scalar(
