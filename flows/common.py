@@ -22,13 +22,16 @@ _PINNED: dict[tuple[str | None, str], dict[str, str]] = {}
 
 
 @contextlib.contextmanager
-def writing(root: Path, wait_s: float = 0.0) -> Iterator[Store]:
-    """Hold the writer lock and register the open store for this process's tasks."""
+def writing(root: Path, wait_s: float = 0.0, arrays: str | None = None) -> Iterator[Store]:
+    """Hold the writer lock and register the open store for this process's tasks.
+
+    ``arrays`` is the profile's arrays location (None: wherever the store keeps them).
+    """
     key = str(root.resolve())
     if key in _STORES:  # nested flow in the same process: reuse the open writer
         yield _STORES[key]
         return
-    with writer_lock(root, wait_s), Store(root) as store:
+    with writer_lock(root, wait_s), Store(root, arrays=arrays) as store:
         _STORES[key] = store
         try:
             yield store

@@ -857,7 +857,7 @@ def eval_flow(
     """Generate, score and report the steering sweep for the profile's diffusion targets (resumable)."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s) as st:
+    with writing(root, wait_s, resolved.arrays_url) as st:
         sweeps = plan_sweeps(
             st, resolved, target, vectors, alphas, prompts, limit, seeds, utility, utility_limit, categories, settings
         )

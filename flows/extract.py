@@ -232,5 +232,5 @@ def extract_flow(
     """Extract every (model, dataset) unit of a catalog profile into its store."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s):
+    with writing(root, wait_s, resolved.arrays_url):
         return extract_all(str(root), catalog_path, profile)

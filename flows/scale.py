@@ -11,13 +11,17 @@ the rows into its own Zarr chunk and returns a small :class:`ShardDescriptor`
 checksum and records it in one DuckDB transaction: the commit protocol of
 ``store/store.py`` with steps 2 and 3 in different processes.
 
-Workers must see the store folder (a local cluster always does; a remote one
-needs it on a shared filesystem; the checksum check refuses a shard a worker
-wrote anywhere else). Multiple GPUs: start one single-threaded worker per device,
-each seeing one GPU, e.g. ``CUDA_VISIBLE_DEVICES=$i dask worker ADDRESS
---nthreads 1 --nworkers 1`` per device (or dask-cuda's ``LocalCUDACluster``), and
-set ``dtype:`` explicitly in the catalog when the flow process has no GPU, so
-both sides derive the same representation key (a mismatch is refused by name).
+Workers must reach the store's arrays: the store folder (a local cluster always
+does; a remote one needs it on a shared filesystem) or the profile's ``arrays:``
+URL (``s3://…``, ``gs://…``; workers read credentials from their environment, as
+fsspec does). Only the flow process opens DuckDB, and the checksum check refuses
+a shard a worker wrote anywhere else (its private disk, its own ``memory://``).
+
+Multiple GPUs: start one single-threaded worker per device, each seeing one GPU,
+e.g. ``CUDA_VISIBLE_DEVICES=$i dask worker ADDRESS --nthreads 1 --nworkers 1``
+per device (or dask-cuda's ``LocalCUDACluster``), and set ``dtype:`` explicitly
+in the catalog when the flow process has no GPU, so both sides derive the same
+representation key (a mismatch is refused by name).
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ def extract_all_dask(store_root: str, catalog_path: str | None, profile: str) ->
     resolved = catalog(catalog_path, profile)
     register_datasets_task(store_root, catalog_path, profile)
     store = store_for(store_root)
-    arrays = str((store.root / "arrays.zarr").resolve())
+    arrays = store.location.url
     rid = run_id()
     planned = _plan(store, resolved, [*resolved.datasets, CONCEPT_DATASET], rid)
     units = {id(p): _submit_shards(store, resolved, p, arrays) for p in planned if isinstance(p, _Pending)}
@@ -271,7 +275,7 @@ def extract_dask_flow(
     """The extract flow with shards computed on Dask workers; run it through :func:`extract_on_dask`."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s):
+    with writing(root, wait_s, resolved.arrays_url):
         return extract_all_dask(str(root), catalog_path, profile)
 
 

@@ -16,11 +16,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extractors import FAMILIES
 from extractors.base import ModelSource
+from store import location
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 FORMATS = ("csv", "parquet", "jsonl", "text")
@@ -201,11 +203,29 @@ class ProfileEntry(_Strict):
     pairs: str
     prompts: list[str] = Field(default_factory=list)
     store: str = "safeport-store"
+    # Where the store's Zarr arrays live: omitted = inside the store folder; or a path or any
+    # fsspec URL (s3://bucket/prefix, gs://…, memory://…). DuckDB stays in the store folder.
+    arrays: str | None = None
     mappers: tuple[Literal["procrustes", "ridge", "mlp"], ...] = ("procrustes", "ridge", "mlp")
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     shard_rows: int = Field(256, ge=1)
     seed: int = 42
     description: str = ""
+
+    @field_validator("arrays")
+    @classmethod
+    def _arrays(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("arrays is empty; remove it (arrays then live in the store folder) or give a path or URL")
+        proto = location.protocol(v)
+        if proto is not None and proto not in fsspec.available_protocols():
+            raise ValueError(
+                f"arrays {v!r}: protocol {proto!r} is not known to fsspec; use a path or a URL such as "
+                "s3://bucket/prefix/arrays.zarr, gs://…, memory://…"
+            )
+        return v
 
     @field_validator("alphas")
     @classmethod
@@ -239,6 +259,11 @@ class Resolved(BaseModel):
     @property
     def store_path(self) -> Path:
         return resolve_path(self.profile.store, self.root)
+
+    @property
+    def arrays_url(self) -> str | None:
+        """The profile's arrays location made absolute (None: wherever the store keeps them)."""
+        return None if self.profile.arrays is None else location.resolve(self.profile.arrays, self.root)
 
     def sources_of(self, role: str) -> list[str]:
         return [m for m in self.profile.models if self.models[m].role == role]

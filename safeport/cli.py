@@ -120,10 +120,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from store import location
     from store.query import format_table, readonly_query
 
     root = _store_root(args)
-    print(f"store {root}")
+    print(f"store  {root}")
+    recorded = readonly_query(root, "SELECT value FROM meta WHERE key = 'arrays'").column(0).to_pylist()
+    print(f"arrays {location.resolve(recorded[0] if recorded else location.DEFAULT, root)}")
     for title, sql in (
         ("models", "SELECT name, role, family, model_key, dim, current FROM models ORDER BY name"),
         ("datasets", "SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1"),

@@ -87,7 +87,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "removed" if report.applied else "would remove"
     for g in report.garbage:
         print(f"  {verb} {g.path} ({_fmt_bytes(g.bytes)})")
-    print(f"gc: {verb} {len(report.garbage)} unreferenced array(s), {_fmt_bytes(report.bytes)}")
+    partial = sum(g.kind == "partial" for g in report.garbage)
+    print(
+        f"gc: {verb} {len(report.garbage) - partial} unreferenced array(s) and {partial} half-written file(s), "
+        f"{_fmt_bytes(report.bytes)}"
+    )
     if report.garbage and not report.applied:
         print("dry run: nothing was deleted; pass --apply to delete")
     return 0

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import zarr
 import zarr.codecs
 
-from store.store import Store, StoreError, checksum
+from store.store import Store, StoreError, checksum, tensor_checksum
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _array(store: Store, path: str, values: np.ndarray) -> None:
             path, data=np.ascontiguousarray(values), compressors=zarr.codecs.ZstdCodec(level=3), overwrite=True
         )
     except OSError as err:
-        raise StoreError(f"cannot write array {path} in {store.root}: {err}") from None
+        raise StoreError(f"cannot write array {path} in {store.location}: {err}") from None
 
 
 def fit_done(store: Store, fit_key: str) -> bool:
@@ -71,7 +72,14 @@ def save_map(store: Store, map_key: str, state: Mapping[str, np.ndarray], row: M
     """Write a fitted map's tensors, then its lineage row (idempotent per key)."""
     for name, value in state.items():
         _array(store, f"maps/{map_key}/{name}", value)
+    tensors = [
+        (map_key, name, json.dumps(list(np.shape(v))), np.asarray(v).dtype.str, tensor_checksum(np.asarray(v)))
+        for name, v in sorted(state.items())
+    ]
     with store.transaction() as con:
+        con.execute("DELETE FROM map_tensors WHERE map_key = ?", [map_key])
+        if tensors:
+            con.executemany("INSERT INTO map_tensors VALUES (?, ?, ?, ?, ?)", tensors)
         con.execute("DELETE FROM maps WHERE map_key = ?", [map_key])
         con.execute(
             "INSERT INTO maps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
@@ -99,7 +107,23 @@ def load_map(store: Store, map_key: str, names: Sequence[str]) -> tuple[dict[str
     if params is None:
         raise StoreError(f"map {map_key} is not in the store; run `safeport fit`")
     state = {n: np.asarray(store.arrays[f"maps/{map_key}/{n}"][...]) for n in names}  # type: ignore[index]
+    sums = map_checksums(store, map_key)
+    for name, values in state.items():
+        if name in sums and tensor_checksum(values) != sums[name]:
+            raise StoreError(
+                f"map tensor maps/{map_key}/{name} fails its checksum: the data on disk is damaged. "
+                "Run `safeport verify --repair`, then `safeport fit`"
+            )
     return state, json.loads(params)
+
+
+def map_checksums(store: Store, map_key: str) -> dict[str, str]:
+    """Recorded checksum per tensor name; empty for a map written before checksums were recorded."""
+    try:
+        rows = store.con.execute("SELECT name, checksum FROM map_tensors WHERE map_key = ?", [map_key]).fetchall()
+    except duckdb.CatalogException:  # an older store opened read-only: the table does not exist yet
+        return {}
+    return {str(n): str(c) for n, c in rows}
 
 
 def map_state_names(store: Store, map_key: str) -> list[str]:

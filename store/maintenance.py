@@ -10,8 +10,8 @@ default only says what it would remove.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -140,8 +140,8 @@ def status(root: Path | str) -> StoreStatus:
 # -- garbage collection -----------------------------------------------------------
 @dataclass(frozen=True)
 class Garbage:
-    path: str  # inside arrays.zarr
-    kind: str  # acts | maps | vectors
+    path: str  # inside the store's arrays group
+    kind: str  # acts | maps | vectors | partial (a write killed before its rename)
     bytes: int
 
 
@@ -156,18 +156,12 @@ def _children(group: zarr.Group, path: str) -> list[tuple[str, bool]]:
     return sorted((name, isinstance(member, zarr.Array)) for name, member in node.members())
 
 
-def _bytes(folder: Path) -> int:
-    if folder.is_file():
-        return folder.stat().st_size
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
-
-
 def find_garbage(store: Store) -> list[Garbage]:
-    """Arrays under ``acts/``, ``maps/`` and ``vectors/`` that no committed DuckDB record refers to."""
+    """Arrays under ``acts/``, ``maps/`` and ``vectors/`` that no committed DuckDB record refers to,
+    plus half-written ``*.partial`` files (under the writer lock, nobody is writing them)."""
     units = {r[0] for r in store.con.execute("SELECT array_path FROM units").fetchall()}
     maps = {r[0] for r in store.con.execute("SELECT map_key FROM maps").fetchall()}
     vectors = {r[0] for r in store.con.execute("SELECT vector_key FROM vectors").fetchall()}
-    base = store.root / "arrays.zarr"
     found: list[str] = []
     for model_key, is_array in _children(store.arrays, "acts"):
         if is_array:
@@ -178,7 +172,12 @@ def find_garbage(store: Store) -> list[Garbage]:
         found.extend([f"acts/{model_key}"] if members and len(orphans) == len(members) else orphans)
     found.extend(f"maps/{k}" for k, _ in _children(store.arrays, "maps") if k not in maps)
     found.extend(f"vectors/{k}" for k, _ in _children(store.arrays, "vectors") if k not in vectors)
-    return [Garbage(p, p.split("/")[0], _bytes(base / p)) for p in found]
+    arrays = [Garbage(p, p.split("/")[0], store.location.size(p)) for p in found]
+    inside = tuple(f"{p}/" for p in found)  # removed with their array already
+    partial = [
+        Garbage(p, "partial", n) for p, n in sorted(store.location.leftovers().items()) if not p.startswith(inside)
+    ]
+    return arrays + partial
 
 
 @dataclass(frozen=True)
@@ -204,13 +203,10 @@ def collect_garbage(root: Path | str, apply: bool = False, wait_s: float = 0.0) 
         garbage = find_garbage(store)
         if apply:
             for g in garbage:
-                try:
-                    del store.arrays[g.path]
-                except KeyError:  # pragma: no cover - listed a moment ago under the lock
-                    continue
-                folder = store.root / "arrays.zarr" / g.path
-                if folder.exists():  # a store that does not delete prefixes: remove what is left
-                    shutil.rmtree(folder)
+                if g.kind != "partial":
+                    with contextlib.suppress(KeyError):  # listed a moment ago under the lock
+                        del store.arrays[g.path]
+                store.location.remove(g.path)  # a partial file, or what a store that does not delete prefixes leaves
     return GcReport(garbage, apply)
 
 

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS maps (
     map_key VARCHAR PRIMARY KEY, source VARCHAR, target VARCHAR, source_key VARCHAR, target_key VARCHAR,
     mapper VARCHAR, params_json VARCHAR, split_hash VARCHAR, anchors VARCHAR, anchors_hash VARCHAR,
     input_units VARCHAR, code_version VARCHAR, n_train INTEGER, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS map_tensors (
+    map_key VARCHAR, name VARCHAR, shape VARCHAR, dtype VARCHAR, checksum VARCHAR,
+    PRIMARY KEY (map_key, name));
 CREATE TABLE IF NOT EXISTS vectors (
     vector_key VARCHAR PRIMARY KEY, name VARCHAR, kind VARCHAR, source VARCHAR, target VARCHAR,
     mapper VARCHAR, category VARCHAR, map_key VARCHAR, fit_key VARCHAR, dim INTEGER, norm DOUBLE,

@@ -18,8 +18,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,14 @@ import numpy as np
 import pyarrow as pa
 import zarr
 import zarr.codecs
+import zarr.errors
 
+from store import location
 from store.schema import SCHEMA
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("safeport.store")
 
 
 class StoreError(RuntimeError):
@@ -67,6 +73,13 @@ class UnitInfo:
 def checksum(values: np.ndarray) -> str:
     """sha256 of the C-ordered float32 bytes (what a reader recomputes to detect corruption)."""
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()[:32]
+
+
+def tensor_checksum(values: np.ndarray) -> str:
+    """sha256 of a tensor's dtype, shape and C-ordered bytes (maps keep their own dtype)."""
+    values = np.ascontiguousarray(values)
+    head = f"{values.dtype.str}{values.shape}".encode()
+    return hashlib.sha256(head + values.tobytes()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,17 @@ def write_shard_array(
         if isinstance(arrays, zarr.Group):
             target = arrays[unit.array_path]
         else:
-            target = zarr.open_array(store=arrays, path=unit.array_path, mode="r+")
+            target = location.ArrayLocation(arrays).open_array(unit.array_path)
         target[start:stop, :] = values  # type: ignore[index]
+    except location.LocationError as err:
+        raise StoreError(str(err)) from None
+    except zarr.errors.NodeNotFoundError:
+        where = arrays if isinstance(arrays, str) else "the store's arrays"
+        raise StoreError(
+            f"shard {shard}: array {unit.array_path} is not at {where}, where the flow process created it: "
+            "workers must write where this process reads (the store folder on a shared filesystem, or an "
+            "arrays: URL every worker reaches, not memory:// across processes); nothing of this shard was committed"
+        ) from None
     except OSError as err:
         why = "the disk is full, free some space" if err.errno == errno.ENOSPC else "check the disk"
         raise StoreError(
@@ -166,9 +188,17 @@ def writer_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
 
 
 class Store:
-    """Handle on one store folder: ``meta.duckdb`` + ``arrays.zarr``."""
+    """Handle on one store: ``meta.duckdb`` in its folder + its Zarr arrays (``arrays.zarr`` there, or a URL).
 
-    def __init__(self, root: Path | str, read_only: bool = False) -> None:
+    ``arrays`` is where the arrays should be (an absolute path or fsspec URL, see
+    :mod:`store.location`); None means wherever the store recorded them, the
+    store folder for a new store. A store keeps one arrays location for life: the
+    location is recorded in ``meta`` and the arrays group carries the store's id,
+    so a catalog pointing elsewhere, or two stores sharing one location, is refused
+    by name instead of mixing data.
+    """
+
+    def __init__(self, root: Path | str, read_only: bool = False, arrays: str | None = None) -> None:
         self.root = Path(root)
         self.read_only = read_only
         db = self.root / "meta.duckdb"
@@ -181,10 +211,77 @@ class Store:
             raise StoreBusyError(
                 f"store {self.root} is open for writing by another process ({err}); read it when that run has finished"
             ) from None
-        if not read_only:
-            self.con.execute(SCHEMA)
-            self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-        self.arrays = zarr.open_group(str(self.root / "arrays.zarr"), mode="r" if read_only else "a")
+        try:
+            if not read_only:
+                self.con.execute(SCHEMA)
+                self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+                self._record_identity(arrays)
+            self.location = self._location(arrays)
+            self.arrays = self._open_arrays()
+        except BaseException:  # a refused open holds nothing: the next open in this process must work
+            self.close()
+            raise
+
+    def _record_identity(self, arrays: str | None) -> None:
+        """First writer open: record the store id and its arrays location (the folder for pre-existing data)."""
+        recorded = self.scalar("SELECT value FROM meta WHERE key = 'arrays'")
+        if recorded is None:
+            used = bool(self.scalar("SELECT count(*) FROM units")) or (self.root / location.DEFAULT).exists()
+            self.con.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('arrays', ?)",
+                [location.DEFAULT if used or arrays is None or arrays == self._local_default() else arrays],
+            )
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
+
+    def _local_default(self) -> str:
+        return location.resolve(location.DEFAULT, self.root)
+
+    def _location(self, wanted: str | None) -> location.ArrayLocation:
+        recorded = self.scalar("SELECT value FROM meta WHERE key = 'arrays'")
+        have = location.resolve(str(recorded), self.root) if recorded is not None else self._local_default()
+        if wanted is not None and wanted != have:
+            raise StoreError(
+                f"store {self.root} keeps its arrays at {have}, but {wanted} was asked for. A store keeps one "
+                f"arrays location: set `arrays: {have}` in the profile (or remove the setting if it is the "
+                f"store folder), or use a new store folder for {wanted}"
+            )
+        return location.ArrayLocation(have)
+
+    def _open_arrays(self) -> zarr.Group:
+        """Open the arrays group and check it belongs to this store (claiming it on first write)."""
+        url = self.location.url
+        store_id = self.scalar("SELECT value FROM meta WHERE key = 'store_id'")
+        try:
+            group = self.location.open_group("r" if self.read_only else "a")
+            owner = group.attrs.get("safeport_store")
+            members = next(iter(group.group_keys()), None) is not None  # acts/, maps/, vectors/
+        except location.LocationError as err:
+            raise StoreError(str(err)) from None
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+            group, owner, members = None, None, False
+        except Exception as err:  # network, permissions, a missing bucket: say where and why
+            raise StoreError(
+                f"cannot open the arrays of store {self.root} at {url} ({type(err).__name__}: {err}); check the "
+                "location and its credentials (fsspec reads them from the environment)"
+            ) from None
+        if owner is not None and store_id is not None and owner != store_id:
+            raise StoreError(
+                f"arrays location {url} belongs to another store (id {owner}), not to {self.root} (id {store_id}); "
+                "give each store its own arrays location"
+            )
+        if not members and self.scalar("SELECT count(*) FROM shards"):
+            why = (
+                f"store {self.root} records committed shards, but its arrays location {url} holds no arrays "
+                "(memory:// lives only in the process that wrote it; a bucket or mount may be missing or empty)"
+            )
+            if self.read_only or group is None:
+                raise StoreError(f"{why}; run `safeport verify --repair` to recompute them")
+            log.warning("%s; reads will fail until `safeport verify --repair` recomputes them", why)
+        if group is None:
+            raise StoreError(f"store {self.root} has no arrays at {url}; run `safeport extract` first")
+        if owner is None and store_id is not None and not self.read_only:
+            group.attrs["safeport_store"] = store_id
+        return group
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
@@ -369,7 +466,7 @@ class Store:
                 overwrite=True,
             )
         except OSError as err:
-            raise StoreError(f"cannot {verb} array {path} in {self.root}: {err}") from None
+            raise StoreError(f"cannot {verb} array {path} in {self.location}: {err}") from None
 
     def unit_text_ids(self, unit_key: str) -> list[str]:
         rows = self.con.execute("SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]).fetchall()
@@ -408,9 +505,10 @@ class Store:
             block = self.read_shard(unit, desc.shard)
             if checksum(block) != desc.checksum:
                 raise StoreError(
-                    f"shard {desc.shard} of {unit.array_path} was written by a worker but {self.root} holds "
-                    "different data: the workers must write to the same store folder (a shared filesystem); "
-                    "nothing of this shard was committed, rerun once the store is shared"
+                    f"shard {desc.shard} of {unit.array_path} was written by a worker but the store's arrays at "
+                    f"{self.location} hold different data: workers must write where this process reads (the "
+                    "store folder on a shared filesystem, or an arrays: URL every worker reaches, not memory:// "
+                    "across processes); nothing of this shard was committed, rerun once the arrays are shared"
                 )
         tbl = pa.table(
             {

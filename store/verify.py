@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.store import Store, UnitInfo, checksum
+from store import artifacts
+from store.store import Store, UnitInfo, checksum, tensor_checksum
 
 REPAIR_STATUS = "repair"
 
@@ -34,7 +35,7 @@ class Damage:
     """One damaged array (or inconsistent record) and what is wrong with it."""
 
     kind: str  # shard | unit | vector | map | record
-    path: str  # array path inside arrays.zarr (the table name for record problems)
+    path: str  # array path inside the arrays group (the table name for record problems)
     owner: str  # model/dataset, vector name or map, for people
     problem: str
     key: str  # unit_key, vector_key or map_key
@@ -68,12 +69,8 @@ class Report:
 
 
 def _chunk_missing(store: Store, array: zarr.Array, coords: tuple[int, ...]) -> bool:
-    """True when a local store has no file for the chunk at ``coords`` (it reads as fill value)."""
-    base = store.root / "arrays.zarr"
-    if not base.is_dir():  # not a local folder store: the checksum alone decides
-        return False
-    key = array.metadata.encode_chunk_key(coords)
-    return not (base / array.path / key).is_file()
+    """True when the arrays location holds no object for the chunk at ``coords`` (it reads as fill value)."""
+    return not store.location.exists(f"{array.path}/{array.metadata.encode_chunk_key(coords)}")
 
 
 def _shard_damage(store: Store, unit: UnitInfo, owner: str) -> tuple[int, list[Damage]]:
@@ -204,7 +201,7 @@ def _vector_damage(store: Store) -> tuple[int, list[Damage]]:
 
 
 def _map_damage(store: Store) -> tuple[int, list[Damage]]:
-    """Maps carry no recorded checksum: each tensor must open, decode and be finite."""
+    """Each recorded tensor must exist, decode and match its checksum (older maps: be finite)."""
     rows = store.con.execute("SELECT map_key, source, target, mapper FROM maps ORDER BY map_key").fetchall()
     found: list[Damage] = []
     for key, source, target, mapper in rows:
@@ -221,6 +218,10 @@ def _map_damage(store: Store) -> tuple[int, list[Damage]]:
                 Damage("map", f"maps/{key}", owner, f"cannot be opened ({type(err).__name__}: {err})", str(key))
             )
             continue
+        sums = artifacts.map_checksums(store, str(key))
+        have = dict(members)
+        for name in sorted(set(sums) - set(have)):
+            found.append(Damage("map", f"maps/{key}/{name}", owner, "tensor missing", str(key)))
         for name, array in members:
             path = f"maps/{key}/{name}"
             try:
@@ -230,7 +231,9 @@ def _map_damage(store: Store) -> tuple[int, list[Damage]]:
                     Damage("map", path, owner, f"chunk cannot be decoded ({type(err).__name__}: {err})", str(key))
                 )
                 continue
-            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            if name in sums and tensor_checksum(values) != sums[name]:
+                found.append(Damage("map", path, owner, "checksum mismatch", str(key)))
+            elif np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 found.append(Damage("map", path, owner, "holds NaN/inf values", str(key)))
     return len(rows), found
 
@@ -323,6 +326,7 @@ def invalidate(store: Store, report: Report) -> Invalidation:
                 con.execute("DELETE FROM vectors WHERE vector_key = ?", [key])
             for key in maps:
                 con.execute("DELETE FROM maps WHERE map_key = ?", [key])
+                con.execute("DELETE FROM map_tensors WHERE map_key = ?", [key])
             for fit_key in reset:
                 con.execute("DELETE FROM fits WHERE fit_key = ?", [fit_key])
     return Invalidation(

@@ -29,6 +29,23 @@ def prefect_api() -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch in this process computes like a Dask worker (one intra-op thread each).
+
+    Bit-for-bit equality needs the same kernels on both sides: torch's CPU matmuls
+    round differently with 1 and 2 threads (~6e-8 on the tiny Llama).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Free DuckDB objects held by reference cycles of caught tracebacks before interpreter shutdown
     (otherwise nanobind prints "leaked instance" noise after pytest's summary line)."""

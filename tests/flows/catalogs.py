@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from store import artifacts
+from store.store import Store
 from tests.conftest import REPO
 from tests.tiny_models import tiny_bert, tiny_llama
 
@@ -18,8 +21,12 @@ def tiny_catalog(
     prompts: int = 10,
     shard_rows: int = 8,
     extra_models: dict[str, Any] | None = None,
+    arrays: str | None = None,
 ) -> Path:
-    """A catalog with a tiny Llama source and a tiny BERT target; returns its path."""
+    """A catalog with a tiny Llama source and a tiny BERT target; returns its path.
+
+    ``arrays`` sets the profile's arrays location (a path or fsspec URL).
+    """
     models_dir = tmp / "models"
     if not (models_dir / "llama").exists():
         tiny_llama(models_dir / "llama")
@@ -90,9 +97,42 @@ def tiny_catalog(
                 "store": str(tmp / "store"),
                 "shard_rows": shard_rows,
                 "mappers": ["procrustes", "ridge"],
+                **({"arrays": arrays} if arrays else {}),
             }
         },
     }
     path = tmp / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog), encoding="utf-8")
     return path
+
+
+# Everything a run writes except wall-clock columns (timestamps, run ids, seconds).
+TABLES = {
+    "models": "SELECT model_key, name, role, family, model_id, revision, weights, spec_json, dim, current FROM models",
+    "datasets": "SELECT dataset, kind, content_hash, n_rows, report_json FROM datasets",
+    "texts": "SELECT * FROM texts",
+    "dataset_texts": "SELECT * FROM dataset_texts",
+    "units": "SELECT unit_key, model_key, dataset, dataset_hash, array_path, n_rows, dim, dtype, shard_rows, status "
+    "FROM units",
+    "unit_texts": "SELECT * FROM unit_texts",
+    "shards": "SELECT unit_key, shard, row_start, row_stop, checksum, tokens FROM shards",
+    "activation_rows": "SELECT * FROM activation_rows",
+    "fits": "SELECT fit_key, source, target, status, inputs_json FROM fits",
+    "maps": "SELECT map_key, source_key, target_key, mapper, params_json, split_hash, input_units FROM maps",
+    "map_tensors": "SELECT * FROM map_tensors",
+    "vectors": "SELECT vector_key, name, kind, fit_key, dim, norm, checksum, lineage_json FROM vectors",
+    "eval_results": "SELECT fit_key, kind, source, target, method, category, metric, alpha, value, n FROM eval_results",
+}
+
+
+def dump_store(root: Path) -> dict[str, Any]:
+    """Every table (sorted rows), every activation array and every vector, read back through the store."""
+    out: dict[str, Any] = {}
+    with Store(root, read_only=True) as store:
+        for name, sql in TABLES.items():
+            out[name] = sorted(map(repr, store.con.execute(sql).fetchall()))
+        for (path,) in store.con.execute("SELECT array_path FROM units").fetchall():
+            out[path] = np.asarray(store.arrays[path][...])  # type: ignore[index]
+        for (name,) in store.con.execute("SELECT DISTINCT name FROM vectors").fetchall():
+            out[f"vector:{name}"] = artifacts.load_vector(store, name)[0]
+    return out

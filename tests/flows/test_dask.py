@@ -12,58 +12,10 @@ import pytest
 
 from flows.rebuild import rebuild
 from flows.scale import extract_dask_flow
-from store import artifacts
 from store.store import Store
-from tests.flows.catalogs import tiny_catalog
+from tests.flows.catalogs import dump_store, tiny_catalog
 
 SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 4}
-
-# Everything a run writes except wall-clock columns (timestamps, run ids, seconds).
-TABLES = {
-    "models": "SELECT model_key, name, role, family, model_id, revision, weights, spec_json, dim, current FROM models",
-    "datasets": "SELECT dataset, kind, content_hash, n_rows, report_json FROM datasets",
-    "texts": "SELECT * FROM texts",
-    "dataset_texts": "SELECT * FROM dataset_texts",
-    "units": "SELECT unit_key, model_key, dataset, dataset_hash, array_path, n_rows, dim, dtype, shard_rows, status "
-    "FROM units",
-    "unit_texts": "SELECT * FROM unit_texts",
-    "shards": "SELECT unit_key, shard, row_start, row_stop, checksum, tokens FROM shards",
-    "activation_rows": "SELECT * FROM activation_rows",
-    "fits": "SELECT fit_key, source, target, status, inputs_json FROM fits",
-    "maps": "SELECT map_key, source_key, target_key, mapper, params_json, split_hash, input_units FROM maps",
-    "vectors": "SELECT vector_key, name, kind, fit_key, dim, norm, checksum, lineage_json FROM vectors",
-    "eval_results": "SELECT fit_key, kind, source, target, method, category, metric, alpha, value, n FROM eval_results",
-}
-
-
-def _dump(root: Path) -> dict[str, Any]:
-    """Every table (sorted rows), every activation array and every vector, read back through the store."""
-    out: dict[str, Any] = {}
-    with Store(root, read_only=True) as store:
-        for name, sql in TABLES.items():
-            out[name] = sorted(map(repr, store.con.execute(sql).fetchall()))
-        for (path,) in store.con.execute("SELECT array_path FROM units").fetchall():
-            out[path] = np.asarray(store.arrays[path][...])  # type: ignore[index]
-        for (name,) in store.con.execute("SELECT DISTINCT name FROM vectors").fetchall():
-            out[f"vector:{name}"] = artifacts.load_vector(store, name)[0]
-    return out
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Torch in this process computes like a Dask worker (one intra-op thread each).
-
-    Bit-for-bit equality needs the same kernels on both sides: torch's CPU matmuls
-    round differently with 1 and 2 threads (~6e-8 on the tiny Llama).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +41,7 @@ def test_two_dask_workers_equal_the_single_process_store(
     assert [(r.model, r.dataset, r.unit_key, r.status, r.rows, r.tokens) for r in dask.extracted] == [
         (r.model, r.dataset, r.unit_key, r.status, r.rows, r.tokens) for r in single.extracted
     ]
-    a, b = _dump(tmp_path / "single"), _dump(tmp_path / "dask")
+    a, b = dump_store(tmp_path / "single"), dump_store(tmp_path / "dask")
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], np.ndarray):
@@ -114,7 +66,7 @@ def test_dask_resumes_a_grown_dataset_like_the_single_process_path(
     rebuild(grown, store=str(tmp_path / "single"))
     again = extract_dask_flow.with_options(task_runner=_runner(cluster))(grown, "default", str(tmp_path / "dask"))
     assert sum(r.rows for r in again) > 0
-    a, b = _dump(tmp_path / "single"), _dump(tmp_path / "dask")
+    a, b = dump_store(tmp_path / "single"), dump_store(tmp_path / "dask")
     for key in ("units", "unit_texts", "shards", "activation_rows"):
         assert a[key] == b[key], key
     for key in (k for k in a if k.startswith("acts/")):

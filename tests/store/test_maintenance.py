@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ from store.store import Store, StoreBusyError, StoreError, writer_lock
 DIM = 3
 
 
-def _build(root: Path) -> dict[str, np.ndarray]:
-    """A small real store: one dataset, one model with a 2-shard unit, one map, three vectors."""
+def _build(root: Path, arrays: str | None = None) -> dict[str, np.ndarray]:
+    """A small real store: one dataset, one model with a 2-shard unit, one map, three vectors.
+
+    ``arrays``: where its Zarr arrays live (default: the store folder).
+    """
     ids = [f"t{i}" for i in range(4)]
     rows = pa.table(
         {
@@ -39,7 +43,7 @@ def _build(root: Path) -> dict[str, np.ndarray]:
         "native:n": rng.normal(size=DIM).astype(np.float32),
         "calibrated:m->n:ridge:violence": rng.normal(size=DIM).astype(np.float32),
     }
-    with Store(root) as store:
+    with Store(root, arrays=arrays) as store:
         store.register_dataset("d", "anchors", "h1", rows, {})
         store.register_model("mk", "m", "source", spec, DIM)
         unit = store.create_unit("u1", "mk", "d", "h1", ids, DIM, 2)
@@ -96,11 +100,24 @@ def _add_orphans(root: Path) -> None:
 
 
 def _exists(root: Path, path: str) -> bool:
-    return (root / "arrays.zarr" / path).exists()
+    """Whether anything is stored under ``path`` at the store's arrays location (folder or URL)."""
+    with Store(root, read_only=True) as store:
+        return store.location.size(path) > 0
 
 
-def test_gc_dry_run_lists_only_unreferenced_arrays_and_deletes_nothing(tmp_path: Path) -> None:
-    _build(tmp_path)
+@pytest.fixture(params=["folder", "memory", "elsewhere"])
+def arrays(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
+    """The arrays location of the store under test: its folder, a memory:// URL, a path outside the folder."""
+    import fsspec
+
+    url = {"folder": None, "memory": f"memory://{tmp_path.name}/arrays.zarr", "elsewhere": str(tmp_path / "shared")}
+    yield url[request.param]
+    if request.param == "memory":
+        fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_gc_dry_run_lists_only_unreferenced_arrays_and_deletes_nothing(tmp_path: Path, arrays: str | None) -> None:
+    _build(tmp_path, arrays)
     assert collect_garbage(tmp_path).garbage == []  # a clean store has no garbage
     _add_orphans(tmp_path)
     report = collect_garbage(tmp_path)
@@ -110,8 +127,8 @@ def test_gc_dry_run_lists_only_unreferenced_arrays_and_deletes_nothing(tmp_path:
     assert all(_exists(tmp_path, p) for p in ORPHANS)
 
 
-def test_gc_apply_deletes_them_and_the_store_still_reads(tmp_path: Path) -> None:
-    vectors = _build(tmp_path)
+def test_gc_apply_deletes_them_and_the_store_still_reads(tmp_path: Path, arrays: str | None) -> None:
+    vectors = _build(tmp_path, arrays)
     _add_orphans(tmp_path)
     report = collect_garbage(tmp_path, apply=True)
     assert {g.path for g in report.garbage} == ORPHANS and report.applied
@@ -220,3 +237,41 @@ def test_cli_gc_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "1 vector(s) imported" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _cli("serve", "--store", str(a))  # a schedule is required
+
+
+KILLED_REWRITE = """
+import os, pathlib, sys
+import numpy as np
+from store.store import Store
+
+def die(self, target):  # SIGKILL between writing a chunk's temporary file and renaming it
+    os.kill(os.getpid(), 9)
+
+pathlib.Path.replace = die
+with Store(sys.argv[1]) as store:
+    array = store.arrays["acts/mk/u1"]
+    array[0:2, :] = array[0:2, :]  # a resumed shard rewriting its own rows
+"""
+
+
+def test_gc_removes_the_temporary_file_of_a_write_killed_before_its_rename(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    _build(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_REWRITE, str(tmp_path)], cwd=REPO, check=False)
+    assert killed.returncode == -9
+    partial = list((tmp_path / "arrays.zarr").rglob("*.partial"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+
+    report = collect_garbage(tmp_path)
+    assert [(g.kind, g.path) for g in report.garbage] == [
+        ("partial", str(partial[0].relative_to(tmp_path / "arrays.zarr")))
+    ]
+    assert partial[0].exists()  # a dry run deletes nothing
+    assert collect_garbage(tmp_path, apply=True).applied and not partial[0].exists()
+    assert collect_garbage(tmp_path).garbage == []
+    with Store(tmp_path, read_only=True) as store:
+        assert store.activations("mk", "d")[0].num_rows == 4  # the committed chunk was never touched

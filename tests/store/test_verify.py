@@ -218,6 +218,30 @@ def test_damaged_vector_and_map_are_named_and_repair_plus_fit_restore_them(
     assert verify_path(root).ok
 
 
+def test_a_map_tensor_that_decodes_but_changed_fails_its_checksum_and_a_missing_one_is_named(
+    copy: tuple[Path, Path],
+) -> None:
+    """Silent corruption (finite, decodable, wrong) is caught by the recorded per-tensor checksum."""
+    _, root = copy
+    with Store(root, read_only=True) as store:
+        map_key = str(store.scalar("SELECT map_key FROM maps WHERE mapper = 'ridge'"))
+        names = artifacts.map_state_names(store, map_key)
+        assert set(artifacts.map_checksums(store, map_key)) == set(names)  # every tensor recorded
+    changed, *rest = names
+    with Store(root) as store:
+        values = np.asarray(store.arrays[f"maps/{map_key}/{changed}"][...])  # type: ignore[index]
+        store.arrays[f"maps/{map_key}/{changed}"][...] = values + np.asarray(1e-3, values.dtype)  # type: ignore[index]
+        if rest:
+            del store.arrays[f"maps/{map_key}/{rest[0]}"]
+    with Store(root, read_only=True) as store, pytest.raises(StoreError, match=rf"maps/{map_key}/{changed} fails its"):
+        artifacts.load_map(store, map_key, [changed])
+    problems = {d.path: d.problem for d in verify_path(root).damage}
+    expected = {f"maps/{map_key}/{changed}": "checksum mismatch"}
+    if rest:
+        expected[f"maps/{map_key}/{rest[0]}"] = "tensor missing"
+    assert problems == expected
+
+
 def test_unreadable_array_metadata_marks_every_shard_and_repair_rebuilds_the_unit(copy: tuple[Path, Path]) -> None:
     catalog, root = copy
     before = extract_tests._snapshot(root)
