@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.steering import _RESERVED, _check_vector, _family, add_to_prompt_embeds, steer
+from eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
 from extractors.base import ModelSource, resolve_device, resolve_dtype
-from extractors.pipeline_encoder import FAMILIES, PipelineFamily, _max_sequence_length, quiet_pipeline_logs
+from extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -60,7 +60,7 @@ MODEL_CARD_SETTINGS: dict[str, dict[str, Scalar]] = {
 }
 
 # Set by generate() itself; as settings they would be ignored or break the one-output-per-call contract.
-_NOT_SETTINGS = _RESERVED | {"generator", "output_type", "return_dict", "latents", "callback_on_step_end"}
+_NOT_SETTINGS = RESERVED_KWARGS | {"generator", "output_type", "return_dict", "latents", "callback_on_step_end"}
 
 
 def pipeline_family(source: ModelSource) -> PipelineFamily:
@@ -103,7 +103,7 @@ def resolve_settings(source: ModelSource, overrides: Mapping[str, Scalar] | None
     family = pipeline_family(source)
     merged: dict[str, Scalar] = dict(MODEL_CARD_SETTINGS.get(source.hub_id or "", {}))
     merged.update(overrides or {})
-    extracted = _max_sequence_length(source)
+    extracted = max_sequence_length_of(source)
     msl = merged.pop("max_sequence_length", extracted)
     if msl != extracted:
         raise ValueError(
@@ -170,7 +170,7 @@ class PromptEmbeddings:
     def __init__(self, pipe: Pipeline, settings: GenerationSettings) -> None:
         self.pipe = pipe
         self.settings = settings
-        self._encode = _family(pipe).encode
+        self._encode = family_of(pipe).encode
         self._cache: dict[str, dict[str, Any]] = {}
         self._released = False
 
@@ -238,7 +238,7 @@ def steered_kwargs(
         if alpha != 0:
             raise ValueError(f"alpha={alpha} without a vector; pass the steering vector or alpha=0")
         return kwargs
-    return add_to_prompt_embeds(kwargs, _check_vector(vector, alpha), alpha, "the pipeline's")
+    return add_to_prompt_embeds(kwargs, check_vector(vector, alpha), alpha, "the pipeline's")
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -43,7 +43,7 @@ Prompt = str | Sequence[str]
 EncodeFn = Callable[[Pipeline, list[str], list[str] | None, int, Mapping[str, Any]], dict[str, Any]]
 
 # Arguments steer() fills in itself; passing them too would silently bypass the steering.
-_RESERVED = frozenset(
+RESERVED_KWARGS = frozenset(
     {
         "prompt",
         "prompt_2",
@@ -189,21 +189,24 @@ def _wan(
 
 
 @dataclass(frozen=True)
-class _Family:
+class PipelineSteering:
+    """How one pipeline family is steered: its prompt encoder and its outputs-per-prompt argument."""
+
     encode: EncodeFn
     per_prompt_arg: str  # images/videos per prompt: only 1 works with precomputed embeds
 
 
-_FAMILIES: dict[str, _Family] = {
-    "FluxPipeline": _Family(_flux, "num_images_per_prompt"),
-    "StableDiffusion3Pipeline": _Family(_sd3, "num_images_per_prompt"),
-    "ZImagePipeline": _Family(_z_image, "num_images_per_prompt"),
-    "QwenImagePipeline": _Family(_qwen_image, "num_images_per_prompt"),
-    "WanPipeline": _Family(_wan, "num_videos_per_prompt"),
+_FAMILIES: dict[str, PipelineSteering] = {
+    "FluxPipeline": PipelineSteering(_flux, "num_images_per_prompt"),
+    "StableDiffusion3Pipeline": PipelineSteering(_sd3, "num_images_per_prompt"),
+    "ZImagePipeline": PipelineSteering(_z_image, "num_images_per_prompt"),
+    "QwenImagePipeline": PipelineSteering(_qwen_image, "num_images_per_prompt"),
+    "WanPipeline": PipelineSteering(_wan, "num_videos_per_prompt"),
 }
 
 
-def _family(pipe: Pipeline) -> _Family:
+def family_of(pipe: Pipeline) -> PipelineSteering:
+    """The steering entry for ``pipe``'s class (or a subclass of a supported pipeline)."""
     for cls in type(pipe).__mro__:
         if cls.__name__ in _FAMILIES:
             return _FAMILIES[cls.__name__]
@@ -227,7 +230,8 @@ def _add(embeds: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tens
     return (embeds.to(torch.float32) + shift).to(embeds.dtype)
 
 
-def _check_vector(vector: np.ndarray, alpha: float) -> torch.Tensor:
+def check_vector(vector: np.ndarray, alpha: float) -> torch.Tensor:
+    """A 1-D, finite steering vector as a float32 tensor (with a finite ``alpha``), or a clear ValueError."""
     v = np.asarray(vector)
     if v.ndim != 1 or v.size == 0:
         raise ValueError(f"steering vector must be 1-D and non-empty, got shape {v.shape}; combine() categories first")
@@ -253,7 +257,7 @@ def steered_embeds(
     ``max_sequence_length`` defaults to the pipeline's ``__call__`` default and must equal the
     value given to ``pipe(...)``. ``clip_skip`` is used by SD3 only.
     """
-    family = _family(pipe)
+    family = family_of(pipe)
     prompts = _as_list(prompt, "prompt")
     negatives: list[str] | None = None
     if negative_prompt is not None:
@@ -264,7 +268,7 @@ def steered_embeds(
             raise ValueError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt"
             )
-    v = _check_vector(vector, alpha)
+    v = check_vector(vector, alpha)
     msl = _default_max_sequence_length(pipe) if max_sequence_length is None else max_sequence_length
     extra = {"clip_skip": clip_skip}
     # no_grad rather than inference_mode: these tensors go on into __call__, outside inference mode.
@@ -307,10 +311,10 @@ def steer(
     One output per prompt: for more, repeat the prompt in a list or loop over seeds, because
     Flux, SD3 and Wan do not replicate precomputed embeds per ``num_images_per_prompt``.
     """
-    clash = sorted(_RESERVED & set(generate_kwargs))
+    clash = sorted(RESERVED_KWARGS & set(generate_kwargs))
     if clash:
         raise ValueError(f"steer() sets {clash} itself; pass the text as prompt/negative_prompt instead")
-    family = _family(pipe)
+    family = family_of(pipe)
     per_prompt = generate_kwargs.get(family.per_prompt_arg, 1)
     if per_prompt not in (1, None):
         raise ValueError(

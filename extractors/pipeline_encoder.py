@@ -363,7 +363,8 @@ class PipelineEncoder:
         )
 
 
-def _max_sequence_length(source: ModelSource) -> int:
+def max_sequence_length_of(source: ModelSource) -> int:
+    """The text length a pipeline source encodes to (``options.max_sequence_length``, else ``max_tokens``)."""
     raw = source.option("max_sequence_length", str(source.max_tokens))
     try:
         value = int(raw)
@@ -399,7 +400,7 @@ def load(source: ModelSource) -> PipelineEncoder:
                 check_weights(Path(source.path) / name, source.allow_pickle, source.name)
     device = resolve_device(source.device)
     dtype = resolve_dtype(source.dtype, device)
-    max_len = _max_sequence_length(source)
+    max_len = max_sequence_length_of(source)
 
     cls = getattr(diffusers, family.pipeline)
     expected, _optional = cls._get_signature_keys(cls)

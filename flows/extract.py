@@ -81,7 +81,7 @@ def unit_key(model_key: str, dataset: str, dataset_hash: str) -> str:
     return hashlib.sha256(f"{model_key}|{dataset}|{dataset_hash}".encode()).hexdigest()[:20]
 
 
-def _encode_shard(
+def encode_shard(
     extractor: Extractor,
     texts: list[str],
     lengths: np.ndarray,
@@ -126,7 +126,7 @@ def commit_missing_shards(
             shard_ids = ids[start:stop]
             texts = store.texts(shard_ids)
             lengths = extractor.token_lengths(texts)
-            values, n_tok, trunc = _encode_shard(
+            values, n_tok, trunc = encode_shard(
                 extractor, texts, lengths, entry.batch_size, entry.max_batch_tokens, shard_ids, bar
             )
             store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from extractors import ModelSource
 from extractors.base import ExtractionError
 from flows.common import catalog, extractor_for, model_source, run_id, store_for, writing
-from flows.extract import CONCEPT_DATASET, UnitResult, _encode_shard, register_datasets_task, unit_key
+from flows.extract import CONCEPT_DATASET, UnitResult, encode_shard, register_datasets_task, unit_key
 from safeport.catalog import Resolved
 from store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
 
@@ -116,7 +116,7 @@ def encode_shard_task(
     extractor = extractor_for(source)
     lengths = extractor.token_lengths(texts)
     with tqdm(total=len(texts), disable=True) as bar:
-        values, n_tok, trunc = _encode_shard(extractor, texts, lengths, batch_size, max_batch_tokens, text_ids, bar)
+        values, n_tok, trunc = encode_shard(extractor, texts, lengths, batch_size, max_batch_tokens, text_ids, bar)
     return write_shard_array(arrays, unit, shard, text_ids, values, n_tok, trunc)
 
 
