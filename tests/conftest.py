@@ -46,6 +46,17 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def memory_url(tmp_path: Path) -> Iterator[str]:
+    """A ``memory://`` arrays location unique to this test, removed afterwards."""
+    import fsspec
+
+    yield f"memory://{tmp_path.name}/arrays.zarr"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{tmp_path.name}"):
+        fs.rm(f"/{tmp_path.name}", recursive=True)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Free DuckDB objects held by reference cycles of caught tracebacks before interpreter shutdown
     (otherwise nanobind prints "leaked instance" noise after pytest's summary line)."""

@@ -136,3 +136,15 @@ def dump_store(root: Path) -> dict[str, Any]:
         for (name,) in store.con.execute("SELECT DISTINCT name FROM vectors").fetchall():
             out[f"vector:{name}"] = artifacts.load_vector(store, name)[0]
     return out
+
+
+def assert_same_store(a: Path, b: Path) -> dict[str, Any]:
+    """Two stores hold the same tables, activation arrays and vectors, bit for bit; returns ``a``'s dump."""
+    left, right = dump_store(a), dump_store(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        if isinstance(left[key], np.ndarray):
+            assert left[key].dtype == right[key].dtype and np.array_equal(left[key], right[key]), key  # NaN-free
+        else:
+            assert left[key] == right[key], key
+    return left

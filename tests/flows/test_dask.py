@@ -13,7 +13,7 @@ import pytest
 from flows.rebuild import rebuild
 from flows.scale import extract_dask_flow
 from store.store import Store
-from tests.flows.catalogs import dump_store, tiny_catalog
+from tests.flows.catalogs import assert_same_store, dump_store, tiny_catalog
 
 SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 4}
 
@@ -41,13 +41,7 @@ def test_two_dask_workers_equal_the_single_process_store(
     assert [(r.model, r.dataset, r.unit_key, r.status, r.rows, r.tokens) for r in dask.extracted] == [
         (r.model, r.dataset, r.unit_key, r.status, r.rows, r.tokens) for r in single.extracted
     ]
-    a, b = dump_store(tmp_path / "single"), dump_store(tmp_path / "dask")
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key  # exact, NaN-free
-        else:
-            assert a[key] == b[key], key
+    a = assert_same_store(tmp_path / "single", tmp_path / "dask")
     assert len(a["shards"]) > 8  # several shards per unit: the work really was split
 
     with Store(tmp_path / "dask", read_only=True) as store:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import numpy as np
 import pytest
 
 from flows.rebuild import rebuild
@@ -24,32 +23,15 @@ from flows.verify import repair_flow
 from safeport.cli import main
 from store.store import Store, StoreError
 from store.verify import verify_path
-from tests.flows.catalogs import dump_store, tiny_catalog
+from tests.flows.catalogs import assert_same_store, tiny_catalog
 
 SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 4}
-
-
-def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 def _files(url: str) -> list[str]:
     fs, base = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     return sorted(fs.find(base))
-
-
-@pytest.fixture
-def memory_url(tmp_path: Path) -> Iterator[str]:
-    yield f"memory://{tmp_path.name}/arrays.zarr"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{tmp_path.name}"):
-        fs.rm(f"/{tmp_path.name}", recursive=True)
 
 
 def test_memory_arrays_build_verify_and_repair_like_a_folder_store(
@@ -62,7 +44,7 @@ def test_memory_arrays_build_verify_and_repair_like_a_folder_store(
     assert {r.status for r in extracted} == {"done"} and [f.status for f in fitted] == ["done"]
     root = tmp_path / "remote" / "store"
     assert not (root / "arrays.zarr").exists() and any("/acts/" in f for f in _files(memory_url))
-    _same(dump_store(tmp_path / "folder" / "store"), dump_store(root))
+    assert_same_store(tmp_path / "folder" / "store", root)
     capsys.readouterr()
     assert main(["status", "--store", str(root)]) == 0
     assert f"arrays {memory_url}\n" in capsys.readouterr().out
@@ -84,7 +66,7 @@ def test_memory_arrays_build_verify_and_repair_like_a_folder_store(
     }
     repaired = repair_flow(str(remote))
     assert repaired.after.ok and sum(r.rows for r in repaired.resumed) == 8  # two shards of 4 rows
-    _same(dump_store(tmp_path / "folder" / "store"), dump_store(root))
+    assert_same_store(tmp_path / "folder" / "store", root)
 
 
 def test_dask_worker_processes_cannot_commit_into_a_memory_url(
@@ -153,7 +135,7 @@ def test_two_dask_workers_writing_to_s3_equal_the_single_process_folder_store(
     assert sorted(p.name for p in root.iterdir()) == ["meta.duckdb", "reports", "writer.lock"]
     chunks = [f for f in _files(url) if "/acts/" in f and "/c/" in f]
     assert len(chunks) > 8  # the workers' shards are objects in the bucket
-    _same(dump_store(tmp_path / "folder" / "store"), dump_store(root))
+    assert_same_store(tmp_path / "folder" / "store", root)
     assert verify_path(root).ok  # every shard re-read through s3 matches its checksum
 
     again = rebuild(str(remote), dask_address=s3_cluster)  # nothing new: nothing sent to the workers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -16,15 +15,6 @@ from store.location import ArrayLocation, LocationError, check_url, resolve
 from store.store import Store, StoreError
 from tests.flows.catalogs import tiny_catalog
 from tests.store.test_maintenance import _build
-
-
-@pytest.fixture
-def memory_url(tmp_path: Path) -> Iterator[str]:
-    """A memory:// arrays location unique to this test, removed afterwards."""
-    yield f"memory://{tmp_path.name}/arrays.zarr"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(f"/{tmp_path.name}"):
-        fs.rm(f"/{tmp_path.name}", recursive=True)
 
 
 def _memory_files(url: str) -> list[str]:
