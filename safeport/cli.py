@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,14 @@ def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The CPU install has no torchvision on purpose; transformers says so at every diffusers
+    # import (its PIL image processors are used instead, which is all safeport needs).
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def _store_root(args: argparse.Namespace) -> Path:
@@ -185,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`safeport status | head`): stop quietly, like other Unix tools.
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except USER_ERRORS as err:
         print(f"safeport: error: {err}", file=sys.stderr)
         return 2

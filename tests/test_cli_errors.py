@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -199,3 +201,18 @@ def test_query_sql_error_exits_2(store_dir: Path, capsys: pytest.CaptureFixture[
     code, out, err = _run(capsys, "query", "select * from no_such_table", "--store", str(store_dir))
     _is_user_error(code, out, err)
     assert "no_such_table" in err
+
+
+def test_a_closed_pipe_ends_quietly(store_dir: Path) -> None:
+    """`safeport query ... | head -1`: the reader leaving is not an error and prints no traceback."""
+    cmd = [sys.executable, "-m", "safeport.cli", "query", "select * from range(200000)", "--store", str(store_dir)]
+    cmd += ["--max-rows", "200000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line, as `head -1` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first
+    assert err == ""
+    assert proc.returncode == 141
