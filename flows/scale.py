@@ -17,8 +17,10 @@ URL (``s3://…``, ``gs://…``; workers read credentials from their environment
 fsspec does). Only the flow process opens DuckDB, and the checksum check refuses
 a shard a worker wrote anywhere else (its private disk, its own ``memory://``).
 
-Multiple GPUs: start one single-threaded worker per device, each seeing one GPU,
-e.g. ``CUDA_VISIBLE_DEVICES=$i dask worker ADDRESS --nthreads 1 --nworkers 1``
+Multiple GPUs: on one machine, ``--dask-workers N`` puts local worker ``i`` on
+GPU ``i mod (GPUs it sees)`` (:func:`worker_gpu`). On a cluster, start one
+single-threaded worker per device, each seeing one GPU, e.g.
+``CUDA_VISIBLE_DEVICES=$i dask worker ADDRESS --nthreads 1 --nworkers 1``
 per device (or dask-cuda's ``LocalCUDACluster``), and set ``dtype:`` explicitly
 in the catalog when the flow process has no GPU, so both sides derive the same
 representation key (a mismatch is refused by name).
@@ -26,6 +28,7 @@ representation key (a mismatch is refused by name).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -74,6 +77,38 @@ def dask_task_runner(address: str | None = None, workers: int = 2) -> Any:
     )
 
 
+def worker_gpu(worker_name: object, n_gpus: int) -> int | None:
+    """The GPU a Dask worker should use when it sees ``n_gpus`` of them; None leaves the default.
+
+    A local cluster names its workers 0, 1, ...: worker ``i`` takes GPU ``i mod n_gpus``,
+    so ``--dask-workers N`` on an N-GPU machine is one worker per device. Other names
+    (a remote worker that sees several GPUs) are spread by a stable hash of the name.
+    A worker that sees one GPU or none (``CUDA_VISIBLE_DEVICES`` set per worker) is left alone.
+    """
+    if n_gpus <= 1:
+        return None
+    name = str(worker_name)
+    if name.isdigit():
+        return int(name) % n_gpus
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % n_gpus
+
+
+def _pin_worker_gpu() -> None:
+    """Inside a Dask worker on a multi-GPU machine, make ``cuda`` mean this worker's own GPU."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not running on a Dask worker: keep the default device
+        return
+    gpu = worker_gpu(name, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if gpu is not None and torch.cuda.current_device() != gpu:
+        torch.cuda.set_device(gpu)
+        log.info("dask worker %s computes on cuda:%d", name, gpu)
+
+
 @dataclass(frozen=True)
 class UnitPlan:
     """What a worker measured for a new unit: token lengths (to order texts) and the row width."""
@@ -95,6 +130,7 @@ def _check_key(source: ModelSource, model_key: str) -> None:
 @task(name="plan-unit", cache_policy=NO_CACHE, task_run_name="plan-{source.name}")
 def plan_unit_task(source: ModelSource, model_key: str, texts: list[str]) -> UnitPlan:
     """Token lengths of a new unit's texts, measured where the model lives."""
+    _pin_worker_gpu()
     _check_key(source, model_key)
     extractor = extractor_for(source)
     return UnitPlan(np.asarray(extractor.token_lengths(texts), dtype=np.int64), int(extractor.dim))
@@ -112,6 +148,7 @@ def encode_shard_task(
     max_batch_tokens: int,
 ) -> ShardDescriptor:
     """Encode one shard and write its chunk; returns only the descriptor the flow commits."""
+    _pin_worker_gpu()
     _check_key(source, unit.model_key)
     extractor = extractor_for(source)
     lengths = extractor.token_lengths(texts)

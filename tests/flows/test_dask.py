@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flows.rebuild import rebuild
-from flows.scale import extract_dask_flow
+from flows.scale import dask_task_runner, extract_dask_flow, worker_gpu
 from store.store import Store
 from tests.flows.catalogs import assert_same_store, dump_store, tiny_catalog
 
@@ -20,10 +20,10 @@ SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    """A local cluster of two single-threaded worker processes on loopback; yields its address."""
+    """The local cluster ``--dask-workers 2`` starts (two single-threaded processes on loopback); its address."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
+    with LocalCluster(**dask_task_runner(workers=2).cluster_kwargs) as c:
         yield str(c.scheduler_address)
 
 
@@ -68,6 +68,50 @@ def test_dask_resumes_a_grown_dataset_like_the_single_process_path(
 
 
 def _runner(address: str) -> Any:
-    from flows.scale import dask_task_runner
-
     return dask_task_runner(address)
+
+
+def test_local_workers_take_one_gpu_each(cluster: str) -> None:
+    """``--dask-workers 2`` on a 2-GPU machine: the local workers' names map to GPUs 0 and 1."""
+    from distributed import Client
+
+    with Client(cluster) as client:
+        names = client.run(lambda dask_worker: dask_worker.name)
+    assert {worker_gpu(name, 2) for name in names.values()} == {0, 1}
+    assert [worker_gpu(name, 1) for name in names.values()] == [None, None]  # one GPU: left alone
+
+
+@pytest.mark.parametrize(
+    ("name", "n_gpus", "expected"), [(0, 4, 0), (5, 4, 1), ("3", 2, 1), (2, 1, None), (2, 0, None)]
+)
+def test_worker_gpu_round_robin(name: object, n_gpus: int, expected: int | None) -> None:
+    assert worker_gpu(name, n_gpus) == expected
+
+
+def test_worker_gpu_spreads_named_workers_stably() -> None:
+    names = [f"tcp://10.0.0.{i}:4000" for i in range(64)]
+    picks = [worker_gpu(n, 4) for n in names]
+    assert picks == [worker_gpu(n, 4) for n in names]  # stable across calls (not Python's salted hash)
+    assert set(picks) == {0, 1, 2, 3}
+
+
+def test_pin_worker_gpu_sets_the_device_only_inside_a_multi_gpu_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import distributed
+    import torch
+
+    import flows.scale
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    flows.scale._pin_worker_gpu()  # not on a worker: nothing changes
+    assert chosen == []
+
+    class _Worker:
+        name = 1
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
+    flows.scale._pin_worker_gpu()
+    assert chosen == [1]
