@@ -15,6 +15,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Converted GGUF checkpoints (extractors/gguf_cache.py): one conversion per session, never in ~/.cache.
+os.environ["SAFEPORT_CACHE_DIR"] = tempfile.mkdtemp(prefix="safeport-cache-")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,5 +63,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Free DuckDB objects held by reference cycles of caught tracebacks before interpreter shutdown
     (otherwise nanobind prints "leaked instance" noise after pytest's summary line)."""
     import gc
+    import shutil
 
     gc.collect()
+    shutil.rmtree(os.environ["SAFEPORT_CACHE_DIR"], ignore_errors=True)  # ~0.5 GB of converted SmolLM2
