@@ -25,12 +25,16 @@ def _quiet_env() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # The CPU install has no torchvision on purpose; transformers says so at every diffusers
     # import (its PIL image processors are used instead, which is all safeport needs).
-    logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+    # One filter object: adding it again (main() runs many times in tests) is a no-op.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NO_TORCHVISION_NOTICE)
 
 
 class _NoTorchvisionNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_NO_TORCHVISION_NOTICE = _NoTorchvisionNotice()
 
 
 def _store_root(args: argparse.Namespace) -> Path:
