@@ -34,10 +34,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from extractors import load_extractor  # noqa: E402
-from extractors.base import ModelSource, length_batches  # noqa: E402
+from safeport.extractors import load_extractor  # noqa: E402
+from safeport.extractors.base import ModelSource, length_batches  # noqa: E402
+from safeport.store.readers import read_columns  # noqa: E402
 from safeport.texts import normalise, seeded_sample, wikitext_sentences  # noqa: E402
-from store.readers import read_columns  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRACTION_LIMITS = (
@@ -201,8 +201,8 @@ def _cli(*args: str) -> float:
 
 def bench_store_writes(tmp: Path, n_anchors: int) -> list[str]:
     """extract_unit (store writes, commits) vs the same encode loop discarding its rows."""
-    from flows.common import catalog, extractor_for, model_source, writing
-    from flows.extract import extract_unit, register_datasets
+    from safeport.flows.common import catalog, extractor_for, model_source, writing
+    from safeport.flows.extract import extract_unit, register_datasets
 
     cat = _catalog(tmp, ["smollm2-135m", "minilm-l6"], n_anchors, "writes")
     resolved = catalog(str(cat), "default")
@@ -266,7 +266,7 @@ def bench_flows(tmp: Path, n_anchors: int) -> list[str]:
 
 def bench_reads(tmp: Path) -> list[str]:
     """One category of pairs for one model: SQL-filtered read vs load-all-then-filter."""
-    from store.store import Store
+    from safeport.store.store import Store
 
     with Store(tmp / "both", read_only=True) as store:
         t_sql, (_meta, rows) = timed(lambda: store.activations("smollm2-135m", "safesteer", "category = 'Sexual'"))
@@ -298,8 +298,8 @@ def bench_ridge(n: int, d_s: int, d_t: int) -> tuple[str, float]:
     """One table row and the speed-up over scikit-learn."""
     from sklearn.linear_model import Ridge
 
-    from mappers.procrustes import procrustes
-    from mappers.ridge import DEFAULT_KS, lambda_grid, ridge_path
+    from safeport.mappers.procrustes import procrustes
+    from safeport.mappers.ridge import DEFAULT_KS, lambda_grid, ridge_path
 
     rng = np.random.default_rng(0)
     A = rng.standard_normal((n, d_s))
@@ -319,8 +319,8 @@ def bench_ridge(n: int, d_s: int, d_t: int) -> tuple[str, float]:
 
 def bench_dask(tmp: Path, n_anchors: int) -> list[str]:
     """The same extraction in one process, and on local Dask clusters of 1 and 2 worker processes."""
-    from flows.extract import extract_flow
-    from flows.scale import extract_on_dask
+    from safeport.flows.extract import extract_flow
+    from safeport.flows.scale import extract_on_dask
 
     models = ["smollm2-135m", "minilm-l6"]
     t_single, res = timed(lambda: extract_flow(str(_catalog(tmp, models, n_anchors, "dask0"))))

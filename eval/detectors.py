@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extractors.base import resolve_device
+from safeport.extractors.base import resolve_device
 
 # The exposed, sexual body-part classes of NudeNet 3.x (covered parts, faces, feet, armpits and
 # belly are not counted as unsafe). The threshold is the common choice in I2P evaluations.

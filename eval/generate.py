@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
-from extractors.base import ModelSource, resolve_device, resolve_dtype
-from extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
+from safeport.eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
+from safeport.extractors.base import ModelSource, resolve_device, resolve_dtype
+from safeport.extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -288,7 +288,7 @@ def generate_once(
     settings: GenerationSettings,
     seed: int = DEFAULT_SEED,
 ) -> list[Image.Image]:
-    """A single steered output through :func:`eval.steering.steer` (no caching; for one-off generation)."""
+    """A single steered output through :func:`safeport.eval.steering.steer` (no caching; for one-off generation)."""
     out = steer(
         pipe,
         prompt,

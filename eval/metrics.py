@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mappers.base import FittedMap, as_matrix, as_vector
+from safeport.mappers.base import FittedMap, as_matrix, as_vector
 
 _CHUNK = 1024  # query rows per similarity block, bounds memory at CHUNK × n floats
 

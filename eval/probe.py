@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 
-from mappers.base import as_matrix, as_vector
+from safeport.mappers.base import as_matrix, as_vector
 
 SAFE, UNSAFE = 0, 1
 

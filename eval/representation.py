@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eval.metrics import cosine, diagnose
-from eval.probe import probe_accuracy, train_probe
-from mappers.transfer import Anchors, Pairs, TransferResult, centred_splits, slug
-from mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
+from safeport.eval.metrics import cosine, diagnose
+from safeport.eval.probe import probe_accuracy, train_probe
+from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centred_splits, slug
+from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 
 Row = dict[str, object]
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractors.pipeline_encoder import quiet_pipeline_logs
+from safeport.extractors.pipeline_encoder import quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -281,7 +281,7 @@ def add_to_prompt_embeds(kwargs: dict[str, Any], v: torch.Tensor, alpha: float, 
     """Add ``alpha * v`` to every token of ``kwargs["prompt_embeds"]`` (a tensor or a per-prompt list).
 
     The one place the steering edit happens, shared by :func:`steered_embeds` and the cached
-    α-sweep path of :mod:`eval.generate`; ``owner`` names the pipeline in the dimension error.
+    α-sweep path of :mod:`safeport.eval.generate`; ``owner`` names the pipeline in the dimension error.
     """
     embeds = kwargs["prompt_embeds"]
     dim = int(embeds[0].shape[-1]) if isinstance(embeds, list) else int(embeds.shape[-1])

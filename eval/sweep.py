@@ -1,6 +1,6 @@
 """The pure half of the generation evaluation: what a sweep is, how scores become cells, the report.
 
-No store, no models, no files: :mod:`flows.eval` plans and runs the sweep, reads the scores
+No store, no models, no files: :mod:`safeport.flows.eval` plans and runs the sweep, reads the scores
 from the store and writes what :func:`render` returns.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # keeps this module free of torch/diffusers imports
-    from eval.generate import Scalar
+    from safeport.eval.generate import Scalar
 
 ORIGINAL = "original"
 SAFETY, UTILITY = "safety", "utility"

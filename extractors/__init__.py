@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-from extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec
+from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec
 
 # family name -> module defining ``load(source: ModelSource) -> Extractor``
 FAMILIES: dict[str, str] = {
-    "causal_lm": "extractors.causal_lm",
-    "text_encoder": "extractors.text_encoder",
-    "flux": "extractors.pipeline_encoder",
-    "sd3": "extractors.pipeline_encoder",
-    "z_image": "extractors.pipeline_encoder",
-    "qwen_image": "extractors.pipeline_encoder",
-    "wan": "extractors.pipeline_encoder",
+    "causal_lm": "safeport.extractors.causal_lm",
+    "text_encoder": "safeport.extractors.text_encoder",
+    "flux": "safeport.extractors.pipeline_encoder",
+    "sd3": "safeport.extractors.pipeline_encoder",
+    "z_image": "safeport.extractors.pipeline_encoder",
+    "qwen_image": "safeport.extractors.pipeline_encoder",
+    "wan": "safeport.extractors.pipeline_encoder",
 }
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from transformers import AutoModel, AutoTokenizer
 
-from extractors.base import ModelSource, check_weights, resolve_device, resolve_dtype
-from extractors.gguf_cache import load_gguf
-from extractors.hf import HFPooler
+from safeport.extractors.base import ModelSource, check_weights, resolve_device, resolve_dtype
+from safeport.extractors.gguf_cache import load_gguf
+from safeport.extractors.hf import HFPooler
 
 
 def load(source: ModelSource) -> HFPooler:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractors.base import Pooled, RepresentationSpec, masked_mean
+from safeport.extractors.base import Pooled, RepresentationSpec, masked_mean
 
 
 class HFPooler:

@@ -43,7 +43,7 @@ import diffusers
 import numpy as np
 import torch
 
-from extractors.base import (
+from safeport.extractors.base import (
     ExtractionError,
     ModelSource,
     Pooled,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoModel, AutoTokenizer
 
-from extractors.base import ModelSource, check_weights, resolve_device, resolve_dtype
-from extractors.hf import HFPooler
+from safeport.extractors.base import ModelSource, check_weights, resolve_device, resolve_dtype
+from safeport.extractors.hf import HFPooler
 
 
 def load(source: ModelSource) -> HFPooler:

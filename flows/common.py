@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from extractors import Extractor, ModelSource, load_extractor
 from safeport.catalog import Resolved, load_catalog
-from store.fingerprint import folder_fingerprint
-from store.store import Store, writer_lock
+from safeport.extractors import Extractor, ModelSource, load_extractor
+from safeport.store.fingerprint import folder_fingerprint
+from safeport.store.store import Store, writer_lock
 
 _STORES: dict[str, Store] = {}
 _EXTRACTOR: dict[str, Extractor] = {}

@@ -4,7 +4,7 @@ Reads only what earlier stages cached: prompt texts (``texts`` / ``dataset_texts
 vectors (``vectors``); it never extracts activations. Three tasks per run:
 
 1. ``generate`` (one per target): plan every output of the sweep as a content-addressed key
-   (:class:`store.outputs.OutputSpec`), skip the keys already committed, load the full pipeline
+   (:class:`safeport.store.outputs.OutputSpec`), skip the keys already committed, load the full pipeline
    only if something is left, encode each needed prompt **once** with the pipeline's own
    ``encode_prompt``, free the text encoders, then generate and commit outputs one by one. A
    crash loses at most the output in flight; a rerun generates nothing that is already there.
@@ -39,7 +39,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from eval.detectors import (
+from safeport.catalog import Resolved
+from safeport.eval.detectors import (
     DEFAULT_CLIP_MODEL,
     ClipBackbone,
     ClipScorer,
@@ -52,7 +53,7 @@ from eval.detectors import (
     inception_features,
     load_q16_prompts,
 )
-from eval.generate import (
+from safeport.eval.generate import (
     DEFAULT_SEED,
     GenerationSettings,
     PromptEmbeddings,
@@ -64,7 +65,7 @@ from eval.generate import (
     resolve_settings,
     vector_id,
 )
-from eval.sweep import (
+from safeport.eval.sweep import (
     FID_NO_REFERENCE,
     FID_NO_UTILITY,
     ORIGINAL,
@@ -77,13 +78,12 @@ from eval.sweep import (
     aggregate,
     render,
 )
-from extractors.base import ModelSource
-from extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
-from flows.common import catalog, model_source, run_id, store_for, writing
-from mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
-from safeport.catalog import Resolved
-from store import artifacts
-from store.outputs import (
+from safeport.extractors.base import ModelSource
+from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
+from safeport.flows.common import catalog, model_source, run_id, store_for, writing
+from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
+from safeport.store import artifacts
+from safeport.store.outputs import (
     OutputSpec,
     ScoreRow,
     done_keys,
@@ -96,7 +96,7 @@ from store.outputs import (
     scores_for,
     unscored,
 )
-from store.store import Store, StoreError
+from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.eval")
 

@@ -21,14 +21,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from extractors import Extractor
-from extractors.base import check_finite, length_batches
-from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
-from mappers.vectors import SAFESTEER_CONCEPT_STRING
 from safeport.catalog import ModelEntry, Resolved
 from safeport.datasets import DatasetRows, TextRow, build_all
+from safeport.extractors import Extractor
+from safeport.extractors.base import check_finite, length_batches
+from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from safeport.mappers.vectors import SAFESTEER_CONCEPT_STRING
+from safeport.store.store import Store, UnitInfo
 from safeport.texts import text_id
-from store.store import Store, UnitInfo
 
 log = logging.getLogger("safeport.extract")
 CONCEPT_DATASET = "__concept__"

@@ -23,21 +23,22 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-import eval.metrics
-import eval.probe
-import eval.representation
-import mappers.transfer
-import mappers.vectors
-from eval.report import headline, render
-from eval.representation import PromptSet, cosine_rows, map_rows, probe_rows
-from flows.common import catalog, model_source, run_id, store_for, writing
-from flows.extract import CONCEPT_DATASET
-from mappers import MAPPERS, from_state, make_mapper
-from mappers.base import FittedMap
-from mappers.transfer import Anchors, Pairs, centring, fit_maps, transfer_vectors
+import safeport
+import safeport.eval.metrics
+import safeport.eval.probe
+import safeport.eval.representation
+import safeport.mappers.transfer
+import safeport.mappers.vectors
 from safeport.catalog import Resolved
-from store import artifacts
-from store.store import Store, StoreError
+from safeport.eval.report import headline, render
+from safeport.eval.representation import PromptSet, cosine_rows, map_rows, probe_rows
+from safeport.flows.common import catalog, model_source, run_id, store_for, writing
+from safeport.flows.extract import CONCEPT_DATASET
+from safeport.mappers import MAPPERS, from_state, make_mapper
+from safeport.mappers.base import FittedMap
+from safeport.mappers.transfer import Anchors, Pairs, centring, fit_maps, transfer_vectors
+from safeport.store import artifacts
+from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.fit")
 
@@ -52,23 +53,19 @@ def _source_hash(modules: list[Any]) -> str:
 @cache
 def mapper_code_version() -> str:
     """Hash of the mapper code alone: maps are refitted only when it changes."""
-    import safeport
-
-    mods = [mappers.transfer, mappers.vectors, *(inspect.getmodule(f) for f in MAPPERS.values())]
+    mods = [safeport.mappers.transfer, safeport.mappers.vectors, *(inspect.getmodule(f) for f in MAPPERS.values())]
     return f"{safeport.__version__}+{_source_hash(mods)}"
 
 
 @cache
 def code_version() -> str:
     """Hash of the fitting and evaluation code: a change to a mapper or a metric invalidates old fits."""
-    import safeport
-
     mods = [
-        mappers.transfer,
-        mappers.vectors,
-        eval.metrics,
-        eval.probe,
-        eval.representation,
+        safeport.mappers.transfer,
+        safeport.mappers.vectors,
+        safeport.eval.metrics,
+        safeport.eval.probe,
+        safeport.eval.representation,
         *(inspect.getmodule(f) for f in MAPPERS.values()),
     ]
     return f"{safeport.__version__}+{_source_hash(mods)}"

@@ -20,11 +20,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import catalog, model_source, pinned_revisions, run_id, store_for, with_revisions, writing
-from flows.extract import UnitResult, extract_all
-from flows.fit import FitResult, fit_all
 from safeport.catalog import Resolved
-from store import maintenance
+from safeport.flows.common import catalog, model_source, pinned_revisions, run_id, store_for, with_revisions, writing
+from safeport.flows.extract import UnitResult, extract_all
+from safeport.flows.fit import FitResult, fit_all
+from safeport.store import maintenance
 
 log = logging.getLogger("safeport.rebuild")
 _SHA = re.compile(r"[0-9a-f]{40}")
@@ -137,7 +137,7 @@ def rebuild_all(
     pins = {c.model: c.revision for c in checks if c.revision != c.catalog_revision}
     with pinned_revisions(catalog_path, profile, pins):
         if dask:
-            from flows.scale import extract_all_dask
+            from safeport.flows.scale import extract_all_dask
 
             extracted = extract_all_dask(store_root, catalog_path, profile)
         else:
@@ -174,7 +174,7 @@ def rebuild_runner(dask_address: str | None = None, dask_workers: int = 0) -> An
     """The flow to call: plain, or with a Dask task runner when a cluster or workers are asked for."""
     if not dask_address and dask_workers <= 0:
         return rebuild_flow
-    from flows.scale import dask_task_runner
+    from safeport.flows.scale import dask_task_runner
 
     return rebuild_flow.with_options(task_runner=dask_task_runner(dask_address, dask_workers))
 

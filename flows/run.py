@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import catalog, writing
-from flows.extract import UnitResult, extract_all
-from flows.fit import FitResult, fit_all
+from safeport.flows.common import catalog, writing
+from safeport.flows.extract import UnitResult, extract_all
+from safeport.flows.fit import FitResult, fit_all
 
 
 @flow(name="safeport-run", log_prints=False)

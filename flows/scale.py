@@ -5,7 +5,7 @@ store's writer lock and does all bookkeeping: it plans every unit exactly as the
 single-process path does (same unit keys, same text order, same shards), creates
 the unit arrays and records, and sends each worker one shard's texts plus the
 model source. A worker loads the model once (cached per worker process), encodes
-the shard with the same batches as :func:`flows.extract.extract_unit`, writes
+the shard with the same batches as :func:`safeport.flows.extract.extract_unit`, writes
 the rows into its own Zarr chunk and returns a small :class:`ShardDescriptor`
 (checksum, token counts). The flow process re-reads the chunk, checks the
 checksum and records it in one DuckDB transaction: the commit protocol of
@@ -43,12 +43,12 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from tqdm import tqdm
 
-from extractors import ModelSource
-from extractors.base import ExtractionError
-from flows.common import catalog, extractor_for, model_source, run_id, store_for, writing
-from flows.extract import CONCEPT_DATASET, UnitResult, encode_shard, register_datasets_task, unit_key
 from safeport.catalog import Resolved
-from store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
+from safeport.extractors import ModelSource
+from safeport.extractors.base import ExtractionError
+from safeport.flows.common import catalog, extractor_for, model_source, run_id, store_for, writing
+from safeport.flows.extract import CONCEPT_DATASET, UnitResult, encode_shard, register_datasets_task, unit_key
+from safeport.store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
 
 log = logging.getLogger("safeport.scale")
 

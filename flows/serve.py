@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flows.rebuild import rebuild_runner
+from safeport.flows.rebuild import rebuild_runner
 
 log = logging.getLogger("safeport.serve")
 

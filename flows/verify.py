@@ -19,11 +19,11 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
-from flows.extract import commit_missing_shards, extract_unit, unit_key
 from safeport.catalog import CatalogError, Resolved
-from store.store import Store, StoreError, UnitInfo
-from store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
+from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from safeport.flows.extract import commit_missing_shards, extract_unit, unit_key
+from safeport.store.store import Store, StoreError, UnitInfo
+from safeport.store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
 
 log = logging.getLogger("safeport.verify")
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from mappers.base import FittedMap, Mapper
-from mappers.mlp import MLPMap, MLPMapper
-from mappers.procrustes import ProcrustesMap, ProcrustesMapper
-from mappers.ridge import RidgeMap, RidgeMapper
+from safeport.mappers.base import FittedMap, Mapper
+from safeport.mappers.mlp import MLPMap, MLPMapper
+from safeport.mappers.procrustes import ProcrustesMap, ProcrustesMapper
+from safeport.mappers.ridge import RidgeMap, RidgeMapper
 
 MAPPERS: dict[str, Callable[..., Mapper]] = {
     "procrustes": ProcrustesMapper,

@@ -5,7 +5,7 @@ Mappers are pure compute. They receive anchors already centred with the
 ``FittedMap`` whose ``state()`` is a flat dict of arrays the store serialises
 (safetensors) and whose ``params`` are the chosen hyper-parameters kept for
 lineage. Maps compute and return float64; the vectors that end up in the store
-are cast to float32 in :mod:`mappers.vectors`.
+are cast to float32 in :mod:`safeport.mappers.vectors`.
 """
 
 from __future__ import annotations

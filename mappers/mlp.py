@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mappers.base import NamedMap, Params, State, as_matrix, as_vector, check_anchor_splits, require_state
+from safeport.mappers.base import NamedMap, Params, State, as_matrix, as_vector, check_anchor_splits, require_state
 
 _STATE_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 _EVAL_BATCH = 4096

@@ -17,7 +17,7 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from mappers.base import LinearMap, State, as_matrix, check_anchor_splits, require_state
+from safeport.mappers.base import LinearMap, State, as_matrix, check_anchor_splits, require_state
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mappers.base import LinearMap, as_matrix, check_anchor_splits, check_pairs
+from safeport.mappers.base import LinearMap, as_matrix, check_anchor_splits, check_pairs
 
 DEFAULT_KS: tuple[int, ...] = (-4, -3, -2, -1, 0, 1, 2, 3, 4)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mappers.base import FittedMap
-from mappers.vectors import (
+from safeport.mappers.base import FittedMap
+from safeport.mappers.vectors import (
     anchor_scale,
     calibrate,
     category_vectors,

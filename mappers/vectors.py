@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mappers.base import FittedMap, as_matrix, as_vector, check_centred
-from mappers.procrustes import ProcrustesMap
+from safeport.mappers.base import FittedMap, as_matrix, as_vector, check_centred
+from safeport.mappers.procrustes import ProcrustesMap
 
 # The string of the string-based baseline (METHOD §6): the six category labels
 # joined by ", ", in the I2P vocabulary that the evaluation prompts are labelled with.

@@ -20,9 +20,9 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extractors import FAMILIES
-from extractors.base import ModelSource
-from store import location
+from safeport.extractors import FAMILIES
+from safeport.extractors.base import ModelSource
+from safeport.store import location
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 FORMATS = ("csv", "parquet", "jsonl", "text")

@@ -62,7 +62,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from flows.extract import extract_flow
+    from safeport.flows.extract import extract_flow
 
     t0 = time.time()
     results = extract_flow(args.catalog, args.profile, args.store, args.wait)
@@ -73,7 +73,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from flows.fit import fit_flow
+    from safeport.flows.fit import fit_flow
 
     t0 = time.time()
     results = fit_flow(args.catalog, args.profile, args.store, args.wait)
@@ -93,7 +93,7 @@ def _print_headlines(results: Sequence[Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: extract, fit, report; prints a summary and the report's headline."""
-    from flows.run import run_flow
+    from safeport.flows.run import run_flow
 
     t0 = time.time()
     extracted, fitted = run_flow(args.catalog, args.profile, args.store, args.wait)
@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(root: Path) -> None:
-    from store.query import format_table, readonly_query
+    from safeport.store.query import format_table, readonly_query
 
     table = readonly_query(
         root,
@@ -121,7 +121,7 @@ def _print_summary(root: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from store.query import format_table, hide_implicit_text, readonly_query, write_table
+    from safeport.store.query import format_table, hide_implicit_text, readonly_query, write_table
 
     table = hide_implicit_text(readonly_query(_store_root(args), args.sql), args.sql)
     if args.output:
@@ -133,8 +133,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from store import location
-    from store.query import format_table, readonly_query
+    from safeport.store import location
+    from safeport.store.query import format_table, readonly_query
 
     root = _store_root(args)
     print(f"store  {root}")

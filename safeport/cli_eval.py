@@ -58,7 +58,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def _category_vectors(store: Any, lineage: dict[str, Any]) -> dict[str, np.ndarray]:
     """The per-category siblings of a stored global vector (same kind, source, target, mapper)."""
-    from store.artifacts import load_vector
+    from safeport.store.artifacts import load_vector
 
     rows = store.con.execute(
         "SELECT name, category FROM vectors WHERE kind = ? AND target = ? AND category IS NOT NULL "
@@ -70,9 +70,9 @@ def _category_vectors(store: Any, lineage: dict[str, Any]) -> dict[str, np.ndarr
 
 
 def _resolve_vector(args: argparse.Namespace, store_root: Path) -> tuple[np.ndarray, dict[str, Any], str]:
-    from eval.steering import combine
-    from store.artifacts import load_vector, read_exported_vector
-    from store.store import Store
+    from safeport.eval.steering import combine
+    from safeport.store.artifacts import load_vector, read_exported_vector
+    from safeport.store.store import Store
 
     if args.vector_file:
         if args.weights:
@@ -96,11 +96,11 @@ def _resolve_vector(args: argparse.Namespace, store_root: Path) -> tuple[np.ndar
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from eval.generate import generate_once, load_pipeline, resolve_settings, vector_id
-    from flows.common import model_source
     from safeport.catalog import load_catalog
+    from safeport.eval.generate import generate_once, load_pipeline, resolve_settings, vector_id
+    from safeport.flows.common import model_source
+    from safeport.store.outputs import OutputSpec, file_names
     from safeport.texts import text_id
-    from store.outputs import OutputSpec, file_names
 
     resolved = load_catalog(args.catalog, args.profile)
     store_root = Path(args.store) if args.store else resolved.store_path
@@ -149,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.eval import eval_flow
+    from safeport.flows.eval import eval_flow
 
     t0 = time.time()
     result = eval_flow(

@@ -39,7 +39,7 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Extract, fit and evaluate only what changed; print what ran, what was reused, what is stale."""
-    from flows.rebuild import rebuild
+    from safeport.flows.rebuild import rebuild
 
     t0 = time.time()
     result = rebuild(
@@ -59,7 +59,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import ServeError, serve_rebuild
+    from safeport.flows.serve import ServeError, serve_rebuild
 
     try:
         serve_rebuild(
@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from store.maintenance import collect_garbage
+    from safeport.store.maintenance import collect_garbage
 
     report = collect_garbage(_root(args), apply=args.apply, wait_s=args.wait)
     verb = "removed" if report.applied else "would remove"
@@ -98,7 +98,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from store.maintenance import export_vectors
+    from safeport.store.maintenance import export_vectors
 
     written = export_vectors(_root(args), Path(args.output), args.names)
     print(f"exported {len(written)} vector(s) to {args.output} (safetensors + lineage JSON + manifest.json)")
@@ -106,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from store.maintenance import import_vectors
+    from safeport.store.maintenance import import_vectors
 
     done = import_vectors(_root(args), Path(args.path), args.wait)
     for v in done:
@@ -118,8 +118,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def print_staleness(root: Path) -> None:
     """The part of ``safeport status`` this module adds: rows cached, fits, and what is stale and why."""
-    from store.maintenance import status
-    from store.query import format_table
+    from safeport.store.maintenance import status
+    from safeport.store.query import format_table
 
     st = status(root)
     print("\nrows cached (model key, dataset):")

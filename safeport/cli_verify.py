@@ -37,7 +37,7 @@ def _print_report(report: Any, title: str) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.repair:
-        from store.verify import verify_path
+        from safeport.store.verify import verify_path
 
         report = verify_path(_root(args))
         _print_report(report, f"verify {report.root}")
@@ -47,7 +47,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"store is intact ({time.time() - t0:.1f}s)")
         return 0
 
-    from flows.verify import repair_flow
+    from safeport.flows.verify import repair_flow
 
     result = repair_flow(args.catalog, args.profile, args.store, args.wait)
     _print_report(result.before, f"verify {result.before.root}")

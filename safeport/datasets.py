@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass, field
 
 from safeport.catalog import DatasetEntry, Resolved, SourceEntry
+from safeport.store.readers import DataFileError, read_columns, read_header, read_hub_columns
 from safeport.texts import normalise, seeded_sample, split_labels, text_id, wikitext_sentences
-from store.readers import DataFileError, read_columns, read_header, read_hub_columns
 
 log = logging.getLogger("safeport.datasets")
 
@@ -56,7 +56,7 @@ def check_columns(resolved: Resolved) -> None:
     Every problem of the profile is reported at once, each with its catalog key, the
     file, the missing columns and the columns the file does have. CSV and Parquet are
     checked here; JSONL keys can vary per line and hub datasets need the network, so
-    those are checked when they are read (:func:`store.readers.read_columns`).
+    those are checked when they are read (:func:`safeport.store.readers.read_columns`).
     """
     problems: list[str] = []
     for name, entry in resolved.datasets.items():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from extractors.base import ExtractionError
 from safeport.catalog import CatalogError
-from store.query import QueryError
-from store.readers import DataFileError
-from store.store import StoreError
+from safeport.extractors.base import ExtractionError
+from safeport.store.query import QueryError
+from safeport.store.readers import DataFileError
+from safeport.store.store import StoreError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CatalogError,

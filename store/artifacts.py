@@ -20,7 +20,7 @@ import pyarrow as pa
 import zarr
 import zarr.codecs
 
-from store.store import Store, StoreError, checksum, tensor_checksum
+from safeport.store.store import Store, StoreError, checksum, tensor_checksum
 
 
 @dataclass(frozen=True)

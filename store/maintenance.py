@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from store import artifacts
-from store.store import Store, StoreError, checksum, writer_lock
+from safeport.store import artifacts
+from safeport.store.store import Store, StoreError, checksum, writer_lock
 
 STALE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS stale (

@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from store.store import Store, StoreError
+from safeport.store.store import Store, StoreError
 
 OUTPUTS_DIR = "outputs"
 

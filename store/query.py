@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from store.store import StoreBusyError, StoreError
+from safeport.store.store import StoreBusyError, StoreError
 
 # DuckDB settings of every query connection. They are the real defence; the screen in
 # check_readonly_sql only turns the common refusals into clear messages.

@@ -34,8 +34,8 @@ import zarr
 import zarr.codecs
 import zarr.errors
 
-from store import location
-from store.schema import SCHEMA
+from safeport.store import location
+from safeport.store.schema import SCHEMA
 
 SCHEMA_VERSION = 1
 
@@ -191,7 +191,7 @@ class Store:
     """Handle on one store: ``meta.duckdb`` in its folder + its Zarr arrays (``arrays.zarr`` there, or a URL).
 
     ``arrays`` is where the arrays should be (an absolute path or fsspec URL, see
-    :mod:`store.location`); None means wherever the store recorded them, the
+    :mod:`safeport.store.location`); None means wherever the store recorded them, the
     store folder for a new store. A store keeps one arrays location for life: the
     location is recorded in ``meta`` and the arrays group carries the store's id,
     so a catalog pointing elsewhere, or two stores sharing one location, is refused

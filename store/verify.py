@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store import artifacts
-from store.store import Store, UnitInfo, checksum, tensor_checksum
+from safeport.store import artifacts
+from safeport.store.store import Store, UnitInfo, checksum, tensor_checksum
 
 REPAIR_STATUS = "repair"
 

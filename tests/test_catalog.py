@@ -26,7 +26,7 @@ from safeport.catalog import (
     parse_catalog,
     resolve_profile,
 )
-from store.readers import DataFileError
+from safeport.store.readers import DataFileError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

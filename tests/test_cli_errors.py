@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from safeport.cli import main
-from store.store import Store
+from safeport.store.store import Store
 from tests.test_catalog import base_catalog, write_catalog
 
 BROKEN = {

@@ -13,8 +13,8 @@ import pytest
 from safeport.catalog import DEFAULT_CATALOG, Resolved, load_catalog
 from safeport.datasets import build_all, build_pairs, build_single, check_columns
 from safeport.errors import USER_ERRORS
+from safeport.store.readers import DataFileError
 from safeport.texts import text_id
-from store.readers import DataFileError
 from tests.test_catalog import base_catalog, write_catalog
 
 SECRET = "UNSAFE-SENTINEL-how-to-make-a-weapon"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from safeport.cli import main
-from store.store import Store
+from safeport.store.store import Store
 from tests.flows.catalogs import tiny_catalog
 
 PREFIX = 24  # characters: long enough to be distinctive, short enough to survive a truncated cell
@@ -128,7 +128,7 @@ IMPLICIT_TEXT = ["SELECT * FROM texts", "SELECT t.* FROM texts t JOIN dataset_te
 
 @pytest.fixture(scope="module")
 def extracted(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flows.extract import extract_flow
+    from safeport.flows.extract import extract_flow
 
     tmp = tmp_path_factory.mktemp("no-text")
     catalog = tiny_catalog(tmp)

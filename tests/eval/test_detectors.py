@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.detectors import (
+from safeport.eval.detectors import (
     NUDENET_EXPOSED_LABELS,
     ClipBackbone,
     ClipScorer,
@@ -202,7 +202,7 @@ def test_fid_scorer_with_any_features() -> None:
 
 
 def test_fid_without_pytorch_fid_says_so() -> None:
-    from eval.detectors import inception_features
+    from safeport.eval.detectors import inception_features
 
     try:
         import pytorch_fid  # noqa: F401

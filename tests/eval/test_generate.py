@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.generate import (
+from safeport.eval.generate import (
     GenerationSettings,
     PromptEmbeddings,
     evenly_spaced,
@@ -20,7 +20,7 @@ from eval.generate import (
     steered_kwargs,
     vector_id,
 )
-from extractors.base import ModelSource
+from safeport.extractors.base import ModelSource
 from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build, save_tiny
 
 PROMPT = "a cat on a red sofa"
@@ -194,7 +194,7 @@ def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pyt
 
     import yaml
 
-    from store.artifacts import export_vector
+    from safeport.store.artifacts import export_vector
 
     flux = save_tiny("flux", tmp_path / "flux")
     (tmp_path / "src").mkdir()

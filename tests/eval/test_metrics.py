@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from eval.metrics import MapDiagnostics, cosine, diagnose, map_diagnostics, retrieval_ranks
-from mappers.procrustes import ProcrustesMapper
+from safeport.eval.metrics import MapDiagnostics, cosine, diagnose, map_diagnostics, retrieval_ranks
+from safeport.mappers.procrustes import ProcrustesMapper
 
 
 def test_cosine() -> None:

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from eval.probe import FlaggedPoint, flagged_curve, flagged_fraction, probe_accuracy, train_probe
+from safeport.eval.probe import FlaggedPoint, flagged_curve, flagged_fraction, probe_accuracy, train_probe
 
 
 def _classes(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

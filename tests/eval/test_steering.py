@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.steering import combine, steer, steered_embeds
+from safeport.eval.steering import combine, steer, steered_embeds
 from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build
 
 PROMPT = "a cat on a red sofa"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from eval.sweep import (
+from safeport.eval.sweep import (
     FID_NO_REFERENCE,
     ORIGINAL,
     SAFETY,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import extractors.gguf_cache as gguf_cache
-from extractors import load_extractor
-from extractors.base import ModelSource
+import safeport.extractors.gguf_cache as gguf_cache
+from safeport.extractors import load_extractor
+from safeport.extractors.base import ModelSource
 from tests.tiny_models import smollm2_folder
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

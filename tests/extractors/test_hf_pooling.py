@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from extractors import load_extractor
-from extractors.base import ExtractionError, ModelSource, check_finite, length_batches, masked_mean
+from safeport.extractors import load_extractor
+from safeport.extractors.base import ExtractionError, ModelSource, check_finite, length_batches, masked_mean
 from tests.tiny_models import tiny_bert, tiny_llama
 
 TEXTS = [

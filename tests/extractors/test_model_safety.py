@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from extractors import ModelSource, load_extractor
-from extractors.base import ExtractionError, check_weights
 from safeport.catalog import load_catalog
+from safeport.extractors import ModelSource, load_extractor
+from safeport.extractors.base import ExtractionError, check_weights
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
 from tests.tiny_models import tiny_bert, tiny_llama

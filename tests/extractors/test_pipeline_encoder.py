@@ -16,10 +16,10 @@ import pytest
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from extractors import ModelSource, load_extractor
-from extractors.base import masked_mean
-from extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
-from extractors.pipeline_encoder import PipelineEncoder, load
+from safeport.extractors import ModelSource, load_extractor
+from safeport.extractors.base import masked_mean
+from safeport.extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
+from safeport.extractors.pipeline_encoder import PipelineEncoder, load
 from tests.tiny_pipelines import FAMILIES, save_tiny
 
 MAX_LEN = 48

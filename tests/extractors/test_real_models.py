@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from extractors import load_extractor
-from extractors.base import ModelSource
+from safeport.extractors import load_extractor
+from safeport.extractors.base import ModelSource
 from tests.tiny_models import minilm_folder, smollm2_folder
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

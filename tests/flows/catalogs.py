@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from store import artifacts
-from store.store import Store
+from safeport.store import artifacts
+from safeport.store.store import Store
 from tests.conftest import REPO
 from tests.tiny_models import tiny_bert, tiny_llama
 

@@ -29,12 +29,12 @@ import pytest
 
 import tests.flows.test_eval_flow as eval_setup
 import tests.flows.test_extract_flow as extract_tests
-from flows.extract import extract_flow
-from flows.fit import fit_flow
-from store import artifacts
-from store.outputs import OUTPUTS_DIR
-from store.store import Store
-from store.verify import verify_path
+from safeport.flows.extract import extract_flow
+from safeport.flows.fit import fit_flow
+from safeport.store import artifacts
+from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.store import Store
+from safeport.store.verify import verify_path
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
 
@@ -50,7 +50,7 @@ SEED = int(os.environ.get("SAFEPORT_CRASH_SEED", "20240607"))
 STRETCH = """
 import contextlib, os, time
 import zarr.storage._local as local
-import store.store as st
+import safeport.store.store as st
 
 PAUSE = float(os.environ["SAFEPORT_TEST_STRETCH_S"])
 _put, _transaction = local._put, st.Store.transaction

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flows.rebuild import rebuild
-from flows.scale import dask_task_runner, extract_dask_flow, worker_gpu
-from store.store import Store
+from safeport.flows.rebuild import rebuild
+from safeport.flows.scale import dask_task_runner, extract_dask_flow, worker_gpu
+from safeport.store.store import Store
 from tests.flows.catalogs import assert_same_store, dump_store, tiny_catalog
 
 SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 4}
@@ -99,19 +99,19 @@ def test_pin_worker_gpu_sets_the_device_only_inside_a_multi_gpu_worker(monkeypat
     import distributed
     import torch
 
-    import flows.scale
+    import safeport.flows.scale
 
     chosen: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    flows.scale._pin_worker_gpu()  # not on a worker: nothing changes
+    safeport.flows.scale._pin_worker_gpu()  # not on a worker: nothing changes
     assert chosen == []
 
     class _Worker:
         name = 1
 
     monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
-    flows.scale._pin_worker_gpu()
+    safeport.flows.scale._pin_worker_gpu()
     assert chosen == [1]

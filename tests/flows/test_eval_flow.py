@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 import yaml
 
-import flows.eval
-from flows.eval import eval_flow
+import safeport.flows.eval
+from safeport.flows.eval import eval_flow
+from safeport.store.artifacts import VectorRecord, save_vectors
+from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.store import Store
 from safeport.texts import text_id
-from store.artifacts import VectorRecord, save_vectors
-from store.outputs import OUTPUTS_DIR
-from store.store import Store
 from tests.conftest import REPO
 from tests.tiny_pipelines import TINY_CALL_KWARGS, save_tiny
 
@@ -138,7 +138,7 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     assert len(mtimes1) == 10
 
     # 2. The full sweep crashes after one new output: what was committed stays committed.
-    real_generate = flows.eval.generate
+    real_generate = safeport.flows.eval.generate
     calls = {"n": 0}
 
     def crash_on_second(*args: Any, **kwargs: Any) -> Any:
@@ -147,10 +147,10 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
             raise RuntimeError("simulated crash mid-sweep")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(flows.eval, "generate", crash_on_second)
+    monkeypatch.setattr(safeport.flows.eval, "generate", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(catalog)
-    monkeypatch.setattr(flows.eval, "generate", real_generate)
+    monkeypatch.setattr(safeport.flows.eval, "generate", real_generate)
     assert len(_generations(root)) == 11
 
     # 3. Rerun: only the rest is generated; the third prompt has no category, so its oracle output
@@ -201,7 +201,7 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("a pipeline was loaded although every output exists")
 
-    monkeypatch.setattr(flows.eval, "load_pipeline", refuse)
+    monkeypatch.setattr(safeport.flows.eval, "load_pipeline", refuse)
     again = _run(catalog)
     assert [(g.generated, g.skipped) for g in again.generated] == [(0, 14)]
     assert _mtimes(root, _generations(root)) == mtimes
@@ -211,7 +211,7 @@ def test_eval_flow_refuses_unknown_vectors_and_wrong_dims(prefect_api: str, tmp_
     catalog = _catalog(tmp_path)
     root = tmp_path / "store"
     _fill_store(root)
-    from store.store import StoreError
+    from safeport.store.store import StoreError
 
     with pytest.raises(StoreError, match="no vector named 'nope'"):
         _run(catalog, vectors=["nope"])
@@ -260,7 +260,7 @@ def test_eval_flow_scores_q16_clip_sim_and_fid_when_weights_exist(
 
         return features
 
-    monkeypatch.setattr(flows.eval, "inception_features", colour_features)
+    monkeypatch.setattr(safeport.flows.eval, "inception_features", colour_features)
     result = _run(
         catalog,
         vectors=[CALIBRATED],

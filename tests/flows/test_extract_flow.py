@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-import flows.common
-from flows.extract import extract_flow
-from store.store import Store
+import safeport.flows.common
+from safeport.flows.extract import extract_flow
+from safeport.store.store import Store
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
 
@@ -56,7 +56,7 @@ def test_rerun_with_nothing_new_loads_no_model(
     def refuse(*_: object) -> None:
         raise AssertionError("a model was loaded on a rerun with nothing new")
 
-    monkeypatch.setattr(flows.common, "load_extractor", refuse)
+    monkeypatch.setattr(safeport.flows.common, "load_extractor", refuse)
     second = extract_flow(str(catalog))
     assert {r.status for r in second} == {"skipped"}
     assert sum(r.rows for r in second) == 0
@@ -150,10 +150,10 @@ def test_nan_activations_are_refused_and_committed_rows_kept(
     prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model that emits NaN for one text fails the unit naming it; earlier shards stay committed."""
-    from extractors.base import ExtractionError
+    from safeport.extractors.base import ExtractionError
 
     catalog = tiny_catalog(tmp_path, shard_rows=4)
-    real_load = flows.common.load_extractor
+    real_load = safeport.flows.common.load_extractor
     calls = {"n": 0}
 
     def poisoned(source: Any) -> Any:
@@ -170,8 +170,8 @@ def test_nan_activations_are_refused_and_committed_rows_kept(
         monkeypatch.setattr(ex, "encode", encode_with_nan)
         return ex
 
-    monkeypatch.setattr(flows.common, "load_extractor", poisoned)
-    flows.common.release_models()
+    monkeypatch.setattr(safeport.flows.common, "load_extractor", poisoned)
+    safeport.flows.common.release_models()
     with pytest.raises(
         ExtractionError, match=r"model .* produced NaN/inf activations for 1 text\(s\), e\.g\. text ids"
     ):
@@ -180,8 +180,8 @@ def test_nan_activations_are_refused_and_committed_rows_kept(
         committed = store.scalar("SELECT count(*) FROM shards")
         bad = store.scalar("SELECT count(*) FROM activation_rows")
     assert (committed, bad) == (4, 16)  # four one-batch shards of four rows came before the NaN batch
-    monkeypatch.setattr(flows.common, "load_extractor", real_load)
-    flows.common.release_models()
+    monkeypatch.setattr(safeport.flows.common, "load_extractor", real_load)
+    safeport.flows.common.release_models()
     results = extract_flow(str(catalog))  # resumes: the failed shard is redone, nothing is duplicated
     counts = _counts(tmp_path / "store")
     assert counts["rows"] == counts["distinct"] == 2 * counts["texts"]

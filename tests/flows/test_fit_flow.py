@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.fit import fit_flow
-from flows.run import run_flow
-from mappers.vectors import anchor_scale, centre, train_mean
-from store import artifacts
-from store.store import Store
+from safeport.flows.fit import fit_flow
+from safeport.flows.run import run_flow
+from safeport.mappers.vectors import anchor_scale, centre, train_mean
+from safeport.store import artifacts
+from safeport.store.store import Store
 from tests.flows.catalogs import tiny_catalog
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import fsspec
 import pytest
 
-from flows.rebuild import rebuild
-from flows.run import run_flow
-from flows.scale import dask_task_runner, extract_dask_flow
-from flows.verify import repair_flow
 from safeport.cli import main
-from store.store import Store, StoreError
-from store.verify import verify_path
+from safeport.flows.rebuild import rebuild
+from safeport.flows.run import run_flow
+from safeport.flows.scale import dask_task_runner, extract_dask_flow
+from safeport.flows.verify import repair_flow
+from safeport.store.store import Store, StoreError
+from safeport.store.verify import verify_path
 from tests.flows.catalogs import assert_same_store, tiny_catalog
 
 SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4, "shard_rows": 4}

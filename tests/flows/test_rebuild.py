@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-import flows.common
-from extractors import ModelSource
-from flows.common import model_source, with_revisions
-from flows.rebuild import RebuildResult, rebuild, resolve_revisions
+import safeport.flows.common
 from safeport.catalog import load_catalog
-from store import artifacts
-from store.maintenance import status
-from store.store import Store, StoreBusyError, writer_lock
+from safeport.extractors import ModelSource
+from safeport.flows.common import model_source, with_revisions
+from safeport.flows.rebuild import RebuildResult, rebuild, resolve_revisions
+from safeport.store import artifacts
+from safeport.store.maintenance import status
+from safeport.store.store import Store, StoreBusyError, writer_lock
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
 from tests.tiny_models import tiny_bert
@@ -65,7 +65,7 @@ def _runs(root: Path, run_id: str, flow: str) -> dict[tuple[str, str], str]:
 def _only_loads(monkeypatch: pytest.MonkeyPatch, allowed: set[str]) -> list[str]:
     """Let ``load_extractor`` load only the named models; returns the names it loaded."""
     loaded: list[str] = []
-    real = flows.common.load_extractor
+    real = safeport.flows.common.load_extractor
 
     def guarded(source: ModelSource) -> Any:
         if source.name not in allowed:
@@ -73,7 +73,7 @@ def _only_loads(monkeypatch: pytest.MonkeyPatch, allowed: set[str]) -> list[str]
         loaded.append(source.name)
         return real(source)
 
-    monkeypatch.setattr(flows.common, "load_extractor", guarded)
+    monkeypatch.setattr(safeport.flows.common, "load_extractor", guarded)
     return loaded
 
 
@@ -255,7 +255,7 @@ def test_new_hub_revision_re_extracts_only_that_model(
 
 _REBUILD_SCRIPT = """
 import sys
-from flows.rebuild import rebuild
+from safeport.flows.rebuild import rebuild
 r = rebuild(sys.argv[1], wait_s=float(sys.argv[2]))
 print("RUN", r.run_id, sorted({u.status for u in r.extracted}))
 """

@@ -24,10 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.common import model_source
 from safeport.catalog import load_catalog
-from store.maintenance import status
-from store.store import Store
+from safeport.flows.common import model_source
+from safeport.store.maintenance import status
+from safeport.store.store import Store
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
 from tests.tiny_models import tiny_bert
@@ -155,7 +155,7 @@ def test_scheduled_rebuild_runs_and_picks_up_changed_weights(tmp_path: Path) -> 
 
 
 def test_serve_refuses_without_a_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from flows.serve import ServeError, serve_rebuild
+    from safeport.flows.serve import ServeError, serve_rebuild
 
     port = _free_port()  # nothing listens here
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import mappers
-from mappers.mlp import MLPMap, MLPMapper
+import safeport.mappers as mappers
+from safeport.mappers.mlp import MLPMap, MLPMapper
 
 SMALL = {"hidden": 64, "batch_size": 64}
 

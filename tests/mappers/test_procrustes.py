@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import mappers
-from mappers.procrustes import ProcrustesMap, ProcrustesMapper, procrustes
+import safeport.mappers as mappers
+from safeport.mappers.procrustes import ProcrustesMap, ProcrustesMapper, procrustes
 
 
 def _centred(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-import mappers
-from mappers.ridge import (
+import safeport.mappers as mappers
+from safeport.mappers.ridge import (
     DEFAULT_KS,
     RidgeMap,
     RidgeMapper,

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mappers.procrustes import ProcrustesMapper
-from mappers.ridge import RidgeMapper
-from mappers.vectors import (
+from safeport.mappers.procrustes import ProcrustesMapper
+from safeport.mappers.ridge import RidgeMapper
+from safeport.mappers.vectors import (
     CONCEPT_STRING,
     I2P_TO_SAFESTEER,
     SAFESTEER_CATEGORIES,

@@ -16,11 +16,11 @@ import pytest
 import zarr.storage._local as zarr_local
 
 import tests.flows.test_extract_flow as extract_tests
-from flows.extract import extract_flow
-from flows.run import run_flow
-from store import artifacts
-from store.store import Store, StoreError
-from store.verify import verify_path
+from safeport.flows.extract import extract_flow
+from safeport.flows.run import run_flow
+from safeport.store import artifacts
+from safeport.store.store import Store, StoreError
+from safeport.store.verify import verify_path
 from tests.flows.catalogs import tiny_catalog
 
 _REAL_PUT = zarr_local._put

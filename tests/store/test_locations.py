@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from safeport.catalog import CatalogError, load_catalog
-from store.location import ArrayLocation, LocationError, check_url, resolve
-from store.store import Store, StoreError
+from safeport.store.location import ArrayLocation, LocationError, check_url, resolve
+from safeport.store.store import Store, StoreError
 from tests.flows.catalogs import tiny_catalog
 from tests.store.test_maintenance import _build
 
@@ -34,7 +34,7 @@ def test_arrays_at_a_url_live_there_only_and_the_location_is_recorded(tmp_path: 
         assert store.scalar("SELECT value FROM meta WHERE key = 'arrays'") == memory_url
         meta, values = store.activations("mk", "d")  # checksum-verified read through the URL
         assert meta.num_rows == 4 and np.isfinite(values).all()
-        from store import artifacts
+        from safeport.store import artifacts
 
         np.testing.assert_array_equal(artifacts.load_vector(store, "native:n")[0], vectors["native:n"])
 

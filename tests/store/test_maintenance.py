@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from store import artifacts
-from store.maintenance import collect_garbage, export_vectors, import_vectors, mark_stale, status
-from store.store import Store, StoreBusyError, StoreError, writer_lock
+from safeport.store import artifacts
+from safeport.store.maintenance import collect_garbage, export_vectors, import_vectors, mark_stale, status
+from safeport.store.store import Store, StoreBusyError, StoreError, writer_lock
 
 DIM = 3
 
@@ -242,7 +242,7 @@ def test_cli_gc_export_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 KILLED_REWRITE = """
 import os, pathlib, sys
 import numpy as np
-from store.store import Store
+from safeport.store.store import Store
 
 def die(self, target):  # SIGKILL between writing a chunk's temporary file and renaming it
     os.kill(os.getpid(), 9)

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import store.query as query
-from store.query import (
+import safeport.store.query as query
+from safeport.store.query import (
     READONLY_CONFIG,
     QueryError,
     check_readonly_sql,
@@ -27,7 +27,7 @@ from store.query import (
     readonly_query,
     write_table,
 )
-from store.store import Store, StoreError
+from safeport.store.store import Store, StoreError
 
 ROWS = pa.table(
     {
@@ -363,7 +363,7 @@ def test_store_busy_with_a_writer_in_another_process(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        from store.store import StoreBusyError
+        from safeport.store.store import StoreBusyError
 
         with pytest.raises(StoreBusyError, match=r"being written by another process.*query it later"):
             readonly_query(root, "SELECT 1")

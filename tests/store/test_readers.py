@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store.readers import DataFileError, read_columns, read_header, split_lines
+from safeport.store.readers import DataFileError, read_columns, read_header, split_lines
 
 FORMATS = ("csv", "parquet", "jsonl", "text")
 SECRET = "UNSAFE-SENTINEL-how-to-make-a-weapon"

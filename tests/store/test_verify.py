@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 import tests.flows.test_extract_flow as extract_tests
-from flows.extract import extract_flow
-from flows.fit import fit_flow
-from flows.run import run_flow
 from safeport.cli import main
-from store import artifacts
-from store.store import Store, StoreError
-from store.verify import verify_path
+from safeport.flows.extract import extract_flow
+from safeport.flows.fit import fit_flow
+from safeport.flows.run import run_flow
+from safeport.store import artifacts
+from safeport.store.store import Store, StoreError
+from safeport.store.verify import verify_path
 from tests.flows.catalogs import tiny_catalog
 
 
