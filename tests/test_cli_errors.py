@@ -74,7 +74,7 @@ def test_catalog_reports_a_wrong_column(tmp_path: Path, capsys: pytest.CaptureFi
     data["datasets"]["pr"]["sources"][0]["column"] = "promt"
     code, out, err = _run(capsys, "catalog", "--catalog", str(write_catalog(tmp_path, data)))
     _is_user_error(code, out, err)
-    assert "datasets.pr.sources.0" in err and "['promt'] not found" in err and "'prompt'" in err
+    assert "datasets.pr.sources.0" in err and "['promt'] not found" in err and "2 column(s)" in err
 
 
 def test_catalog_reports_a_file_with_no_usable_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
