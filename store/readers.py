@@ -42,10 +42,14 @@ def split_lines(text: str) -> list[str]:
 def _codec(encoding: str) -> str:
     """The codec to decode with: UTF-8 reads (and drops) a byte-order mark."""
     try:
-        name = codecs.lookup(encoding).name
+        info = codecs.lookup(encoding)
     except LookupError:
         raise DataFileError(f"encoding {encoding!r} is unknown; use e.g. utf-8 or latin-1") from None
-    return "utf-8-sig" if name == "utf-8" else name
+    if not getattr(info, "_is_text_encoding", True) or info.name in ("idna", "punycode"):
+        raise DataFileError(
+            f"encoding {encoding!r} is not a text encoding (it transforms bytes or names); use e.g. utf-8 or latin-1"
+        )
+    return "utf-8-sig" if info.name == "utf-8" else info.name
 
 
 def _require_file(path: Path) -> None:
@@ -205,8 +209,14 @@ def _read_jsonl(path: Path, text: str, columns: list[str]) -> dict[str, list[Any
             continue
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as err:
-            why = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as err:  # ValueError: also an int beyond Python's 4300-digit limit
+            why = (
+                err.msg
+                if isinstance(err, json.JSONDecodeError)
+                else "nested too deeply"
+                if isinstance(err, RecursionError)
+                else "an integer of more than 4300 digits"
+            )
             raise DataFileError(
                 f"{path}: line {lineno} is not valid JSON ({why}); fix the line (one JSON object per line)"
             ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +149,19 @@ def test_text_and_csv_sources_mixed_with_a_category_column(tmp_path: Path) -> No
     assert [(r.text, r.category) for r in ds.rows] == [("from csv", "k"), ("from text", None)]
 
 
-def _pairs_root(tmp_path: Path, rows: list[tuple[str, str, str]], dedup: bool = True) -> Resolved:
+def _pairs_root(
+    tmp_path: Path, rows: list[tuple[str, str, str]], dedup: bool = True, test_rows: Sequence[tuple[str, str, str]] = ()
+) -> Resolved:
+    """The base catalog with ``rows`` as its train pairs and ``test_rows`` (default none) as its test pairs."""
     data = base_catalog(tmp_path)
-    path = tmp_path / "data" / "pairs.parquet"
-    safe, unsafe, cat = (list(x) for x in zip(*rows, strict=True))
-    pq.write_table(pa.table({"safe": safe, "unsafe": unsafe, "cat": cat}), path)
-    data["datasets"]["prs"]["sources"] = [{"path": "data/pairs.parquet"}]
+    sources = []
+    for split, split_rows in (("train", rows), ("test", list(test_rows))):
+        path = tmp_path / "data" / f"pairs_{split}.parquet"
+        safe, unsafe, cat = (list(x) for x in zip(*split_rows, strict=True)) if split_rows else ([], [], [])
+        schema = pa.schema([("safe", pa.string()), ("unsafe", pa.string()), ("cat", pa.string())])
+        pq.write_table(pa.table({"safe": safe, "unsafe": unsafe, "cat": cat}, schema=schema), path)
+        sources.append({"path": f"data/pairs_{split}.parquet", "split": split})
+    data["datasets"]["prs"]["sources"] = sources
     data["datasets"]["prs"]["dedup"] = dedup
     return load_catalog(write_catalog(tmp_path, data))
 

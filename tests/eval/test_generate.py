@@ -211,7 +211,10 @@ def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pyt
                 "kind": "pairs",
                 "safe_column": "safe_prompt",
                 "unsafe_column": "unsafe_prompt",
-                "sources": [{"path": str(data / "SafeSteer_test.parquet")}],
+                "sources": [
+                    {"path": str(data / "SafeSteer_train.parquet"), "split": "train"},
+                    {"path": str(data / "SafeSteer_test.parquet"), "split": "test"},
+                ],
             },
         },
         "profiles": {"default": {"models": ["src", "tflux"], "anchors": "a", "pairs": "p"}},

@@ -129,6 +129,17 @@ def test_unknown_encoding(tmp_path: Path) -> None:
         read_columns(path, "csv", ["prompt"], encoding="klingon")
 
 
+@pytest.mark.parametrize("codec", ["rot13", "base64", "zlib", "idna"])
+@pytest.mark.parametrize("fmt", ["csv", "text"])
+def test_codec_that_is_not_a_file_encoding(tmp_path: Path, codec: str, fmt: str) -> None:
+    path = write(tmp_path / "f", fmt, ["a"])
+    with pytest.raises(DataFileError, match=rf"encoding '{codec}' is not a text encoding.*use e\.g\. utf-8"):
+        read_columns(path, fmt, ["prompt"], encoding=codec)
+    if fmt == "csv":
+        with pytest.raises(DataFileError, match="not a text encoding"):
+            read_header(path, fmt, codec)
+
+
 # --- empty and broken files --------------------------------------------------------------
 
 
@@ -189,6 +200,17 @@ def test_jsonl_deeply_nested_line(tmp_path: Path) -> None:
     path.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     with pytest.raises(DataFileError, match="line 1"):
         read_columns(path, "jsonl", ["p"])
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "-" + "9" * 5000])
+def test_jsonl_integer_beyond_pythons_digit_limit_names_the_line(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "f.jsonl"
+    path.write_text(f'{{"p": "{SECRET}"}}\n{{"p": "x", "cat": {value}}}\n', encoding="utf-8")
+    with pytest.raises(DataFileError) as info:
+        read_columns(path, "jsonl", ["p"])
+    message = str(info.value)
+    assert "line 2 is not valid JSON" in message and "4300" in message and SECRET not in message
+    assert len(message) < 400
 
 
 def test_jsonl_lone_surrogate_escape_is_read(tmp_path: Path) -> None:
