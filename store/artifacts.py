@@ -250,7 +250,7 @@ def export_vector(values: np.ndarray, lineage: Mapping[str, Any], out: Path) -> 
 # exported key must match it exactly: a path-like key would write outside the export folder.
 VECTOR_KEY = re.compile(r"[0-9a-f]{20}")
 CHECKSUM = re.compile(r"[0-9a-f]{32}")  # :func:`safeport.store.store.checksum`
-VECTOR_KINDS = ("native", "calibrated", "random", "string")
+VECTOR_KIND = re.compile(r"[a-z][a-z_]{0,31}")  # source, native, raw, calibrated, ... (mappers/transfer.py)
 _MAX_LINEAGE_BYTES = 1 << 20
 _MAX_LINEAGE_DEPTH = 32
 # Lineage fields that must be text when present (None allowed where a vector has none).
@@ -333,8 +333,11 @@ def _read_lineage(js: Path) -> dict[str, Any]:
             )
     if "vector_key" in lineage:
         check_vector_key(lineage["vector_key"], str(js))
-    if lineage.get("kind") is not None and lineage["kind"] not in VECTOR_KINDS:
-        raise StoreError(f"{js}: kind {_short(lineage['kind'])} is not one of {', '.join(VECTOR_KINDS)}")
+    if lineage.get("kind") is not None and not VECTOR_KIND.fullmatch(lineage["kind"]):
+        raise StoreError(
+            f"{js}: kind {_short(lineage['kind'])} is not a vector kind (a lowercase word such as native or "
+            "calibrated); use the file `safeport export` wrote"
+        )
     if "checksum" in lineage and not (isinstance(lineage["checksum"], str) and CHECKSUM.fullmatch(lineage["checksum"])):
         raise StoreError(
             f"{js}: checksum {_short(lineage['checksum'])} is not a checksum (32 hex digits); re-export it"

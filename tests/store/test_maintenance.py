@@ -399,7 +399,10 @@ SPOILED: dict[str, tuple[Any, tuple[str, ...]]] = {
     "JSON 5,000-digit integer": (lambda st, js: js.write_text('{"n": ' + "9" * 5000 + "}"), ("not valid JSON",)),
     "JSON not UTF-8": (lambda st, js: js.write_bytes(b'{"name": "\xff"}'), ("UTF-8",)),
     "name not a string": (lambda st, js: _edit_json(js, name=["x"]), ("name", "string")),
-    "unknown kind": (lambda st, js: _edit_json(js, kind="evil"), ("kind", "'evil'", "native")),
+    "kind that is not a kind": (
+        lambda st, js: _edit_json(js, kind="../Evil kind"),
+        ("kind", "'../Evil kind'", "native"),
+    ),
     "checksum not a checksum": (lambda st, js: _edit_json(js, checksum="../x"), ("checksum",)),
     "values changed": (
         lambda st, js: _edit_json(js, checksum="0" * 32),
