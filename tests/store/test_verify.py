@@ -336,7 +336,8 @@ FAULTS = [
 ]
 
 
-# Default suite: each fault once (the two that used to dead-end finished both ways); -m slow: every pair.
+# Default suite: the two faults that used to dead-end, finished both ways, and two more steps; the last
+# fault is an extraction killed mid-unit (the crash-loop tests kill that often). -m slow: every pair.
 DEFAULT_RUNS = {
     (FAULTS[0], "verify --repair"),
     (FAULTS[0], "extract"),
@@ -344,7 +345,6 @@ DEFAULT_RUNS = {
     (FAULTS[1], "extract"),
     (FAULTS[2], "verify --repair"),
     (FAULTS[3], "extract"),
-    (FAULTS[4], "verify --repair"),
 }
 
 
