@@ -35,6 +35,7 @@ from safeport.store import location
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 FORMATS = ("csv", "parquet", "jsonl", "text")
+PAIR_SPLITS = ("train", "test")  # what fit reads of a pairs dataset: vectors from train, the probe tested on test
 _SUFFIX_FORMAT = {
     ".csv": "csv",
     ".parquet": "parquet",
@@ -43,9 +44,6 @@ _SUFFIX_FORMAT = {
     ".ndjson": "jsonl",
     ".txt": "text",
 }
-
-
-PAIR_SPLITS = ("train", "test")
 
 
 class CatalogError(ValueError):
@@ -187,7 +185,7 @@ class ModelEntry(_Strict):
 
     @field_validator("options", "generation")
     @classmethod
-    def _settings(
+    def _bounded_settings(
         cls, v: dict[str, str | int | float | bool], info: ValidationInfo
     ) -> dict[str, str | int | float | bool]:
         return _settings(v, str(info.field_name))
