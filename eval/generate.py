@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from safeport.eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
-from safeport.extractors.base import ModelSource, resolve_device, resolve_dtype
+from safeport.extractors.base import ModelSource, check_device, resolve_device, resolve_dtype
 from safeport.extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
@@ -138,6 +138,7 @@ def load_pipeline(source: ModelSource, *, offload: bool = False) -> Pipeline:
     that do not fit the GPU whole (Wan 2.2 A14B on an 80 GB card).
     """
     family = pipeline_family(source)
+    check_device(source.device, source.name)
     device = resolve_device(source.device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(source.dtype, device)}
     if source.hub_id is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec
+from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec, check_device
 
 # family name -> module defining ``load(source: ModelSource) -> Extractor``
 FAMILIES: dict[str, str] = {
@@ -24,6 +24,7 @@ def load_extractor(source: ModelSource) -> Extractor:
         raise ValueError(
             f"model {source.name!r}: family {source.family!r} is unknown; use one of {', '.join(sorted(FAMILIES))}"
         )
+    check_device(source.device, source.name)  # before any weight is read
     module = importlib.import_module(FAMILIES[source.family])
     extractor: Extractor = module.load(source)
     return extractor

@@ -119,6 +119,43 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_device(device: str, model: str) -> None:
+    """Refuse a catalog device this machine lacks, before a model is loaded onto it.
+
+    Why: torch fails deep inside ``.to()`` (``AssertionError: Torch not compiled with CUDA``,
+    ``RuntimeError`` for MPS) after the weights were read; the catalog is valid on other machines.
+    """
+    kind, _, index = device.partition(":")
+    fix = "set device: auto (a GPU when there is one, else the CPU) or device: cpu on this model in the catalog"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractionError(
+                f"model {model!r}: device {device!r} is not available: torch sees no CUDA GPU on this machine "
+                f"(or this torch build has no CUDA); {fix}"
+            )
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise ExtractionError(
+                f"model {model!r}: device {device!r} does not exist: this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); use one of them, or {fix}"
+            )
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ExtractionError(
+            f"model {model!r}: device {device!r} is not available: MPS needs an Apple-silicon Mac and a torch "
+            f"build with MPS; {fix}"
+        )
+
+
+def check_max_tokens(config: object, max_tokens: int, model: str) -> None:
+    """Refuse ``max_tokens`` beyond the positions the model has (position embeddings index out of range)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < max_tokens:
+        raise ExtractionError(
+            f"model {model!r}: max_tokens {max_tokens} is more than the {limit} positions the model has "
+            f"(max_position_embeddings in its config); set max_tokens: {limit} or less in the catalog"
+        )
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` computes in bfloat16 on GPU and float32 on CPU."""
     if dtype == "auto":

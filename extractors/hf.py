@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from safeport.extractors.base import Pooled, RepresentationSpec, masked_mean
+from safeport.extractors.base import Pooled, RepresentationSpec, check_max_tokens, masked_mean
 
 
 class HFPooler:
@@ -28,6 +28,7 @@ class HFPooler:
         layer: int | None = None,
         causal: bool = False,
     ) -> None:
+        check_max_tokens(model.config, spec.max_tokens, spec.model_id)
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.spec = spec

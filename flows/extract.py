@@ -117,6 +117,8 @@ def commit_missing_shards(
     run would have given it.
     """
     todo = _uncommitted(store, unit)
+    if todo:
+        store.ensure_unit_array(unit)  # an interrupted repair can leave it missing or unreadable
     ids = store.unit_text_ids(unit.unit_key)
     rows = tokens = 0
     remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)

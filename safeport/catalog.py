@@ -14,11 +14,20 @@ import re
 import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from safeport.extractors import FAMILIES
 from safeport.extractors.base import ModelSource
@@ -26,6 +35,7 @@ from safeport.store import location
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 FORMATS = ("csv", "parquet", "jsonl", "text")
+PAIR_SPLITS = ("train", "test")  # what fit reads of a pairs dataset: vectors from train, the probe tested on test
 _SUFFIX_FORMAT = {
     ".csv": "csv",
     ".parquet": "parquet",
@@ -41,6 +51,47 @@ class CatalogError(ValueError):
 
 
 _DEVICE = re.compile(r"(auto|cpu|cuda|mps|cuda:[0-9]+)", re.ASCII)
+# Model and dataset names become parts of file and array names (reports, outputs): one safe path
+# component. A leading "_" is reserved for internal datasets (the concept string's ``__concept__``).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+MAX_SHARD_ROWS = 65536  # rows per shard chunk: 65,536 x 4,096 dims x 4 bytes = 1 GiB of memory per write
+MAX_ALPHA = 100.0  # steering strengths are small multiples of the vector (the paper sweeps 0-3)
+_MAX_COUNT = 2**31 - 1  # row counts and row numbers are INTEGER (int32) columns of the store
+_MAX_SEED = 2**32 - 1  # numpy and torch seeds
+_MAX_SETTING_INT = 2**53  # an option or generation setting is a size or count, never larger
+# Codecs that decode bytes to text but are no file encodings (domain names), refused like rot13.
+_NOT_FILE_ENCODINGS = ("idna", "punycode")
+
+
+def _name(kind: str, v: str) -> str:
+    if v.startswith("_"):
+        raise ValueError(
+            f"{kind} name {_shown(v)} is reserved: names starting with '_' are internal datasets "
+            "(such as __concept__); rename it"
+        )
+    if not _NAME.fullmatch(v) or v in (".", ".."):
+        raise ValueError(
+            f"{kind} name {_shown(v)} is not allowed: names become parts of file names; use 1-64 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit (e.g. org-model-7b)"
+        )
+    return v
+
+
+def _model_name(v: str) -> str:
+    return _name("model", v)
+
+
+def _dataset_name(v: str) -> str:
+    return _name("dataset", v)
+
+
+def _settings(values: dict[str, str | int | float | bool], what: str) -> dict[str, str | int | float | bool]:
+    for key, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_SETTING_INT:
+            raise ValueError(f"{what} {key!r}: an integer of {value.bit_length()} bits is not a setting; fix it")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{what} {key!r} = {value}; use a finite number")
+    return values
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -70,6 +121,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        """An int, or for one beyond Python's int-string limit (4300 digits) a stand-in that names its line.
+
+        Validation then refuses the stand-in naming its key (no field takes it), instead of the
+        bare ``ValueError: Exceeds the limit`` that ``int()`` raises with no field or line.
+        """
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(ch.isdigit() for ch in str(node.value))
+            return _HugeInt(f"<an integer of {digits} digits at line {node.start_mark.line + 1}>")
+
+
+class _HugeInt:
+    """What the catalog loader puts where YAML holds an integer Python will not parse."""
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+
+    def __repr__(self) -> str:
+        return self.shown
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
 
 def _finite(values: tuple[float, ...] | list[float], what: str) -> None:
     bad = [v for v in values if not math.isfinite(v)]
@@ -92,7 +168,7 @@ class ModelEntry(_Strict):
     device: str = "auto"
     batch_size: int = Field(32, ge=1, le=65536)
     max_tokens: int = Field(256, ge=1, le=1_000_000)
-    max_batch_tokens: int = Field(0, ge=0)
+    max_batch_tokens: int = Field(0, ge=0, le=_MAX_COUNT)
     allow_pickle: bool = False
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # Default diffusers __call__ arguments for generation (height, num_inference_steps, ...). Not part of
@@ -106,6 +182,13 @@ class ModelEntry(_Strict):
         if v not in FAMILIES:
             raise ValueError(f"unknown family {_shown(v)}; use one of {', '.join(sorted(FAMILIES))}")
         return v
+
+    @field_validator("options", "generation")
+    @classmethod
+    def _bounded_settings(
+        cls, v: dict[str, str | int | float | bool], info: ValidationInfo
+    ) -> dict[str, str | int | float | bool]:
+        return _settings(v, str(info.field_name))
 
     @field_validator("device")
     @classmethod
@@ -129,7 +212,7 @@ class SourceEntry(_Strict):
     format: Literal["csv", "parquet", "jsonl", "text"] | None = None
     column: str | None = None
     clean: Literal["none", "wikitext"] = "none"
-    max_count: int | None = Field(None, ge=1)
+    max_count: int | None = Field(None, ge=1, le=_MAX_COUNT)
     split: str | None = None
     encoding: str = "utf-8"
 
@@ -137,9 +220,14 @@ class SourceEntry(_Strict):
     @classmethod
     def _encoding(cls, v: str) -> str:
         try:
-            codecs.lookup(v)
+            info = codecs.lookup(v)
         except LookupError:
             raise ValueError(f"encoding {_shown(v)} is unknown; use e.g. utf-8, latin-1 or cp1252") from None
+        if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_FILE_ENCODINGS:
+            raise ValueError(
+                f"encoding {_shown(v)} is not a text encoding (it transforms bytes or names, it does not decode "
+                "a file); use e.g. utf-8, latin-1 or cp1252"
+            )
         return v
 
     @model_validator(mode="after")
@@ -165,8 +253,8 @@ class SourceEntry(_Strict):
 class DatasetEntry(_Strict):
     kind: Literal["anchors", "pairs", "prompts"]
     sources: list[SourceEntry] = Field(min_length=1)
-    max_count: int | None = Field(None, ge=1)
-    seed: int = 42
+    max_count: int | None = Field(None, ge=1, le=_MAX_COUNT)
+    seed: int = Field(42, ge=0, le=_MAX_SEED)
     dedup: bool = True
     safe_column: str | None = None
     unsafe_column: str | None = None
@@ -181,11 +269,33 @@ class DatasetEntry(_Strict):
                 "a pairs dataset needs safe_column and unsafe_column (the columns of the two texts); add both"
             )
         if self.kind == "pairs":
-            for src in self.sources:
+            if self.safe_column == self.unsafe_column:
+                raise ValueError(
+                    f"safe_column and unsafe_column are both {_shown(self.safe_column)}; a pair needs two "
+                    "different columns (the safe text and the unsafe text)"
+                )
+            if self.category_column in (self.safe_column, self.unsafe_column):
+                raise ValueError(
+                    f"category_column {_shown(self.category_column)} is also a text column; name the column "
+                    "of the category labels, or remove category_column"
+                )
+            for i, src in enumerate(self.sources):
                 if src.resolved_format() == "text":
                     raise ValueError(
                         f"source {src.path or src.hub!r} is a text file (one column), but a pairs dataset "
                         "needs two; use a csv, parquet or jsonl file with safe_column and unsafe_column"
+                    )
+                if src.split not in PAIR_SPLITS:
+                    got = "has no split" if src.split is None else f"has split: {_shown(src.split)}"
+                    raise ValueError(
+                        f"sources.{i} ({src.path or src.hub!r}) {got}; every pairs source needs split: train or "
+                        "split: test (fit trains the vectors on train pairs and tests the probe on test pairs)"
+                    )
+            for split in PAIR_SPLITS:
+                if not any(src.split == split for src in self.sources):
+                    raise ValueError(
+                        f"no source with split: {split}; fit needs train and test pairs: add one "
+                        f"(a source with split: {split})"
                     )
         else:
             for src in self.sources:
@@ -206,10 +316,10 @@ class ProfileEntry(_Strict):
     # Where the store's Zarr arrays live: omitted = inside the store folder; or a path or any
     # fsspec URL (s3://bucket/prefix, gs://…, memory://…). DuckDB stays in the store folder.
     arrays: str | None = None
-    mappers: tuple[Literal["procrustes", "ridge", "mlp"], ...] = ("procrustes", "ridge", "mlp")
-    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
-    shard_rows: int = Field(256, ge=1)
-    seed: int = 42
+    mappers: tuple[Literal["procrustes", "ridge", "mlp"], ...] = Field(("procrustes", "ridge", "mlp"), min_length=1)
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0], min_length=1)
+    shard_rows: int = Field(256, ge=1, le=MAX_SHARD_ROWS)
+    seed: int = Field(42, ge=0, le=_MAX_SEED)
     description: str = ""
 
     @field_validator("arrays")
@@ -231,13 +341,23 @@ class ProfileEntry(_Strict):
     @classmethod
     def _alphas(cls, v: list[float]) -> list[float]:
         _finite(v, "alphas")
+        big = [a for a in v if abs(a) > MAX_ALPHA]
+        if big:
+            raise ValueError(
+                f"alpha {big[0]:g} is not between -{MAX_ALPHA:g} and {MAX_ALPHA:g}; steering strengths are small "
+                "multiples of the vector (the default sweep is 0 to 3)"
+            )
         return v
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+DatasetName = Annotated[str, AfterValidator(_dataset_name)]
 
 
 class Catalog(_Strict):
     version: Literal[1] = 1
-    models: dict[str, ModelEntry]
-    datasets: dict[str, DatasetEntry]
+    models: dict[ModelName, ModelEntry]
+    datasets: dict[DatasetName, DatasetEntry]
     profiles: dict[str, ProfileEntry]
 
 
@@ -315,7 +435,8 @@ def resolve_path(value: str, root: Path) -> Path:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s)"]
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = e["loc"][:-1] if e["loc"] and e["loc"][-1] == "[key]" else e["loc"]  # a bad name: its own key path
+        where = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(
                 f"  - {where} = {_shown(e.get('input'))}: unknown key; remove it or check its spelling "
@@ -334,7 +455,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_REPR = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 1000:  # beyond Python's int-string limit, and too long to show anyway
+            return f"<a {x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_REPR = _ShortRepr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 4, 6, 200, 200
 
 

@@ -7,10 +7,13 @@ exit with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -191,11 +194,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_now(signum: int, frame: object) -> None:
+    """A Ctrl-C while safeport is already stopping: leave at once, quietly.
+
+    Why: a second SIGINT would otherwise raise KeyboardInterrupt inside cleanup (the
+    garbage collection below, weakref callbacks, interpreter shutdown), which Python
+    prints as a trace. Committed work is safe without that cleanup: every commit is a
+    DuckDB transaction, and the writer lock is released with the process.
+    """
+    del signum, frame
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        os.write(sys.stderr.fileno(), b"safeport: interrupted again; stopped now (committed work is kept)\n")
+    os._exit(130)
+
+
+def _first_interrupt(signum: int, frame: object) -> None:
+    """The first Ctrl-C stops safeport the usual way (KeyboardInterrupt); the next one exits at once."""
+    signal.signal(signal.SIGINT, _exit_now)
+    raise KeyboardInterrupt
+
+
+def _handles_interrupts() -> bool:
+    """Whether main() may manage SIGINT: the main thread, and Ctrl-C not ignored (a background job)."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) in (
+        signal.default_int_handler,
+        _first_interrupt,
+    )
+
+
+def _quiet_second_interrupt() -> None:
+    """From the first KeyboardInterrupt on, the next Ctrl-C ends the process without a trace."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _exit_now)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
     from safeport.errors import USER_ERRORS
 
+    managed = _handles_interrupts()
+    if managed:  # a second Ctrl-C while the first one unwinds (Prefect's crash reports) is quiet too
+        signal.signal(signal.SIGINT, _first_interrupt)
     try:
         return int(args.func(args))
     except BrokenPipeError:
@@ -214,11 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safeport: error: {type(err).__name__}: {err} (SAFEPORT_DEBUG=1 shows details)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _quiet_second_interrupt()  # stays for the rest of this process: it is shutting down
         print("safeport: interrupted; committed work is kept, rerun to resume", file=sys.stderr)
         return 130
     finally:
         # Drop reference cycles from caught tracebacks while DuckDB is still loaded (quiet exit).
         gc.collect()
+        if managed and signal.getsignal(signal.SIGINT) is _first_interrupt:  # not interrupted: as before
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

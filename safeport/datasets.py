@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from safeport.catalog import DatasetEntry, Resolved, SourceEntry
-from safeport.store.readers import DataFileError, read_columns, read_header, read_hub_columns
+from safeport.store.readers import DataFileError, describe_columns, read_columns, read_header, read_hub_columns
 from safeport.texts import normalise, seeded_sample, split_labels, text_id, wikitext_sentences
 
 log = logging.getLogger("safeport.datasets")
@@ -54,7 +54,8 @@ def check_columns(resolved: Resolved) -> None:
     """Fail early, reading only headers/schemas, if a local source lacks a column the catalog names.
 
     Every problem of the profile is reported at once, each with its catalog key, the
-    file, the missing columns and the columns the file does have. CSV and Parquet are
+    file, the missing columns and what the file has (:func:`describe_columns`: a CSV
+    header is counted, never quoted, as it may be a data row). CSV and Parquet are
     checked here; JSONL keys can vary per line and hub datasets need the network, so
     those are checked when they are read (:func:`safeport.store.readers.read_columns`).
     """
@@ -69,10 +70,9 @@ def check_columns(resolved: Resolved) -> None:
                 continue
             missing = [c for c in _columns_for(entry, src) if c not in have]
             if missing:
-                shown = have[:30] + (["..."] if len(have) > 30 else [])
                 problems.append(
                     f"  - datasets.{name}.sources.{i} ({path}): column(s) {missing} not found; "
-                    f"available columns: {shown}"
+                    + describe_columns(have, src.resolved_format()).replace("FILE", str(path))
                 )
     if problems:
         raise DataFileError(

@@ -9,6 +9,8 @@ array-first, record-second, like activation shards.
 from __future__ import annotations
 
 import json
+import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,16 +245,148 @@ def export_vector(values: np.ndarray, lineage: Mapping[str, Any], out: Path) -> 
     return st, js
 
 
-def read_exported_vector(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Load an exported vector (``.safetensors``; lineage from the sibling ``.json`` if present)."""
+# The format of a vector key (``flows/fit.py`` makes them: 20 hex digits of a SHA-256). Keys become
+# file names on export (``<key>.safetensors``) and array paths in the store, so an imported or
+# exported key must match it exactly: a path-like key would write outside the export folder.
+VECTOR_KEY = re.compile(r"[0-9a-f]{20}")
+CHECKSUM = re.compile(r"[0-9a-f]{32}")  # :func:`safeport.store.store.checksum`
+VECTOR_KIND = re.compile(r"[a-z][a-z_]{0,31}")  # source, native, raw, calibrated, ... (mappers/transfer.py)
+_MAX_LINEAGE_BYTES = 1 << 20
+_MAX_LINEAGE_DEPTH = 32
+# Lineage fields that must be text when present (None allowed where a vector has none).
+_TEXT_FIELDS = (
+    "name",
+    "kind",
+    "target",
+    "target_key",
+    "source",
+    "source_key",
+    "mapper",
+    "category",
+    "fit_key",
+    "map_key",
+    "exported_from",
+    "exported_at",
+)
+
+
+def _short(value: Any) -> str:
+    shown = reprlib.repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def check_vector_key(key: Any, where: str) -> str:
+    """``key`` if it is a vector key (20 lowercase hex digits), else a :class:`StoreError` naming ``where``."""
+    if not isinstance(key, str) or not VECTOR_KEY.fullmatch(key):
+        raise StoreError(
+            f"{where}: vector_key {_short(key)} is not a vector key (20 lowercase hex digits); keys become file "
+            "names, so nothing else is accepted. Use the files `safeport export` wrote, unchanged"
+        )
+    return key
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest
+
+
+def _read_lineage(js: Path) -> dict[str, Any]:
+    """The lineage object of an export's ``.json``, checked for size, syntax, type and nesting."""
+    try:
+        raw = js.read_bytes()
+    except OSError as err:
+        raise StoreError(f"{js}: cannot be read ({err.strerror}); check its permissions") from None
+    if len(raw) > _MAX_LINEAGE_BYTES:
+        raise StoreError(
+            f"{js}: {len(raw)} bytes, more than a lineage file holds; use the file `safeport export` wrote"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise StoreError(f"{js}: byte {err.start} is not valid UTF-8; use the file `safeport export` wrote") from None
+    try:
+        lineage = json.loads(text)
+    except RecursionError:
+        raise StoreError(f"{js}: the JSON is nested too deeply; use the file `safeport export` wrote") from None
+    except ValueError as err:  # JSONDecodeError, or an integer beyond Python's digit limit
+        why = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(";")[0]
+        raise StoreError(f"{js}: not valid JSON ({why}); use the file `safeport export` wrote") from None
+    if not isinstance(lineage, dict):
+        raise StoreError(
+            f"{js}: a JSON {type(lineage).__name__}, not an object of lineage fields; "
+            "use the file `safeport export` wrote"
+        )
+    if _depth(lineage) > _MAX_LINEAGE_DEPTH:
+        raise StoreError(f"{js}: the JSON is nested more than {_MAX_LINEAGE_DEPTH} levels deep; lineage never is")
+    for field in _TEXT_FIELDS:
+        if lineage.get(field) is not None and not isinstance(lineage[field], str):
+            raise StoreError(
+                f"{js}: {field} is a JSON {type(lineage[field]).__name__}, not a string; fix or re-export it"
+            )
+    if "vector_key" in lineage:
+        check_vector_key(lineage["vector_key"], str(js))
+    if lineage.get("kind") is not None and not VECTOR_KIND.fullmatch(lineage["kind"]):
+        raise StoreError(
+            f"{js}: kind {_short(lineage['kind'])} is not a vector kind (a lowercase word such as native or "
+            "calibrated); use the file `safeport export` wrote"
+        )
+    if "checksum" in lineage and not (isinstance(lineage["checksum"], str) and CHECKSUM.fullmatch(lineage["checksum"])):
+        raise StoreError(
+            f"{js}: checksum {_short(lineage['checksum'])} is not a checksum (32 hex digits); re-export it"
+        )
+    return lineage
+
+
+def _read_tensor(st: Path) -> np.ndarray:
+    """The ``vector`` tensor of a safetensors file: readable, a float type, 1-D, non-empty, finite."""
     from safetensors.numpy import load_file
 
+    try:
+        tensors = load_file(str(st))
+    except Exception as err:  # SafetensorError, OSError, a dtype numpy lacks (bfloat16)
+        raise StoreError(
+            f"{st}: not a readable safetensors file ({type(err).__name__}: {err}); export the vector again"
+        ) from None
+    if "vector" not in tensors:
+        raise StoreError(f"{st} has no tensor named 'vector' (has {_short(sorted(tensors))}); export the vector again")
+    values = tensors["vector"]
+    if not np.issubdtype(values.dtype, np.floating):
+        raise StoreError(f"{st}: tensor 'vector' has dtype {values.dtype}, not a float type; export the vector again")
+    if values.ndim != 1 or values.shape[0] == 0:
+        raise StoreError(
+            f"{st}: tensor 'vector' has shape {values.shape}; a steering vector is 1-D and non-empty (shape (dim,))"
+        )
+    values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise StoreError(f"{st}: tensor 'vector' holds NaN/inf values; export the vector again")
+    return values
+
+
+def read_exported_vector(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Load an exported vector (``.safetensors``; lineage from the sibling ``.json`` if present), checked.
+
+    Every problem is a :class:`StoreError` naming the file, raised before the caller writes
+    anything: an unreadable file, a tensor that is not one finite 1-D float vector, lineage
+    JSON that is not a small object of the expected fields, a checksum that does not match.
+    Without a ``.json`` (a hand-made vector for ``generate``) the lineage is empty.
+    """
     st = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
     if not st.is_file():
         raise StoreError(f"{st} does not exist; export one with `safeport export NAME -o {path}`")
-    tensors = load_file(str(st))
-    if "vector" not in tensors:
-        raise StoreError(f"{st} has no tensor named 'vector' (has {sorted(tensors)})")
     js = st.with_suffix(".json")
-    lineage = json.loads(js.read_text(encoding="utf-8")) if js.is_file() else {}
-    return tensors["vector"].astype(np.float32), lineage
+    lineage = _read_lineage(js) if js.is_file() else {}
+    values = _read_tensor(st)
+    if "checksum" in lineage and checksum(values.reshape(1, -1)) != lineage["checksum"]:
+        raise StoreError(
+            f"{st}: values have checksum {checksum(values.reshape(1, -1))} but the export recorded "
+            f"{lineage['checksum']}; the file was damaged or edited, export it again"
+        )
+    return values, lineage

@@ -239,11 +239,11 @@ def export_vectors(root: Path | str, out: Path | str, names: Sequence[str] = ())
     """Write ``<vector_key>.safetensors`` + ``.json`` per vector (all names by default) and a manifest.
 
     The JSON carries the full lineage plus the checksum, so ``import_vectors`` can
-    refuse a file that changed on the way.
+    refuse a file that changed on the way. Every vector is read and every key checked
+    (keys become file names) before the first file is written.
     """
     out = Path(out)
-    written: list[Path] = []
-    manifest: list[dict[str, Any]] = []
+    loaded: list[tuple[str, np.ndarray, dict[str, Any]]] = []
     with Store(root, read_only=True) as store:
         wanted = list(names) or [
             r[0] for r in store.con.execute("SELECT DISTINCT name FROM vectors ORDER BY 1").fetchall()
@@ -251,6 +251,15 @@ def export_vectors(root: Path | str, out: Path | str, names: Sequence[str] = ())
         if not wanted:
             raise StoreError(f"store {store.root} has no vectors to export; run `safeport fit` first")
         for name in wanted:
+            key = store.scalar("SELECT vector_key FROM vectors WHERE name = ? ORDER BY created_at DESC LIMIT 1", [name])
+            if key is not None:
+                try:
+                    artifacts.check_vector_key(key, f"store {store.root}, vector {name!r}")
+                except StoreError as err:
+                    raise StoreError(
+                        f"{err}. Nothing was exported; export the other vectors by name "
+                        "(`safeport export NAME... -o DIR`)"
+                    ) from None
             values, lineage = artifacts.load_vector(store, name)
             lineage.update(
                 {
@@ -259,11 +268,15 @@ def export_vectors(root: Path | str, out: Path | str, names: Sequence[str] = ())
                     "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
             )
-            st, _ = artifacts.export_vector(values, lineage, out / lineage["vector_key"])
-            written.append(st)
-            manifest.append(
-                {"name": name, "vector_key": lineage["vector_key"], "file": st.name, "checksum": lineage["checksum"]}
-            )
+            loaded.append((name, values, lineage))
+    written: list[Path] = []
+    manifest: list[dict[str, Any]] = []
+    for name, values, lineage in loaded:
+        st, _ = artifacts.export_vector(values, lineage, out / lineage["vector_key"])
+        written.append(st)
+        manifest.append(
+            {"name": name, "vector_key": lineage["vector_key"], "file": st.name, "checksum": lineage["checksum"]}
+        )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return written
 
@@ -290,30 +303,20 @@ def import_vectors(root: Path | str, src: Path | str, wait_s: float = 0.0) -> li
     files = _exported_files(src)
     loaded = []
     for f in files:
-        values, lineage = artifacts.read_exported_vector(f)
+        values, lineage = artifacts.read_exported_vector(f)  # file, tensor, JSON schema and checksum checked
         missing = [k for k in ("name", "vector_key", "kind", "target", "checksum") if not lineage.get(k)]
         if missing:
             raise StoreError(f"{f}: its lineage JSON lacks {missing}; re-export it with `safeport export`")
-        got = checksum(values.reshape(1, -1))
-        if got != lineage["checksum"]:
-            raise StoreError(
-                f"{f}: values have checksum {got} but the export recorded {lineage['checksum']}; "
-                "the file was damaged or edited, export it again"
-            )
         loaded.append((f, values, lineage))
     out: list[ImportedVector] = []
     rid = uuid.uuid4().hex
     with writer_lock(root, wait_s), Store(root) as store:
+        for f, values, lineage in loaded:  # every check against the store first: a refusal writes nothing
+            _check_against(store, f, values, lineage)
         for f, values, lineage in loaded:
             started = time.time()
             key, name = str(lineage["vector_key"]), str(lineage["name"])
-            have = store.scalar("SELECT checksum FROM vectors WHERE vector_key = ?", [key])
-            if have is not None:
-                if have != lineage["checksum"]:
-                    raise StoreError(
-                        f"{f}: vector {name!r} ({key}) is already in {store.root} with checksum {have}, not "
-                        f"{lineage['checksum']}; one of the two is damaged, run `safeport verify` on both stores"
-                    )
+            if store.scalar("SELECT checksum FROM vectors WHERE vector_key = ?", [key]) is not None:
                 out.append(ImportedVector(name, key, "present", str(f)))
                 continue
             kept = {k: v for k, v in lineage.items() if k not in _DESCRIPTIVE}
@@ -340,3 +343,24 @@ def import_vectors(root: Path | str, src: Path | str, wait_s: float = 0.0) -> li
             )
             out.append(ImportedVector(name, key, "imported", str(f)))
     return out
+
+
+def _check_against(store: Store, f: Path, values: np.ndarray, lineage: Mapping[str, Any]) -> None:
+    """Refuse an exported vector that contradicts the store: same key, other values; or not its target's dim."""
+    key, name = str(lineage["vector_key"]), str(lineage["name"])
+    have = store.scalar("SELECT checksum FROM vectors WHERE vector_key = ?", [key])
+    if have is not None and have != lineage["checksum"]:
+        raise StoreError(
+            f"{f}: vector {name!r} ({key}) is already in {store.root} with checksum {have}, not "
+            f"{lineage['checksum']}; one of the two is damaged, run `safeport verify` on both stores"
+        )
+    target, target_key = str(lineage["target"]), lineage.get("target_key")
+    row = store.one("SELECT model_key, dim FROM models WHERE model_key = ?", [target_key]) if target_key else None
+    row = row or store.one(
+        "SELECT model_key, dim FROM models WHERE name = ? AND current ORDER BY registered_at DESC LIMIT 1", [target]
+    )
+    if row is not None and row[1] is not None and int(row[1]) != values.shape[0]:
+        raise StoreError(
+            f"{f}: vector {name!r} has {values.shape[0]} values but model {target!r} ({row[0]}) in {store.root} has "
+            f"dim {row[1]}; import it into a store of that target, or export the right vector"
+        )

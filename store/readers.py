@@ -3,7 +3,8 @@
 One function, :func:`read_columns`, for every format, so no data set needs
 code of its own. Errors name the file, the column or line, and the fix, but
 never quote a row: the rows are unsafe prompts, and error messages end up in
-logs and terminals.
+logs and terminals. That includes a CSV header, which may be a headerless file's
+first row (see :func:`describe_columns`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def split_lines(text: str) -> list[str]:
 def _codec(encoding: str) -> str:
     """The codec to decode with: UTF-8 reads (and drops) a byte-order mark."""
     try:
-        name = codecs.lookup(encoding).name
+        info = codecs.lookup(encoding)
     except LookupError:
         raise DataFileError(f"encoding {encoding!r} is unknown; use e.g. utf-8 or latin-1") from None
-    return "utf-8-sig" if name == "utf-8" else name
+    if not getattr(info, "_is_text_encoding", True) or info.name in ("idna", "punycode"):
+        raise DataFileError(
+            f"encoding {encoding!r} is not a text encoding (it transforms bytes or names); use e.g. utf-8 or latin-1"
+        )
+    return "utf-8-sig" if info.name == "utf-8" else info.name
 
 
 def _require_file(path: Path) -> None:
@@ -75,11 +80,44 @@ def _decode(path: Path, encoding: str) -> str:
         raise DataFileError(f"{path}: byte {err.start} (line {line}) is not valid {encoding}; {hint}") from None
 
 
-def _missing(path: Path | str, wanted: list[str], have: list[str]) -> DataFileError:
+# A column name that is listed in an error: short, one word. Anything else may be a row of data.
+_NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+
+
+def _looks_like_data(cells: list[str]) -> bool:
+    """Whether a header row reads like a row of texts (a long or multi-word cell)."""
+    return any(len(c) > 40 or len(c.split()) > 3 for c in cells)
+
+
+def describe_columns(have: list[str], fmt: str) -> str:
+    """What to say about the columns a file has, without ever quoting a row of data.
+
+    A CSV header cannot be told from a data row (a headerless file's first row is read as
+    the header), so its cells are only counted. Parquet schemas, JSONL keys and hub
+    columns are names, listed (30 at most) when every one looks like a name; otherwise
+    they are counted too (a Parquet file converted from a headerless CSV has a prompt as
+    a column name).
+    """
+    n = len(have)
+    if n and fmt != "csv" and all(_NAME_LIKE.fullmatch(c) for c in have):
+        return f"available columns: {have[:30] + (['...'] if n > 30 else [])}"
+    if n and _looks_like_data(have):
+        return (
+            f"the file has {n} column(s) and its first row looks like data, not a header (not shown: it may be "
+            "a prompt); if the file has no header line, add a header line naming the columns"
+        )
+    if fmt == "csv":
+        return (
+            f"its header row has {n} column(s) (not shown: in a file without a header it would be a prompt); "
+            "see them with `head -n 1 FILE`"
+        )
+    return f"it has {n} column(s) (not shown: some do not look like names)"
+
+
+def _missing(path: Path | str, wanted: list[str], have: list[str], fmt: str) -> DataFileError:
     miss = [c for c in wanted if c not in have]
-    shown = have[:30] + (["..."] if len(have) > 30 else [])
     return DataFileError(
-        f"{path}: column(s) {miss} not found; available columns: {shown}. Fix column: "
+        f"{path}: column(s) {miss} not found; {describe_columns(have, fmt).replace('FILE', str(path))}. Fix column: "
         "(or safe_column/unsafe_column/category_column) in the catalog"
     )
 
@@ -120,7 +158,7 @@ def _read_parquet(path: Path, columns: list[str]) -> dict[str, list[Any]]:
     except Exception as err:  # pyarrow raises several types for a broken file
         raise DataFileError(f"{path}: not a readable Parquet file ({err}); check the file or its format:") from None
     if any(c not in schema.names for c in columns):
-        raise _missing(path, columns, list(schema.names))
+        raise _missing(path, columns, list(schema.names), "parquet")
     for c in columns:
         kind = schema.field(c).type
         if pa.types.is_dictionary(kind):
@@ -151,7 +189,7 @@ def _read_csv(path: Path, text: str, columns: list[str]) -> dict[str, list[Any]]
     except csv.Error as err:
         raise DataFileError(f"{path}: malformed CSV header ({err}); fix the file") from None
     if any(c not in have for c in columns):
-        raise _missing(path, columns, have)
+        raise _missing(path, columns, have, "csv")
     out: dict[str, list[Any]] = {c: [] for c in columns}
     try:
         for row in reader:
@@ -171,8 +209,14 @@ def _read_jsonl(path: Path, text: str, columns: list[str]) -> dict[str, list[Any
             continue
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as err:
-            why = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as err:  # ValueError: also an int beyond Python's 4300-digit limit
+            why = (
+                err.msg
+                if isinstance(err, json.JSONDecodeError)
+                else "nested too deeply"
+                if isinstance(err, RecursionError)
+                else "an integer of more than 4300 digits"
+            )
             raise DataFileError(
                 f"{path}: line {lineno} is not valid JSON ({why}); fix the line (one JSON object per line)"
             ) from None
@@ -193,7 +237,7 @@ def _read_jsonl(path: Path, text: str, columns: list[str]) -> dict[str, list[Any
     if n_objects == 0:
         raise DataFileError(f"{path}: no JSON objects in the file; add one object per line")
     if any(c not in seen for c in columns):
-        raise _missing(path, columns, sorted(seen))
+        raise _missing(path, columns, sorted(seen), "jsonl")
     return out
 
 
@@ -229,5 +273,5 @@ def read_hub_columns(dataset_id: str, config: str | None, split: str, columns: l
         ) from None
     have = list(ds.column_names)
     if any(c not in have for c in columns):
-        raise _missing(f"hub dataset {dataset_id!r}", columns, have)
+        raise _missing(f"hub dataset {dataset_id!r}", columns, have, "hub")
     return {c: list(ds[c]) for c in columns}

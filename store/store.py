@@ -445,13 +445,35 @@ class Store:
         return info
 
     def _require_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
+        arr = self._usable_array(path, shape, chunks)
+        return arr if arr is not None else self._new_unit_array(path, shape, chunks, "create")
+
+    def _usable_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array | None:
+        """The array at ``path`` if it opens with this shape and chunking; None if missing, garbled or other."""
         try:
             arr = self.arrays[path]
-            if isinstance(arr, zarr.Array) and arr.shape == shape and arr.chunks == chunks:
-                return arr
-        except KeyError:
-            pass
-        return self._new_unit_array(path, shape, chunks, "create")
+        except Exception:  # missing (KeyError), or metadata a crash or a full disk left unparsable
+            return None
+        return arr if isinstance(arr, zarr.Array) and arr.shape == shape and arr.chunks == chunks else None
+
+    def ensure_unit_array(self, unit: UnitInfo) -> None:
+        """Before shards are written: recreate the unit's array if it is unusable and none of its shards is committed.
+
+        Why: a repair can stop between invalidating the shards of an unreadable array and
+        recreating it, or while recreating it (disk full); the unit is then left with no
+        committed shard and no usable array, and the next resume must rebuild it, not crash.
+        With committed shards the array is damage for ``verify --repair`` to handle.
+        """
+        self._writable()
+        shape, chunks = (unit.n_rows, unit.dim), (unit.shard_rows, unit.dim)
+        if self._usable_array(unit.array_path, shape, chunks) is not None:
+            return
+        if self.committed_shards(unit.unit_key):
+            raise StoreError(
+                f"array {unit.array_path} of unit {unit.unit_key} is missing or cannot be opened but has committed "
+                "shards; run `safeport verify --repair` to recompute them"
+            )
+        self._new_unit_array(unit.array_path, shape, chunks, "recreate")
 
     def _new_unit_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int], verb: str) -> zarr.Array:
         """An empty NaN-filled float32 unit array (zstd), replacing whatever was at ``path``."""

@@ -37,6 +37,7 @@ def base_catalog(root: Path) -> dict[str, Any]:
     data.mkdir(exist_ok=True)
     (data / "prompts.csv").write_text("prompt,cat\nhello there,a\nsecond prompt,b\n", encoding="utf-8")
     (data / "pairs.csv").write_text("safe,unsafe,cat\na cat,a bad cat,x\n", encoding="utf-8")
+    (data / "pairs_test.csv").write_text("safe,unsafe,cat\na dog,a bad dog,y\n", encoding="utf-8")
     (data / "anchors.txt").write_text("one anchor line\nanother anchor line\n", encoding="utf-8")
     model = root / "model"
     model.mkdir(exist_ok=True)
@@ -51,7 +52,10 @@ def base_catalog(root: Path) -> dict[str, Any]:
             "anc": {"kind": "anchors", "sources": [{"path": "data/anchors.txt"}]},
             "prs": {
                 "kind": "pairs",
-                "sources": [{"path": "data/pairs.csv"}],
+                "sources": [
+                    {"path": "data/pairs.csv", "split": "train"},
+                    {"path": "data/pairs_test.csv", "split": "test"},
+                ],
                 "safe_column": "safe",
                 "unsafe_column": "unsafe",
                 "category_column": "cat",
@@ -108,6 +112,18 @@ def _del(path: str) -> Callable[[dict[str, Any]], None]:
         for k in head:
             node = node[int(k)] if isinstance(node, list) else node[k]
         del node[last]
+
+    return mutate
+
+
+def _rename(section: str, old: str, new: str) -> Callable[[dict[str, Any]], None]:
+    """Rename a model or dataset, and its use in the default profile."""
+
+    def mutate(d: dict[str, Any]) -> None:
+        d[section][new] = d[section].pop(old)
+        prof = d["profiles"]["default"]
+        key = "models" if section == "models" else "prompts"
+        prof[key] = [new if x == old else x for x in prof[key]]
 
     return mutate
 
@@ -212,6 +228,83 @@ CASES: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]] = {
     "bad mapper": (_set("profiles.default.mappers", ["svm"]), ("profiles.default.mappers", "'svm'", "procrustes")),
     "options with a list value": (_set("models.src.options", {"k": [1, 2]}), ("models.src.options.k",)),
     "non-string model name": (_set("models", {1: {"role": "source"}}), ("models.1",)),
+    # -- issue 18: catalogs that validated, then crashed after the expensive part
+    **{
+        f"encoding {codec}": (
+            _set("datasets.pr.sources.0.encoding", codec),
+            ("datasets.pr.sources.0.encoding", f"'{codec}'", "not a text encoding", "utf-8"),
+        )
+        for codec in ("rot13", "base64", "zlib", "hex", "uu")
+    },
+    "unsafe_column equal to safe_column": (
+        _set("datasets.prs.unsafe_column", "safe"),
+        ("datasets.prs", "'safe'", "two different columns"),
+    ),
+    "category_column equal to safe_column": (
+        _set("datasets.prs.category_column", "safe"),
+        ("datasets.prs", "'safe'", "category_column"),
+    ),
+    "shard_rows of 2e9": (
+        _set("profiles.default.shard_rows", 2_000_000_000),
+        ("profiles.default.shard_rows", "2000000000", "less than or equal to 65536"),
+    ),
+    "shard_rows beyond int32": (
+        _set("profiles.default.shard_rows", 2**40),
+        ("profiles.default.shard_rows", str(2**40), "less than or equal to 65536"),
+    ),
+    "dataset named __concept__": (
+        _rename("datasets", "pr", "__concept__"),
+        ("datasets.__concept__", "reserved", "rename it"),
+    ),
+    "dataset named _x": (_rename("datasets", "pr", "_x"), ("datasets._x", "reserved", "rename it")),
+    "model named org/x": (_rename("models", "tgt", "org/x"), ("models.org/x", "'org/x'", "letters, digits")),
+    "model named ..": (_rename("models", "tgt", ".."), ("models..", "'..'", "letters, digits")),
+    "dataset named with a space": (
+        _rename("datasets", "pr", "my prompts"),
+        ("datasets.my prompts", "'my prompts'", "letters, digits"),
+    ),
+    "no mappers": (_set("profiles.default.mappers", []), ("profiles.default.mappers", "at least 1")),
+    "no alphas": (_set("profiles.default.alphas", []), ("profiles.default.alphas", "at least 1")),
+    "absurd alphas": (
+        _set("profiles.default.alphas", [1e308, -1e308]),
+        ("profiles.default.alphas", "1e+308", "between -100 and 100"),
+    ),
+    "inf alpha": (_set("profiles.default.alphas", [0.0, math.inf]), ("profiles.default.alphas", "inf", "finite")),
+    "negative profile seed": (
+        _set("profiles.default.seed", -1),
+        ("profiles.default.seed", "-1", "greater than or equal to 0"),
+    ),
+    "negative dataset seed": (_set("datasets.pr.seed", -1), ("datasets.pr.seed", "-1", "greater than or equal to 0")),
+    "seed beyond 32 bits": (_set("datasets.pr.seed", 2**32), ("datasets.pr.seed", str(2**32), "less than or equal")),
+    "pairs source without split": (
+        _del("datasets.prs.sources.0.split"),
+        ("datasets.prs", "sources.0 ('data/pairs.csv') has no split;", "needs split: train or split: test"),
+    ),
+    "pairs source with an unknown split": (
+        _set("datasets.prs.sources.0.split", "validation"),
+        ("datasets.prs", "sources.0", "'validation'", "split: train or split: test"),
+    ),
+    "pairs without a test source": (
+        _set("datasets.prs.sources.1.split", "train"),
+        ("datasets.prs", "no source with split: test", "add one"),
+    ),
+    "pairs without a train source": (
+        _set("datasets.prs.sources.0.split", "test"),
+        ("datasets.prs", "no source with split: train", "add one"),
+    ),
+    "huge max_count": (_set("datasets.pr.max_count", 10**30), ("datasets.pr.max_count", "less than or equal")),
+    "huge source max_count": (
+        _set("datasets.pr.sources.0.max_count", 10**30),
+        ("datasets.pr.sources.0.max_count", "less than or equal"),
+    ),
+    "huge max_batch_tokens": (
+        _set("models.src.max_batch_tokens", 10**30),
+        ("models.src.max_batch_tokens", "less than or equal"),
+    ),
+    "huge generation integer": (
+        _set("models.src.generation", {"height": 10**4000}),
+        ("models.src.generation", "height", "integer"),
+    ),
 }
 
 
@@ -349,6 +442,30 @@ def test_yaml_alias_bomb_fails_fast(tmp_path: Path) -> None:
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
     assert len(str(info.value)) < 5000 and "models = [[[" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["models.src.batch_size", "profiles.default.seed", "models.src.description"])
+def test_a_5000_digit_integer_names_its_field_and_line(tmp_path: Path, where: str) -> None:
+    """Python refuses to parse it (int-string limit); the catalog names the key and the line instead."""
+    data = base_catalog(tmp_path)
+    _set(where, 424242)(data)
+    path = write_catalog(tmp_path, data)
+    text = path.read_text(encoding="utf-8")
+    line = text[: text.index("424242")].count("\n") + 1
+    path.write_text(text.replace("424242", "9" * 5000), encoding="utf-8")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    message = str(info.value)
+    assert where in message and f"an integer of 5000 digits at line {line}" in message and len(message) < 600
+
+
+def test_a_huge_hex_integer_is_shown_short(tmp_path: Path) -> None:
+    """0x + 5000 hex digits parses (powers of two are exempt from the limit) but cannot be printed in decimal."""
+    path = write_catalog(tmp_path, base_catalog(tmp_path))
+    path.write_text(path.read_text(encoding="utf-8") + "x_big: 0x" + "f" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert "x_big" in str(info.value) and "20000-bit integer" in str(info.value)
 
 
 def test_real_catalog_profiles_resolve() -> None:

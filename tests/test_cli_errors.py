@@ -74,7 +74,7 @@ def test_catalog_reports_a_wrong_column(tmp_path: Path, capsys: pytest.CaptureFi
     data["datasets"]["pr"]["sources"][0]["column"] = "promt"
     code, out, err = _run(capsys, "catalog", "--catalog", str(write_catalog(tmp_path, data)))
     _is_user_error(code, out, err)
-    assert "datasets.pr.sources.0" in err and "['promt'] not found" in err and "'prompt'" in err
+    assert "datasets.pr.sources.0" in err and "['promt'] not found" in err and "2 column(s)" in err
 
 
 def test_catalog_reports_a_file_with_no_usable_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,3 +216,78 @@ def test_a_closed_pipe_ends_quietly(store_dir: Path) -> None:
     assert first
     assert err == ""
     assert proc.returncode == 141
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------
+
+
+class _Stderr:
+    """A subprocess's stderr, collected by a thread so the test can wait for a phrase in it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import threading
+
+        self.data = b""
+        self._proc = proc
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import os
+
+        assert self._proc.stderr is not None
+        while chunk := os.read(self._proc.stderr.fileno(), 4096):
+            self.data += chunk
+
+    def wait_for(self, phrase: bytes, timeout: float = 180) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while phrase not in self.data and self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return phrase in self.data
+
+    def text(self) -> str:
+        self._thread.join(timeout=60)
+        return self.data.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "second", [pytest.param("while the run stops", marks=pytest.mark.slow), "while safeport shuts down"]
+)
+def test_a_second_ctrl_c_is_quiet(prefect_api: str, tmp_path: Path, second: str) -> None:
+    """Ctrl-C, then Ctrl-C again: one line saying what happened, exit 130, no KeyboardInterrupt trace."""
+    import os
+    import signal
+    import time
+
+    from safeport.store.verify import verify_path
+    from tests.conftest import REPO
+    from tests.flows.catalogs import tiny_catalog
+
+    catalog = tiny_catalog(tmp_path, anchors=400, shard_rows=8)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
+    code = "import sys; from safeport.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "extract", "--catalog", str(catalog)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    err = _Stderr(proc)
+    assert err.wait_for(b"src/anchors:"), err.text()  # extraction is under way
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    if second == "while the run stops":
+        time.sleep(0.05)
+    else:
+        assert err.wait_for(b"safeport: interrupted"), err.text()
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    text = err.text()
+    assert still_running, "safeport ended before the second Ctrl-C: this run tested nothing"
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "leaked" not in text, text[-3000:]
+    assert proc.returncode == 130, text[-3000:]
+    assert "safeport: interrupted" in text
+    assert verify_path(tmp_path / "store").ok  # whatever was committed is intact

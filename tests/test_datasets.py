@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +149,19 @@ def test_text_and_csv_sources_mixed_with_a_category_column(tmp_path: Path) -> No
     assert [(r.text, r.category) for r in ds.rows] == [("from csv", "k"), ("from text", None)]
 
 
-def _pairs_root(tmp_path: Path, rows: list[tuple[str, str, str]], dedup: bool = True) -> Resolved:
+def _pairs_root(
+    tmp_path: Path, rows: list[tuple[str, str, str]], dedup: bool = True, test_rows: Sequence[tuple[str, str, str]] = ()
+) -> Resolved:
+    """The base catalog with ``rows`` as its train pairs and ``test_rows`` (default none) as its test pairs."""
     data = base_catalog(tmp_path)
-    path = tmp_path / "data" / "pairs.parquet"
-    safe, unsafe, cat = (list(x) for x in zip(*rows, strict=True))
-    pq.write_table(pa.table({"safe": safe, "unsafe": unsafe, "cat": cat}), path)
-    data["datasets"]["prs"]["sources"] = [{"path": "data/pairs.parquet"}]
+    sources = []
+    for split, split_rows in (("train", rows), ("test", list(test_rows))):
+        path = tmp_path / "data" / f"pairs_{split}.parquet"
+        safe, unsafe, cat = (list(x) for x in zip(*split_rows, strict=True)) if split_rows else ([], [], [])
+        schema = pa.schema([("safe", pa.string()), ("unsafe", pa.string()), ("cat", pa.string())])
+        pq.write_table(pa.table({"safe": safe, "unsafe": unsafe, "cat": cat}, schema=schema), path)
+        sources.append({"path": f"data/pairs_{split}.parquet", "split": split})
+    data["datasets"]["prs"]["sources"] = sources
     data["datasets"]["prs"]["dedup"] = dedup
     return load_catalog(write_catalog(tmp_path, data))
 
@@ -203,8 +211,24 @@ def test_check_columns_names_key_file_column_and_available(tmp_path: Path, fmt: 
         check_columns(resolved)
     message = str(info.value)
     assert "datasets.pr.sources.0" in message and str(tmp_path / name) in message
-    assert "['promt'] not found" in message and "available columns: ['prompt', 'cat']" in message
+    assert "['promt'] not found" in message
+    if fmt == "parquet":  # a schema lists names; a CSV header might be a data row, so it is only counted
+        assert "available columns: ['prompt', 'cat']" in message
+    else:
+        assert "2 column(s)" in message and "'cat'" not in message
     assert "Fix column:" in message and SECRET not in message
+
+
+@pytest.mark.parametrize("dataset", ["pr", "prs"])
+def test_check_columns_never_quotes_the_first_row_of_a_headerless_csv(tmp_path: Path, dataset: str) -> None:
+    data = base_catalog(tmp_path)
+    file = {"pr": "prompts.csv", "prs": "pairs.csv"}[dataset]
+    (tmp_path / "data" / file).write_text(f"{SECRET} first,{SECRET} second,x\nmore,rows,y\n", encoding="utf-8")
+    with pytest.raises(DataFileError) as info:
+        build_all(load_catalog(write_catalog(tmp_path, data)))
+    message = str(info.value)
+    assert f"datasets.{dataset}.sources.0" in message and "3 column(s)" in message and "looks like data" in message
+    assert SECRET not in message
 
 
 def test_check_columns_reports_every_problem_at_once(tmp_path: Path) -> None:

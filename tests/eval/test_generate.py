@@ -211,7 +211,10 @@ def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pyt
                 "kind": "pairs",
                 "safe_column": "safe_prompt",
                 "unsafe_column": "unsafe_prompt",
-                "sources": [{"path": str(data / "SafeSteer_test.parquet")}],
+                "sources": [
+                    {"path": str(data / "SafeSteer_train.parquet"), "split": "train"},
+                    {"path": str(data / "SafeSteer_test.parquet"), "split": "test"},
+                ],
             },
         },
         "profiles": {"default": {"models": ["src", "tflux"], "anchors": "a", "pairs": "p"}},
@@ -236,3 +239,49 @@ def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pyt
     bad = _parser().parse_args([*argv[:-1], "--set", "max_sequence_length=99", PROMPT])
     with pytest.raises(ValueError, match="extracted with"):
         bad.func(bad)
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("checksum", ("damaged or edited",)),
+        ("nan", ("NaN/inf",)),
+        ("2-D", ("shape (2, 32)", "1-D")),
+        ("json list", ("JSON list", "object")),
+        ("garbage", ("not a readable safetensors",)),
+    ],
+)
+def test_generate_checks_the_vector_file_before_loading_any_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, words: tuple[str, ...]
+) -> None:
+    """The catalog's target is a hub id that is never fetched: the vector file is refused first."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from safeport.cli import main
+    from safeport.store.artifacts import export_vector
+    from safeport.store.store import checksum
+    from tests.test_catalog import base_catalog, write_catalog
+
+    catalog = write_catalog(tmp_path, base_catalog(tmp_path))
+    values = _vector("flux")
+    st, js = export_vector(
+        values, {"target": "tgt", "kind": "calibrated", "checksum": checksum(values[None])}, tmp_path / "v"
+    )
+    if case == "checksum":
+        save_file({"vector": values * 2}, str(st))
+    elif case in ("nan", "2-D"):
+        bad = np.full((2, 32), 1.0, np.float32) if case == "2-D" else np.where(values > 0, np.nan, values)
+        save_file({"vector": bad.astype(np.float32)}, str(st))
+        js.write_text(json.dumps({"target": "tgt", "kind": "calibrated", "checksum": checksum(bad.reshape(1, -1))}))
+    elif case == "json list":
+        js.write_text("[]")
+    else:
+        st.write_bytes(b"\x00" * 7)
+    argv = ["generate", "--catalog", str(catalog), "--vector-file", str(st), "--alpha", "1"]
+    assert main([*argv, "--out", str(tmp_path / "out"), PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safeport: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert all(w in err for w in words), err
+    assert PROMPT not in err and not (tmp_path / "out").exists()

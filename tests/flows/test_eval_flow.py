@@ -56,7 +56,10 @@ def _catalog(tmp: Path) -> Path:
                 "kind": "pairs",
                 "safe_column": "safe_prompt",
                 "unsafe_column": "unsafe_prompt",
-                "sources": [{"path": str(data / "SafeSteer_test.parquet")}],
+                "sources": [
+                    {"path": str(data / "SafeSteer_train.parquet"), "split": "train"},
+                    {"path": str(data / "SafeSteer_test.parquet"), "split": "test"},
+                ],
             },
         },
         "profiles": {

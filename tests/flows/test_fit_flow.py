@@ -121,3 +121,19 @@ def test_fit_from_scratch_reproduces_the_same_vectors(fitted: Path, tmp_path: Pa
     assert first.keys() == second.keys()
     for k in first:
         np.testing.assert_array_equal(first[k], second[k], err_msg=k)
+
+
+def test_every_vector_a_fit_makes_exports_and_imports_unchanged(fitted: Path, tmp_path: Path) -> None:
+    """Every kind and key a real fit writes passes the checks import and export make on hostile files."""
+    from safeport.store.maintenance import export_vectors, import_vectors
+
+    root = fitted.parent / "store"
+    vectors = _vectors(root)
+    files = export_vectors(root, tmp_path / "out")
+    assert len(files) == len(vectors)
+    done = import_vectors(tmp_path / "other", tmp_path / "out")
+    assert {v.status for v in done} == {"imported"} and len(done) == len(vectors)
+    imported = _vectors(tmp_path / "other")
+    assert imported.keys() == vectors.keys()
+    for name, values in vectors.items():
+        np.testing.assert_array_equal(imported[name], values, err_msg=name)

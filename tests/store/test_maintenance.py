@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,11 @@ from safeport.store.maintenance import collect_garbage, export_vectors, import_v
 from safeport.store.store import Store, StoreBusyError, StoreError, writer_lock
 
 DIM = 3
+
+
+def vkey(name: str) -> str:
+    """A vector key in the store's format (20 hex digits), as fits make them."""
+    return hashlib.sha256(name.encode()).hexdigest()[:20]
 
 
 def _build(root: Path, arrays: str | None = None) -> dict[str, np.ndarray]:
@@ -73,7 +80,7 @@ def _build(root: Path, arrays: str | None = None) -> dict[str, np.ndarray]:
         lineage = {"fit_key": "fit1", "source_key": "mk", "target_key": "nk", "input_units": ["u1"], "scale": 1.5}
         records = [
             artifacts.VectorRecord(
-                f"vk{i}",
+                vkey(name),
                 name,
                 name.split(":")[0],
                 None if name.startswith("native") else "m",
@@ -275,3 +282,158 @@ def test_gc_removes_the_temporary_file_of_a_write_killed_before_its_rename(tmp_p
     assert collect_garbage(tmp_path).garbage == []
     with Store(tmp_path, read_only=True) as store:
         assert store.activations("mk", "d")[0].num_rows == 4  # the committed chunk was never touched
+
+
+# -- hostile exports: every file of an import is checked before anything is written ----------------
+def _exported(tmp_path: Path) -> tuple[Path, Path]:
+    """(``.safetensors``, ``.json``) of one vector exported from a small store."""
+    _build(tmp_path / "a")
+    export_vectors(tmp_path / "a", tmp_path / "out", ["native:n"])
+    (st,) = (tmp_path / "out").glob("*.safetensors")
+    return st, st.with_suffix(".json")
+
+
+def _edit_json(js: Path, **changes: Any) -> None:
+    lineage = json.loads(js.read_text(encoding="utf-8"))
+    lineage.update(changes)
+    js.write_text(json.dumps(lineage), encoding="utf-8")
+
+
+def _import_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Import the export into a fresh store through the CLI: one clean line, exit 2, nothing written."""
+    from safeport.cli import main
+
+    assert main(["import", "--store", str(tmp_path / "b"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safeport: error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "b" / "meta.duckdb").exists()  # refused before touching the target store
+    return err
+
+
+BAD_KEYS: list[Any] = [
+    "/some/other/store/arrays.zarr/zarr",
+    "../../escape",
+    "a/b",
+    "0" * 19,
+    "0" * 21,
+    "g" * 20,
+    "ABCDEF0123ABCDEF0123",
+    " " + "0" * 19,
+    12345,
+    ["0" * 20],
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+def test_import_refuses_a_vector_key_that_is_not_a_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: Any
+) -> None:
+    _, js = _exported(tmp_path)
+    _edit_json(js, vector_key=key)
+    err = _import_error(tmp_path, capsys)
+    assert "vector_key" in err and "20 lowercase hex digits" in err and str(js) in err
+
+
+def test_export_refuses_a_stored_key_that_is_not_a_key_and_writes_nothing(tmp_path: Path) -> None:
+    """A store that took a path-like key from an older safeport must not let `export` write outside -o."""
+    _build(tmp_path / "a")
+    victim = tmp_path / "victim" / "zarr"
+    victim.parent.mkdir()
+    with Store(tmp_path / "a") as store:
+        record = artifacts.VectorRecord(
+            str(victim), "evil", "native", None, "n", None, None, np.ones(DIM, np.float32), {}
+        )
+        artifacts.save_vectors(store, "fit-evil", [record])
+    out = tmp_path / "out"
+    with pytest.raises(StoreError) as info:
+        export_vectors(tmp_path / "a", out)
+    assert "'evil'" in str(info.value) and "20 lowercase hex digits" in str(info.value)
+    assert not victim.with_suffix(".json").exists() and not victim.with_suffix(".safetensors").exists()
+    assert not out.exists() or not any(out.iterdir())  # nothing written, not even the good vectors
+    assert len(export_vectors(tmp_path / "a", out, ["native:n"])) == 1  # the others still export by name
+
+
+def _save_values(st: Path, js: Path, values: np.ndarray, name: str = "vector") -> None:
+    """Replace the exported tensor, recording a matching checksum: only the shape/value checks can catch it."""
+    from safetensors.numpy import save_file
+
+    from safeport.store.store import checksum
+
+    save_file({name: values}, str(st))
+    _edit_json(js, checksum=checksum(np.asarray(values, np.float32).reshape(1, -1)))
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# (how to spoil the export, words the error must contain)
+SPOILED: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "garbage safetensors": (
+        lambda st, js: st.write_bytes(b"not a tensor file at all"),
+        ("not a readable safetensors",),
+    ),
+    "truncated safetensors": (
+        lambda st, js: st.write_bytes(st.read_bytes()[: len(st.read_bytes()) // 2]),
+        ("not a readable safetensors",),
+    ),
+    "empty safetensors": (lambda st, js: st.write_bytes(b""), ("not a readable safetensors",)),
+    "no tensor named vector": (
+        lambda st, js: _save_values(st, js, np.ones(DIM, np.float32), name="other"),
+        ("no tensor named 'vector'",),
+    ),
+    "2-D": (lambda st, js: _save_values(st, js, np.ones((2, DIM), np.float32)), ("shape (2, 3)", "1-D")),
+    "empty vector": (lambda st, js: _save_values(st, js, np.ones(0, np.float32)), ("shape (0,)", "non-empty")),
+    "scalar": (lambda st, js: _save_values(st, js, np.array(1.0, np.float32)), ("shape ()", "1-D")),
+    "NaN": (lambda st, js: _save_values(st, js, np.array([1.0, np.nan, 0.0], np.float32)), ("NaN/inf",)),
+    "inf": (lambda st, js: _save_values(st, js, np.array([1.0, np.inf, 0.0], np.float32)), ("NaN/inf",)),
+    "integer tensor": (lambda st, js: _save_values(st, js, np.arange(DIM, dtype=np.int32)), ("int32", "float")),
+    "JSON list": (lambda st, js: js.write_text("[]"), ("JSON list", "object")),
+    "JSON null": (lambda st, js: js.write_text("null"), ("JSON NoneType", "object")),
+    "JSON 10,000 levels deep": (lambda st, js: js.write_text(_deep(10_000)), ("nested",)),
+    "JSON 100 levels deep in an object": (
+        lambda st, js: _edit_json(js, input_units=json.loads(_deep(100))),
+        ("nested",),
+    ),
+    "JSON syntax": (lambda st, js: js.write_text('{"name": '), ("not valid JSON",)),
+    "JSON 5,000-digit integer": (lambda st, js: js.write_text('{"n": ' + "9" * 5000 + "}"), ("not valid JSON",)),
+    "JSON not UTF-8": (lambda st, js: js.write_bytes(b'{"name": "\xff"}'), ("UTF-8",)),
+    "name not a string": (lambda st, js: _edit_json(js, name=["x"]), ("name", "string")),
+    "kind that is not a kind": (
+        lambda st, js: _edit_json(js, kind="../Evil kind"),
+        ("kind", "'../Evil kind'", "native"),
+    ),
+    "checksum not a checksum": (lambda st, js: _edit_json(js, checksum="../x"), ("checksum",)),
+    "values changed": (
+        lambda st, js: _edit_json(js, checksum="0" * 32),
+        ("damaged or edited",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SPOILED))
+def test_import_refuses_a_spoiled_export_with_one_clean_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    st, js = _exported(tmp_path)
+    spoil, words = SPOILED[case]
+    spoil(st, js)
+    err = _import_error(tmp_path, capsys)
+    for word in words:
+        assert word in err, f"{case}: {word!r} not in {err!r}"
+    assert st.name in err or js.name in err
+
+
+def test_import_refuses_a_vector_whose_length_is_not_its_targets_dim(tmp_path: Path) -> None:
+    """The target store knows model ``m`` (dim 3): a 4-value vector for it is refused before anything is written."""
+    st, js = _exported(tmp_path)
+    _build(tmp_path / "b")
+    _save_values(st, js, np.ones(DIM + 1, np.float32))
+    _edit_json(js, name="wide", vector_key=vkey("wide"), target="m", target_key="mk")
+    with Store(tmp_path / "b", read_only=True) as store:
+        before = store.scalar("SELECT count(*) FROM vectors")
+    with pytest.raises(StoreError, match=r"4 values but model 'm' \(mk\) in .* has dim 3"):
+        import_vectors(tmp_path / "b", tmp_path / "out")
+    with Store(tmp_path / "b", read_only=True) as store:
+        assert store.scalar("SELECT count(*) FROM vectors") == before
+        assert store.scalar("SELECT count(*) FROM runs WHERE flow = 'import'") == 0

@@ -129,6 +129,17 @@ def test_unknown_encoding(tmp_path: Path) -> None:
         read_columns(path, "csv", ["prompt"], encoding="klingon")
 
 
+@pytest.mark.parametrize("codec", ["rot13", "base64", "zlib", "idna"])
+@pytest.mark.parametrize("fmt", ["csv", "text"])
+def test_codec_that_is_not_a_file_encoding(tmp_path: Path, codec: str, fmt: str) -> None:
+    path = write(tmp_path / "f", fmt, ["a"])
+    with pytest.raises(DataFileError, match=rf"encoding '{codec}' is not a text encoding.*use e\.g\. utf-8"):
+        read_columns(path, fmt, ["prompt"], encoding=codec)
+    if fmt == "csv":
+        with pytest.raises(DataFileError, match="not a text encoding"):
+            read_header(path, fmt, codec)
+
+
 # --- empty and broken files --------------------------------------------------------------
 
 
@@ -191,6 +202,17 @@ def test_jsonl_deeply_nested_line(tmp_path: Path) -> None:
         read_columns(path, "jsonl", ["p"])
 
 
+@pytest.mark.parametrize("value", ["9" * 5000, "-" + "9" * 5000])
+def test_jsonl_integer_beyond_pythons_digit_limit_names_the_line(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "f.jsonl"
+    path.write_text(f'{{"p": "{SECRET}"}}\n{{"p": "x", "cat": {value}}}\n', encoding="utf-8")
+    with pytest.raises(DataFileError) as info:
+        read_columns(path, "jsonl", ["p"])
+    message = str(info.value)
+    assert "line 2 is not valid JSON" in message and "4300" in message and SECRET not in message
+    assert len(message) < 400
+
+
 def test_jsonl_lone_surrogate_escape_is_read(tmp_path: Path) -> None:
     path = tmp_path / "f.jsonl"
     path.write_text('{"p": "bad \\ud800 escape"}\n', encoding="utf-8")
@@ -203,8 +225,9 @@ def test_jsonl_missing_key_in_some_lines_is_none(tmp_path: Path) -> None:
     assert read_columns(path, "jsonl", ["p"])["p"] == ["a", None]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_wrong_column_names_file_column_and_available(tmp_path: Path, fmt: str) -> None:
+    """A Parquet schema or JSON keys are names, not a data row: they are listed (when they look like names)."""
     path = write(tmp_path / "f", fmt, [SECRET, "b"])
     with pytest.raises(DataFileError) as info:
         read_columns(path, fmt, ["promt"])
@@ -214,11 +237,45 @@ def test_wrong_column_names_file_column_and_available(tmp_path: Path, fmt: str) 
     assert "Fix column:" in message and SECRET not in message
 
 
-def test_wrong_column_lists_at_most_30_columns(tmp_path: Path) -> None:
-    path = tmp_path / "wide.csv"
-    path.write_text(",".join(f"c{i}" for i in range(100)) + "\n" + ",".join("x" * 100) + "\n", encoding="utf-8")
+def test_wrong_csv_column_counts_the_header_without_quoting_it(tmp_path: Path) -> None:
+    """A CSV header cannot be told from a data row, so its cells are never echoed, even when they look like names."""
+    path = write(tmp_path / "f", "csv", [SECRET, "b"])
     with pytest.raises(DataFileError) as info:
-        read_columns(path, "csv", ["prompt"])
+        read_columns(path, "csv", ["promt"])
+    message = str(info.value)
+    assert str(path) in message and "['promt'] not found" in message and "2 column(s)" in message
+    assert "'other'" not in message and "head -n 1" in message and "Fix column:" in message
+
+
+HEADERLESS = "A woman with a knife walks into the room,violent scene with blood\nsecond row,more\n"
+
+
+@pytest.mark.parametrize("wanted", [["prompt"], ["safe_prompt", "unsafe_prompt"]], ids=["prompts", "pairs"])
+def test_headerless_csv_never_quotes_its_first_row(tmp_path: Path, wanted: list[str]) -> None:
+    path = tmp_path / "headerless.csv"
+    path.write_text(HEADERLESS, encoding="utf-8")
+    with pytest.raises(DataFileError) as info:
+        read_columns(path, "csv", wanted)
+    message = str(info.value)
+    assert "woman" not in message and "knife" not in message and "blood" not in message
+    assert "2 column(s)" in message and "looks like data" in message and "add a header line" in message
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_column_names_that_look_like_data_are_counted_not_listed(tmp_path: Path, fmt: str) -> None:
+    """A Parquet file converted from a headerless CSV has a prompt as a column name; JSON keys could too."""
+    path = write(tmp_path / "f", fmt, ["x"], column="A woman with a knife walks into the room")
+    with pytest.raises(DataFileError) as info:
+        read_columns(path, fmt, ["prompt"])
+    message = str(info.value)
+    assert "woman" not in message and "2 column(s)" in message and "looks like data" in message
+
+
+def test_wrong_column_lists_at_most_30_columns(tmp_path: Path) -> None:
+    path = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({f"c{i}": ["x"] for i in range(100)}), path)
+    with pytest.raises(DataFileError) as info:
+        read_columns(path, "parquet", ["prompt"])
     assert "'c29', '...'" in str(info.value) and "c30" not in str(info.value)
 
 

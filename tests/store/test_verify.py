@@ -300,3 +300,108 @@ def test_repair_with_a_catalog_that_changed_the_model_says_what_to_run(
 def test_verify_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--store", str(tmp_path / "nothing")]) == 2
     assert "no store at" in capsys.readouterr().err
+
+
+# -- repair interrupted at every point it can stop at, then rerun ----------------------------------------
+class Killed(BaseException):
+    """Stands in for SIGKILL at an exact point: the step after it never runs (what is committed stays)."""
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, after: bool = False) -> None:
+    """``owner.name`` dies before it starts (or, with ``after``, right after it returned)."""
+    real = getattr(owner, name)
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        if after:
+            real(*args, **kwargs)
+        raise Killed(name)
+
+    monkeypatch.setattr(owner, name, dying)
+
+
+def _is_meta_of(array_path: str) -> Callable[[str], bool]:
+    return lambda rel: rel == f"{array_path}/zarr.json"
+
+
+def _is_chunk_of(array_path: str) -> Callable[[str], bool]:
+    return lambda rel: rel.startswith(f"{array_path}/c/")
+
+
+FAULTS = [
+    "disk full recreating the unit array",
+    "killed between the invalidation and the array reset",
+    "killed right after the array reset",
+    "disk full writing the first re-extracted shard",
+    "killed after the first re-extracted shard",
+]
+
+
+# Default suite: the two faults that used to dead-end, finished both ways, and two more steps; the last
+# fault is an extraction killed mid-unit (the crash-loop tests kill that often). -m slow: every pair.
+DEFAULT_RUNS = {
+    (FAULTS[0], "verify --repair"),
+    (FAULTS[0], "extract"),
+    (FAULTS[1], "verify --repair"),
+    (FAULTS[1], "extract"),
+    (FAULTS[2], "verify --repair"),
+    (FAULTS[3], "extract"),
+}
+
+
+@pytest.mark.parametrize(
+    ("fault", "then"),
+    [
+        pytest.param(f, t, marks=() if (f, t) in DEFAULT_RUNS else pytest.mark.slow)
+        for f in FAULTS
+        for t in ("verify --repair", "extract")
+    ],
+)
+def test_an_interrupted_repair_is_finished_by_the_next_repair_or_extract(
+    copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fault: str, then: str
+) -> None:
+    """Unreadable unit metadata: repair invalidates every shard, recreates the array, re-extracts. Stopped at
+    any of those steps, the store stays one that a second `verify --repair` (or `extract`) completes."""
+    from safeport.store.store import Store as StoreClass
+    from tests.store.test_faults import _disk_full_at
+
+    catalog, root = copy
+    before = extract_tests._snapshot(root)
+    unit = unit_of(root, "src", "prompts")
+    meta = root / "arrays.zarr" / unit["array_path"] / "zarr.json"
+    meta.write_text(meta.read_text()[:40], encoding="utf-8")
+    args = ["--catalog", str(catalog), "--store", str(root)]
+
+    with monkeypatch.context() as m:
+        if fault.startswith("disk full recreating"):
+            _disk_full_at(m, root, 1, _is_meta_of(unit["array_path"]))
+        elif fault.startswith("disk full writing"):
+            _disk_full_at(m, root, 1, _is_chunk_of(unit["array_path"]))
+        elif fault.startswith("killed between"):
+            _kill_at(m, StoreClass, "reset_unit_array")
+        elif fault.startswith("killed right after"):
+            _kill_at(m, StoreClass, "reset_unit_array", after=True)
+        else:
+            _kill_at(m, StoreClass, "write_shard", after=True)
+        if fault.startswith("disk full"):
+            assert main(["verify", "--repair", *args]) == 2
+            err = capsys.readouterr().err
+            assert "No space left on device" in err and "Traceback" not in err
+        else:
+            with pytest.raises(Killed):
+                main(["verify", "--repair", *args])
+    capsys.readouterr()
+
+    assert main(["verify", "--store", str(root)]) == 1  # still damaged (or awaiting re-extraction), and says so
+    assert "safeport verify --repair" in capsys.readouterr().out
+    if then == "extract":
+        assert main(["extract", *args]) == 0
+    else:
+        assert main(["verify", "--repair", *args]) == 0
+        assert "after repair: " in capsys.readouterr().out
+    report = verify_path(root)
+    assert report.ok, [d.describe() for d in report.damage]
+    after = extract_tests._snapshot(root)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    assert json.loads(meta.read_text())["shape"] == [unit["n_rows"], 32]
+    counts = extract_tests._counts(root)
+    assert counts["rows"] == counts["distinct"]
