@@ -121,9 +121,9 @@ def _print_summary(root: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from safeport.store.query import format_table, hide_implicit_text, readonly_query, write_table
+    from safeport.store.query import format_table, readonly_query, write_table
 
-    table = hide_implicit_text(readonly_query(_store_root(args), args.sql), args.sql)
+    table = readonly_query(_store_root(args), args.sql, hide_text=True)
     if args.output:
         fmt = write_table(table, Path(args.output), args.format)
         print(f"wrote {table.num_rows} row(s) as {fmt} to {args.output}")
