@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec
+from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec, model_load_errors
 
 # family name -> module defining ``load(source: ModelSource) -> Extractor``
 FAMILIES: dict[str, str] = {
@@ -25,7 +25,8 @@ def load_extractor(source: ModelSource) -> Extractor:
             f"model {source.name!r}: family {source.family!r} is unknown; use one of {', '.join(sorted(FAMILIES))}"
         )
     module = importlib.import_module(FAMILIES[source.family])
-    extractor: Extractor = module.load(source)
+    with model_load_errors(source):  # hub unreachable, files missing: one line naming the catalog model
+        extractor: Extractor = module.load(source)
     return extractor
 
 

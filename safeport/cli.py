@@ -194,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
-    from safeport.errors import USER_ERRORS
+    from safeport.errors import USER_ERRORS, quiet_user_errors_in_flows, user_message
 
+    debug = bool(os.environ.get("SAFEPORT_DEBUG"))
+    if not debug:
+        quiet_user_errors_in_flows()  # the line below is the report; Prefect's traceback would repeat it
     try:
         return int(args.func(args))
     except BrokenPipeError:
@@ -206,12 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"safeport: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:
-        # Anything else a user can cause (a bad option value, an unreadable path) is
-        # still one line; SAFEPORT_DEBUG=1 shows the traceback for bug reports.
-        if os.environ.get("SAFEPORT_DEBUG"):
+    except (ValueError, OSError, RuntimeError) as err:
+        # Anything else a user can cause (a bad option value, an unreadable path, CUDA out of
+        # memory) is still one line; SAFEPORT_DEBUG=1 shows the traceback for bug reports.
+        message = user_message(err)
+        if debug or message is None:
             raise
-        print(f"safeport: error: {type(err).__name__}: {err} (SAFEPORT_DEBUG=1 shows details)", file=sys.stderr)
+        print(f"safeport: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("safeport: interrupted; committed work is kept, rerun to resume", file=sys.stderr)

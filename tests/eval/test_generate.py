@@ -236,3 +236,13 @@ def test_generate_command_writes_images_and_metadata(tmp_path: Path, capsys: pyt
     bad = _parser().parse_args([*argv[:-1], "--set", "max_sequence_length=99", PROMPT])
     with pytest.raises(ValueError, match="extracted with"):
         bad.func(bad)
+
+
+def test_an_uncached_hub_pipeline_is_one_error_naming_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeport.eval.generate import load_pipeline
+    from safeport.extractors.base import ExtractionError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = ModelSource(name="flux-x", family="flux", hub_id="safeport-tests/not-cached", device="cpu")
+    with pytest.raises(ExtractionError, match=r"model 'flux-x': hub id 'safeport-tests/not-cached'.*offline"):
+        load_pipeline(source)
