@@ -61,7 +61,7 @@ def test_public_api_is_lazy_typed_and_versioned() -> None:
         assert getattr(safeport, name) is not None
         assert name == "__version__" or getattr(safeport, name).__doc__, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        _ = safeport.nope  # type: ignore[attr-defined]
+        _ = safeport.nope
 
 
 _OLD_IMPORT = re.compile(rf"^\s*(?:from|import)\s+(?:{'|'.join(STAGES)})(?:\.|\s|$)", re.MULTILINE)
