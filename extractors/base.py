@@ -257,12 +257,16 @@ def load_failure(source: ModelSource, err: BaseException) -> str:
     )
 
 
+# The installed package's folder (safeport/, which holds this stage as safeport/extractors/).
+_PACKAGE_DIR = str(Path(__file__).parent.parent) + os.sep
+
+
 def _raised_by_safeport(err: BaseException) -> bool:
     """Whether the innermost frame of ``err``'s traceback is safeport's own code (its message is already ours)."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{os.sep}safeport{os.sep}" in tb.tb_frame.f_code.co_filename
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
 
 
 @contextlib.contextmanager

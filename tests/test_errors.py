@@ -19,7 +19,7 @@ from safeport.errors import (
     user_message,
 )
 from safeport.extractors import load_extractor
-from safeport.extractors.base import ExtractionError, ModelSource, load_failure, model_load_errors
+from safeport.extractors.base import ExtractionError, ModelSource, load_failure, model_load_errors, resolve_dtype
 from safeport.store.store import StoreBusyError
 
 HUB = ModelSource(name="big-llm", family="causal_lm", hub_id="org/not-cached", revision="main")
@@ -58,6 +58,8 @@ def test_model_load_errors_wraps_library_errors_only() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(ExtractionError, match=r"^ours$"), model_load_errors(HUB):
         raise ExtractionError("ours")
+    with pytest.raises(ValueError, match=r"^dtype 'float8' is not supported"), model_load_errors(HUB):
+        resolve_dtype("float8", torch.device("cpu"))  # safeport's own message already says what to fix
 
 
 def test_load_extractor_of_an_uncached_hub_model_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
