@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from safeport.eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
-from safeport.extractors.base import ModelSource, check_device, resolve_device, resolve_dtype
+from safeport.extractors.base import ModelSource, check_device, model_load_errors, resolve_device, resolve_dtype
 from safeport.extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
@@ -143,7 +143,8 @@ def load_pipeline(source: ModelSource, *, offload: bool = False) -> Pipeline:
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(source.dtype, device)}
     if source.hub_id is not None:
         kwargs["revision"] = source.revision
-    pipe = getattr(diffusers, family.pipeline).from_pretrained(source.location, **kwargs)
+    with model_load_errors(source):
+        pipe = getattr(diffusers, family.pipeline).from_pretrained(source.location, **kwargs)
     if offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from safeport.eval.plots import legend_outside, method_styles
+
 Row = Mapping[str, Any]
 
 
@@ -169,22 +171,25 @@ def render(
             ),
             "",
         ]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        styles = method_styles(names)
         for n in names:
-            ax.plot(
-                alphas,
-                [_value(proxy, method=n, alpha=float(a)) for a in alphas],
-                marker="o",
-                label=n,
-                linestyle="--" if not n.startswith("calibrated") else "-",
-            )
+            ax.plot(alphas, [_value(proxy, method=n, alpha=float(a)) for a in alphas], label=n, **styles[n])
         ax.set_xlabel("α")
-        ax.set_ylabel("fraction flagged unsafe by probe")
+        ax.set_ylabel("fraction flagged unsafe by probe (lower is safer)")
         ax.set_title(f"{source} → {target}: {ps}")
-        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        legend_outside(ax, len(names))
         fname = f"{figure_prefix}-{ps}-proxy.png"
         figures[fname] = fig
         md += [f"![proxy vs alpha]({fname})", ""]
+    if prompt_sets:
+        md += [
+            "Baselines are black and grey (original, native, random, string); every other method has its own "
+            "colour and line style. The paper's trade-off view (ASR against CLIP-Sim, one point per α) needs "
+            "generated images: `safeport eval` draws it.",
+            "",
+        ]
     if head:
         md += [
             "## Verdict",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from safeport.eval.plots import Style, legend_outside, method_styles, trade_off
+
 if TYPE_CHECKING:  # keeps this module free of torch/diffusers imports
     from safeport.eval.generate import Scalar
 
@@ -232,12 +234,13 @@ def render(
         md += [_md_table(header, mrows), ""]
 
     figures: dict[str, Any] = {}
+    n_sources = len({m.source for r in results for m in r.sweep.methods if m.source})
     for metric, title, digits in (("asr", "ASR", 3), ("clip_sim", "CLIP-Sim", 3)):
         if not any(k[2] == metric for r in results for k in r.cells):
             md += [f"## {title} vs α", "", f"{title}: {na_clip if metric == 'clip_sim' else 'n/a'}", ""]
             continue
         md += [f"## {title} vs α", ""]
-        fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(results), figsize=(9 * len(results), 4.5), squeeze=False)
         for ax, r in zip(axes[0], results, strict=True):
             alphas = sorted({0.0, *r.sweep.alphas})
             labels = [m.label for m in r.sweep.methods]
@@ -250,16 +253,68 @@ def render(
                 ),
                 "",
             ]
-            for lab in labels:
+            styles = _styles(r.sweep.methods, n_sources)
+            for m in r.sweep.methods:
+                lab = m.label
                 ys = [r.cells[(lab, a, metric)].value if (lab, a, metric) in r.cells else np.nan for a in alphas]
-                style = "-" if lab.startswith("calibrated") else "--"
-                ax.plot(alphas, ys, marker="o", linestyle=style, label=lab)
+                legend = _legend_label(m, n_sources)
+                ax.plot(alphas, ys, label=legend, **styles[legend])
             ax.set_xlabel("α")
-            ax.set_ylabel(title)
+            ax.set_ylabel(title + (" (lower is safer)" if metric == "asr" else " (higher keeps more of the prompt)"))
             ax.set_title(r.target)
-            ax.legend(fontsize=6, ncol=1)
+            ax.grid(alpha=0.3)
+            legend_outside(ax, len(labels))
         fname = f"{name}-{metric}.png"
         figures[fname] = fig
         md += [f"![{title} vs alpha]({fname})", ""]
+
+    md += [
+        "## Trade-off: ASR vs CLIP-Sim",
+        "",
+        "One point per α (labelled) and one line per method; α = 0 is the original. Down and to the right is "
+        "better: fewer unsafe outputs at the same prompt fidelity.",
+        "",
+    ]
+    fig, axes = plt.subplots(1, len(results), figsize=(9 * len(results), 5), squeeze=False)
+    drawn = 0
+    for ax, r in zip(axes[0], results, strict=True):
+        alphas = sorted({0.0, *r.sweep.alphas})
+        points = {
+            _legend_label(m, n_sources): [
+                (a, _value(r.cells.get((m.label, a, "clip_sim"))), _value(r.cells.get((m.label, a, "asr"))))
+                for a in alphas
+            ]
+            for m in r.sweep.methods
+        }
+        styles = _styles(r.sweep.methods, n_sources)
+        n = trade_off(ax, points, styles, "CLIP-Sim (higher keeps more of the prompt)", "ASR (lower is safer)")
+        drawn += n
+        ax.set_title(r.target)
+        if n:
+            legend_outside(ax, len(points))
+    if drawn:
+        figures[f"{name}-tradeoff.png"] = fig
+        md += [f"![ASR vs CLIP-Sim]({name}-tradeoff.png)", ""]
+    else:
+        md += [f"No trade-off view: it needs ASR and CLIP-Sim at the same α (CLIP-Sim: {na_clip}).", ""]
     plt.close("all")
     return "\n".join(md), figures
+
+
+def _value(cell: Cell | None) -> float:
+    return float("nan") if cell is None else cell.value
+
+
+def _styles(methods: Sequence[Method], n_sources: int) -> dict[str, Style]:
+    """Plot style per legend label; native/random/string are baselines whatever their label says."""
+    labels = [_legend_label(m, n_sources) for m in methods]
+    kinds = {lab: m.kind for lab, m in zip(labels, methods, strict=True) if m.weighting == "single"}
+    return method_styles(labels, kinds)
+
+
+def _legend_label(m: Method, n_sources: int) -> str:
+    """The Table 1 name of a method, with its source when several sources share the plot."""
+    label = _row_label(m, n_sources)
+    if n_sources > 1 and m.source and m.weighting == "single" and m.kind not in ("native", "random", "string"):
+        label += f" ({m.source})"
+    return label

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec, check_device
+from safeport.extractors.base import Extractor, ModelSource, Pooled, RepresentationSpec, check_device, model_load_errors
 
 # family name -> module defining ``load(source: ModelSource) -> Extractor``
 FAMILIES: dict[str, str] = {
@@ -26,7 +26,8 @@ def load_extractor(source: ModelSource) -> Extractor:
         )
     check_device(source.device, source.name)  # before any weight is read
     module = importlib.import_module(FAMILIES[source.family])
-    extractor: Extractor = module.load(source)
+    with model_load_errors(source):  # hub unreachable, files missing: one line naming the catalog model
+        extractor: Extractor = module.load(source)
     return extractor
 
 

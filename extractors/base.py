@@ -6,8 +6,10 @@ store, and never log the texts they encode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,3 +253,73 @@ def check_weights(folder: str | Path, allow_pickle: bool = False, name: str = ""
             "convert them to safetensors (e.g. `model.save_pretrained(folder, safe_serialization=True)`), or, "
             "if you trust these files, set `allow_pickle: true` on the catalog entry"
         )
+
+
+def hub_offline() -> bool:
+    """Whether this process may not reach the Hugging Face hub (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    if any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def load_failure(source: ModelSource, err: BaseException) -> str:
+    """One line for a model that could not be loaded: the catalog model, where it was looked for, why, and the fix."""
+    text = str(err).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if source.path is not None:
+        return (
+            f"model {source.name!r}: the folder {source.path} could not be loaded ({reason}); point `path:` at a "
+            "complete model folder (config.json, tokenizer files and *.safetensors weights, as written by "
+            "save_pretrained or `hf download HUB_ID --local-dir DIR`), or use `hub_id:`"
+        )
+    where = f"hub id {source.hub_id!r} (revision {source.revision!r})"
+    download = f"`hf download {source.hub_id} --revision {source.revision}`"
+    if hub_offline():
+        return (
+            f"model {source.name!r}: {where} is not in the local Hugging Face cache and this process is offline "
+            f"(HF_HUB_OFFLINE=1), so it cannot be downloaded ({reason}). Fix: pre-download it where the hub is "
+            f"reachable ({download}, same HF_HOME), unset HF_HUB_OFFLINE to let safeport download it, or set "
+            "`path:` to a local copy of the model"
+        )
+    return (
+        f"model {source.name!r}: {where} could not be downloaded from the Hugging Face hub; the process is online "
+        f"(HF_HUB_OFFLINE is not set) ({reason}). Fix: check the network (and HF_ENDPOINT), the hub id and revision, "
+        f"log in (`hf auth login` or HF_TOKEN) for a gated model, or pre-download it ({download}) and run with "
+        "HF_HUB_OFFLINE=1, or set `path:` to a local copy of the model"
+    )
+
+
+# The installed package's folder (safeport/, which holds this stage as safeport/extractors/).
+_PACKAGE_DIR = str(Path(__file__).parent.parent) + os.sep
+
+
+def _raised_by_safeport(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is safeport's own code (its message is already ours)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def model_load_errors(source: ModelSource) -> Iterator[None]:
+    """Turn a failed ``from_pretrained`` (hub unreachable, files missing or damaged) into one :class:`ExtractionError`.
+
+    transformers, diffusers and the weight readers report these as OSError, ValueError,
+    ``struct.error``... with a long traceback and no word of the catalog entry; the user needs the
+    model's name, where it was looked for and the fix (``SAFEPORT_DEBUG=1`` still shows the cause).
+    Errors safeport raised itself, and running out of memory, pass through unchanged.
+    """
+    try:
+        yield
+    except ExtractionError:
+        raise
+    except Exception as err:
+        if _raised_by_safeport(err) or type(err).__name__ == "OutOfMemoryError":
+            raise
+        raise ExtractionError(load_failure(source, err)) from err

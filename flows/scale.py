@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -94,8 +95,17 @@ def worker_gpu(worker_name: object, n_gpus: int) -> int | None:
 
 
 def _pin_worker_gpu() -> None:
-    """Inside a Dask worker on a multi-GPU machine, make ``cuda`` mean this worker's own GPU."""
+    """Inside a Dask worker on a multi-GPU machine, make ``cuda`` mean this worker's own GPU.
+
+    Also keeps the worker's Prefect traceback of a user error off the terminal a local cluster
+    shares with the flow process, which reports the error once (``SAFEPORT_DEBUG=1`` keeps it).
+    """
     import torch
+
+    if not os.environ.get("SAFEPORT_DEBUG"):
+        from safeport.errors import quiet_user_errors_in_flows
+
+        quiet_user_errors_in_flows()
 
     try:
         from distributed import get_worker

@@ -124,9 +124,9 @@ def _print_summary(root: Path) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from safeport.store.query import format_table, hide_implicit_text, readonly_query, write_table
+    from safeport.store.query import format_table, readonly_query, write_table
 
-    table = hide_implicit_text(readonly_query(_store_root(args), args.sql), args.sql)
+    table = readonly_query(_store_root(args), args.sql, hide_text=True)
     if args.output:
         fmt = write_table(table, Path(args.output), args.format)
         print(f"wrote {table.num_rows} row(s) as {fmt} to {args.output}")
@@ -156,12 +156,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+safeport learns a safety direction in a source LLM from safe/unsafe prompt pairs, carries it into
+an image or video generator's text-encoder space with a map fitted on benign anchor texts, and
+steers (and evaluates) generation with it. It caches every model's activations in a store (Zarr
+arrays + DuckDB metadata) described by a catalog (catalog.yaml); every stage is incremental and
+resumable, and user errors are one line (SAFEPORT_DEBUG=1 shows tracebacks)."""
+
+EPILOG = """\
+start here:
+  safeport run                                  the main job on the embedded default catalog (CPU)
+  safeport status                               what the store holds, and what is stale
+  safeport query "select name, norm from vectors"
+
+`safeport COMMAND --help` shows each command's options and an example; README.md has the rest."""
+
+# One example per command, shown at the end of `safeport COMMAND --help`.
+EXAMPLES: dict[str, str] = {
+    "run": "safeport run --catalog my-catalog.yaml --profile default",
+    "extract": "safeport extract --profile demo-eval --wait 60",
+    "fit": "safeport fit --store safeport-store",
+    "catalog": "safeport catalog --catalog my-catalog.yaml --profile paper",
+    "status": "safeport status --store safeport-store",
+    "query": 'safeport query "select model, dataset, count(*) from activations group by all" -o counts.csv',
+    "generate": 'safeport generate --profile demo-eval --vector "calibrated:smollm2-135m->tiny-flux:ridge" '
+    '--alpha 1 "a red bicycle"',
+    "eval": "HF_HUB_OFFLINE=1 safeport eval --profile demo-eval --target tiny-flux --limit 4",
+    "rebuild": "safeport rebuild --profile demo-eval --dask-workers 2",
+    "serve": 'PREFECT_API_URL=http://127.0.0.1:4200/api safeport serve --cron "0 3 * * *"',
+    "gc": "safeport gc --apply",
+    "export": 'safeport export -o vectors/ "calibrated:smollm2-135m->minilm-l6:ridge"',
+    "import": "safeport import vectors/ --store other-store",
+    "verify": "safeport verify --repair",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safeport", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="safeport",
+        usage="%(prog)s COMMAND [options]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        example = EXAMPLES.get(name)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}" if example else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--catalog", default=None, help="catalog.yaml (default: the embedded one)")
         p.add_argument("--profile", default="default", help="catalog profile (default: default)")
         p.add_argument("--store", default=None, help="store folder (default: the profile's store)")
@@ -232,8 +280,11 @@ def _quiet_second_interrupt() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_env()
     args = build_parser().parse_args(argv)
-    from safeport.errors import USER_ERRORS
+    from safeport.errors import USER_ERRORS, quiet_user_errors_in_flows, user_message
 
+    debug = bool(os.environ.get("SAFEPORT_DEBUG"))
+    if not debug:
+        quiet_user_errors_in_flows()  # the line below is the report; Prefect's traceback would repeat it
     managed = _handles_interrupts()
     if managed:  # a second Ctrl-C while the first one unwinds (Prefect's crash reports) is quiet too
         signal.signal(signal.SIGINT, _first_interrupt)
@@ -247,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"safeport: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:
-        # Anything else a user can cause (a bad option value, an unreadable path) is
-        # still one line; SAFEPORT_DEBUG=1 shows the traceback for bug reports.
-        if os.environ.get("SAFEPORT_DEBUG"):
+    except (ValueError, OSError, RuntimeError) as err:
+        # Anything else a user can cause (a bad option value, an unreadable path, CUDA out of
+        # memory) is still one line; SAFEPORT_DEBUG=1 shows the traceback for bug reports.
+        message = user_message(err)
+        if debug or message is None:
             raise
-        print(f"safeport: error: {type(err).__name__}: {err} (SAFEPORT_DEBUG=1 shows details)", file=sys.stderr)
+        print(f"safeport: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _quiet_second_interrupt()  # stays for the rest of this process: it is shutting down

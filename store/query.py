@@ -14,6 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from safeport.store.store import StoreBusyError, StoreError
+from safeport.store.text_guard import TEXT_HIDDEN, hide_implicit_text
 
 # DuckDB settings of every query connection. They are the real defence; the screen in
 # check_readonly_sql only turns the common refusals into clear messages.
@@ -47,6 +48,9 @@ _LITERALS = re.compile(
 
 
 _PLAIN_EXPLAIN = re.compile(r"\s*EXPLAIN\s+(?!ANALY[SZ]E\b|\()", re.IGNORECASE)
+
+
+__all__ = ["TEXT_HIDDEN", "QueryError", "check_readonly_sql", "readonly_query", "write_table"]
 
 
 class QueryError(ValueError):
@@ -133,12 +137,14 @@ def readonly_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         con.close()
 
 
-def readonly_query(root: Path, sql: str) -> pa.Table:
+def readonly_query(root: Path, sql: str, hide_text: bool = False) -> pa.Table:
     """Run one SELECT (WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) on a read-only connection.
 
     Two layers: :func:`check_readonly_sql` gives a clear message for what is refused,
     and DuckDB itself (read-only database, no external access, configuration locked,
     see :data:`READONLY_CONFIG`) stops anything the screen did not anticipate.
+    ``hide_text`` blanks every output column derived from ``texts.text`` that the top-level
+    SELECT does not name (see :mod:`safeport.store.text_guard`): what `safeport query` shows.
     """
     check_readonly_sql(sql)
     with readonly_connection(root) as con:
@@ -146,30 +152,14 @@ def readonly_query(root: Path, sql: str) -> pa.Table:
             rel = con.sql(sql)
             if rel is None:  # pragma: no cover - check_readonly_sql lets only result statements through
                 raise QueryError("the statement returned no result; use a SELECT")
-            return rel.to_arrow_table()
+            table = rel.to_arrow_table()
+            return hide_implicit_text(con, table, sql) if hide_text else table
         except duckdb.PermissionException as err:
             raise QueryError(
                 f"refused by DuckDB ({err}); `safeport query` reads only the store's tables and views"
             ) from None
         except duckdb.Error as err:
             raise QueryError(f"query failed: {err}") from None
-
-
-TEXT_HIDDEN = "<hidden: name the text column in the query to see texts>"
-_TEXT_WORD = re.compile(r"\btext\b", re.IGNORECASE)
-
-
-def hide_implicit_text(table: pa.Table, sql: str) -> pa.Table:
-    """Blank a ``text`` column that the query did not ask for by name (``SELECT *``).
-
-    Prompts include unsafe ones; they are data, shown only when a user names the
-    column on purpose (``SELECT text FROM texts``), never as a side effect of ``*``.
-    """
-    if "text" not in table.column_names or _TEXT_WORD.search(_strip_literals(sql)):
-        return table
-    i = table.column_names.index("text")
-    hidden = pa.array([None if v is None else TEXT_HIDDEN for v in table.column(i).to_pylist()], pa.string())
-    return table.set_column(i, "text", hidden)
 
 
 _OUTPUT_FORMATS = ("csv", "json", "jsonl", "parquet")

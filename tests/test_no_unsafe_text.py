@@ -122,8 +122,16 @@ QUERIES = [
     "SHOW TABLES",
 ]
 # These would print texts although no query names the ``text`` column: `safeport query`
-# blanks an implicitly selected ``text`` column (store.query.hide_implicit_text).
-IMPLICIT_TEXT = ["SELECT * FROM texts", "SELECT t.* FROM texts t JOIN dataset_texts USING (text_id)"]
+# blanks every column derived from texts.text by lineage (store/text_guard.py), issue 18 item 3.
+IMPLICIT_TEXT = [
+    "SELECT * FROM texts",
+    "SELECT t.* FROM texts t JOIN dataset_texts USING (text_id)",
+    "SELECT * FROM texts a JOIN texts b USING (text_id)",
+    "SUMMARIZE texts",
+    "SELECT * FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT b FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT t FROM texts t",
+]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +175,23 @@ def test_query_star_over_texts_does_not_print_them(
 ) -> None:
     needles = _needles(_unsafe_texts(extracted))
     assert not _leaks(_query_output(extracted, sql, capfd), needles)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_query_output_files_of_implicit_forms_hold_no_texts(
+    extracted: Path, suffix: str, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    needles = _needles(_unsafe_texts(extracted))
+    out = tmp_path / f"join{suffix}"
+    printed = _query_output(extracted, "SELECT * FROM texts a JOIN texts b USING (text_id)", capfd)
+    main(["query", "--store", str(extracted), "SELECT * FROM texts a JOIN texts b USING (text_id)", "-o", str(out)])
+    if suffix == ".parquet":  # two columns named text: read by position
+        written = repr([c.to_pylist() for c in pq.ParquetFile(out).read().columns])
+    else:
+        written = out.read_text(encoding="utf-8")
+    assert not _leaks(printed + written, needles)
 
 
 def test_query_naming_the_text_column_does_print_it(

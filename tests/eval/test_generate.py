@@ -285,3 +285,13 @@ def test_generate_checks_the_vector_file_before_loading_any_pipeline(
     assert err.startswith("safeport: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert all(w in err for w in words), err
     assert PROMPT not in err and not (tmp_path / "out").exists()
+
+
+def test_an_uncached_hub_pipeline_is_one_error_naming_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeport.eval.generate import load_pipeline
+    from safeport.extractors.base import ExtractionError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = ModelSource(name="flux-x", family="flux", hub_id="safeport-tests/not-cached", device="cpu")
+    with pytest.raises(ExtractionError, match=r"model 'flux-x': hub id 'safeport-tests/not-cached'.*offline"):
+        load_pipeline(source)

@@ -116,7 +116,7 @@ def test_scheduled_rebuild_runs_and_picks_up_changed_weights(tmp_path: Path) -> 
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     logs = [server_log, serve_log]
     serve_code = (
-        "from flows.serve import serve_rebuild; "
+        "from safeport.flows.serve import serve_rebuild; "
         f"serve_rebuild({str(catalog)!r}, interval={INTERVAL_S}, online=False, wait_s=120)"
     )
     with _process([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log):

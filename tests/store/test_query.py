@@ -371,3 +371,105 @@ def test_store_busy_with_a_writer_in_another_process(tmp_path: Path) -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+# --- texts are shown only when the top-level SELECT names the text column (lineage, not names) -----
+
+TEXTS = [str(t) for t in ROWS.column("text").to_pylist()]
+
+HIDDEN_FORMS = [
+    "SELECT * FROM texts",
+    "FROM texts",
+    "SELECT COLUMNS(*) FROM texts",
+    "SELECT * EXCLUDE (n_chars) FROM texts",
+    "SELECT * FROM texts a JOIN texts b USING (text_id)",
+    "SELECT * FROM texts a, texts b",
+    "SELECT * FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT b FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT upper(b) AS u FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT list(b) AS l, string_agg(b, ',') AS s FROM (SELECT * FROM texts) t(a, b, c)",
+    "SELECT 'x' AS s UNION ALL SELECT b FROM (SELECT * FROM texts) t(a, b, c)",
+    "WITH c AS (SELECT * FROM texts) SELECT * FROM c",
+    "WITH c AS (SELECT * FROM texts) SELECT * FROM c x JOIN c y USING (text_id)",
+    "SELECT t FROM texts t",
+    "SELECT to_json(t) AS j FROM texts t",
+    "SELECT * FROM texts WHERE text LIKE '%a%'",
+    "SELECT * FROM texts ORDER BY text LIMIT 2",
+    "SELECT upper(b) FROM (SELECT * FROM texts ORDER BY text LIMIT 2) t(a, b, c)",
+    "SELECT DISTINCT * FROM texts",
+    "SELECT * FROM query('SELECT * FROM texts')",
+    "SUMMARIZE texts",
+    "SUMMARIZE SELECT * FROM texts a JOIN texts b USING (text_id)",
+    "SELECT * FROM (SUMMARIZE texts)",
+    "SELECT max FROM (SUMMARIZE texts)",
+    "UNPIVOT texts ON text_id, text",
+    "SELECT dt.*, t.* FROM dataset_texts dt JOIN texts t USING (text_id)",
+]
+
+
+def _dump(table: pa.Table) -> str:
+    return repr(table.to_pylist()).lower()
+
+
+@pytest.mark.parametrize("sql", HIDDEN_FORMS)
+def test_every_implicit_form_hides_texts(unchanged: Path, sql: str) -> None:
+    shown = readonly_query(unchanged, sql)
+    assert any(t in _dump(shown) for t in TEXTS), "the form must reach the texts, or it tests nothing"
+    hidden = readonly_query(unchanged, sql, hide_text=True)
+    assert hidden.num_rows == shown.num_rows
+    dump = _dump(hidden)
+    assert not [t for t in TEXTS if t in dump]
+    assert query.TEXT_HIDDEN in dump
+
+
+@pytest.mark.parametrize(
+    ("sql", "visible"),
+    [
+        ("SELECT text FROM texts", ["text"]),
+        ("SELECT t.text FROM texts t", ["text"]),
+        ('SELECT "TEXT" AS words, text_id FROM texts', ["words", "text_id"]),
+        ("SELECT upper(text) AS u FROM texts", ["u"]),
+        ("SELECT text_id, text FROM texts WHERE text LIKE '%a%'", ["text_id", "text"]),
+        ("SELECT text FROM texts UNION ALL SELECT 'x'", ["text"]),
+    ],
+)
+def test_naming_text_at_the_top_level_shows_it(unchanged: Path, sql: str, visible: list[str]) -> None:
+    table = readonly_query(unchanged, sql, hide_text=True)
+    assert table.equals(readonly_query(unchanged, sql))
+    assert table.column_names == visible
+
+
+def test_only_text_derived_columns_are_hidden(unchanged: Path) -> None:
+    def columns(sql: str) -> dict[str, list[object]]:
+        table = readonly_query(unchanged, sql, hide_text=True)
+        return {f"{i}:{n}": table.column(i).to_pylist() for i, n in enumerate(table.column_names)}
+
+    hidden = [query.TEXT_HIDDEN] * 3
+    ids = ["t0", "t1", "t2"]
+    star = columns("SELECT * FROM texts ORDER BY text_id")
+    assert star == {"0:text_id": ids, "1:text": hidden, "2:n_chars": [16, 5, 13]}
+    # A filter on text decides which rows are shown, not what the other columns hold.
+    assert columns("SELECT * FROM texts WHERE text LIKE '%a%' ORDER BY text_id")["0:text_id"] == ["t0", "t1"]
+    assert columns("SELECT text_id FROM texts WHERE upper(text) <> 'X' ORDER BY text_id") == {"0:text_id": ids}
+    # The explicitly named column is shown, the one a star brings along is not.
+    both = columns("SELECT a.text, * FROM texts a JOIN texts b USING (text_id) ORDER BY text_id")
+    assert sorted(map(str, both["0:text"])) == sorted(TEXTS)
+    assert both["2:text"] == hidden and both["4:text"] == hidden and both["1:text_id"] == ids
+    # Renamed columns are followed: b is texts.text, a is text_id.
+    renamed = columns("SELECT a, b, c FROM (SELECT * FROM texts) t(a, b, c) ORDER BY a")
+    assert renamed == {"0:a": ids, "1:b": hidden, "2:c": [16, 5, 13]}
+
+
+def test_summarize_hides_only_the_text_rows(unchanged: Path) -> None:
+    table = readonly_query(unchanged, "SUMMARIZE texts", hide_text=True)
+    rows = {r["column_name"]: r for r in table.to_pylist()}
+    assert rows["text"]["min"] == query.TEXT_HIDDEN and rows["text"]["max"] == query.TEXT_HIDDEN
+    assert (rows["text_id"]["min"], rows["text_id"]["max"]) == ("t0", "t2")
+    assert rows["n_chars"]["max"] == "16"
+
+
+@pytest.mark.parametrize(
+    "sql", ["SELECT * FROM activations", "SELECT count(*) AS n FROM texts", "SHOW TABLES", "DESCRIBE texts"]
+)
+def test_queries_without_texts_are_untouched(unchanged: Path, sql: str) -> None:
+    assert readonly_query(unchanged, sql, hide_text=True).equals(readonly_query(unchanged, sql))
