@@ -28,7 +28,7 @@ class HFPooler:
         layer: int | None = None,
         causal: bool = False,
     ) -> None:
-        self.model = model.eval().to(device)
+        self.model = text_decoder(model).eval().to(device)
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
@@ -38,7 +38,7 @@ class HFPooler:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.model.config.get_text_config().hidden_size)
 
     def _raw_lengths(self, texts: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
@@ -81,6 +81,20 @@ class HFPooler:
         )
 
 
+def text_decoder(model: Any) -> Any:
+    """The text stack of a multimodal base model (e.g. ``Qwen3_5Model``: ``language_model``), else ``model``.
+
+    Why: ``AutoModel`` maps a vision-language checkpoint such as Qwen/Qwen3.5-9B (``qwen3_5``) to the
+    multimodal base model, whose config has no top-level ``hidden_size`` and whose decoder layers sit
+    under ``language_model``. For text-only input its forward is exactly ``language_model`` on the token
+    embeddings, so the text stack is what is kept (the vision tower is dropped and never run).
+    """
+    inner = getattr(model, "language_model", None)
+    if inner is not None and hasattr(inner, "layers") and hasattr(inner, "embed_tokens"):
+        return inner
+    return model
+
+
 def _truncate_layers(model: Any, layer: int) -> None:
     """Keep layers ``0..layer`` so the forward pass stops at the last needed one.
 
@@ -96,6 +110,6 @@ def _truncate_layers(model: Any, layer: int) -> None:
         raise ValueError(f"layer {layer} is out of range for a model with {len(layers)} layers")
     keep = layer % len(layers) + 1
     model.layers = layers[:keep]
-    model.config.num_hidden_layers = keep
+    model.config.get_text_config().num_hidden_layers = keep
     if hasattr(model, "norm"):
         model.norm = torch.nn.Identity()
