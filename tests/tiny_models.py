@@ -103,15 +103,15 @@ def mistral_v03_tokenizer() -> Any:
     from transformers import LlamaTokenizer
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab["▁"] = len(vocab)
     for c in letters + letters.upper() + ",.":
         vocab.setdefault(c, len(vocab))
     merges = [("▁", c) for c in letters]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     return LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True, legacy=False, add_bos_token=True)
 
 

@@ -134,8 +134,8 @@ def test_steered_kwargs_add_alpha_v_to_every_token(pipes: dict[str, Any]) -> Non
     v = _vector("flux")
     base = emb.get(PROMPT)
     out = steered_kwargs(base, v, 2.0, "cpu")
-    torch.testing.assert_close(out["prompt_embeds"], base["prompt_embeds"] + 2.0 * torch.from_numpy(v))
-    assert torch.equal(out["pooled_prompt_embeds"], base["pooled_prompt_embeds"])  # CLIP pooled untouched
+    torch.testing.assert_close(out["prompt_embeds"], base.kwargs["prompt_embeds"] + 2.0 * torch.from_numpy(v))
+    assert torch.equal(out["pooled_prompt_embeds"], base.kwargs["pooled_prompt_embeds"])  # CLIP pooled untouched
 
 
 def _source(folder: Path, **kw: Any) -> ModelSource:
@@ -160,7 +160,7 @@ def test_resolve_settings_merges_model_card_and_validates(tmp_path: Path) -> Non
     card = resolve_settings(
         ModelSource(name="s", family="flux", hub_id="black-forest-labs/FLUX.1-schnell", max_tokens=256)
     )
-    assert dict(card.call) == {"num_inference_steps": 4, "guidance_scale": 0.0}
+    assert dict(card.call) == {"num_inference_steps": 4, "guidance_scale": 0.0, "height": 1024, "width": 1024}
     assert card.key != settings.key
     with pytest.raises(ValueError, match="has no argument 'stepz'"):
         resolve_settings(schnell, {"stepz": 3})
