@@ -10,6 +10,7 @@ import torch
 
 from safeport.eval.steering import combine, steer, steered_embeds
 from safeport.extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
+from safeport.extractors.base import RepresentationSpec
 from safeport.extractors.pipeline_encoder import PipelineEncoder
 from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build
 
@@ -174,9 +175,8 @@ def test_steering_touches_exactly_the_pooled_positions(pipes: dict[str, Any], fa
     if family in ("qwen_image", "wan"):
         assert any(bool((w_i == 0).any()) for w_i in where)  # there are unpooled positions, and they stay as they were
     # The extractor pools these very positions: its token counts and rows agree with them.
-    encoder = PipelineEncoder(
-        pipe, ENCODER_FAMILIES[family], spec=None, device=torch.device("cpu"), max_sequence_length=msl
-    )  # type: ignore[arg-type]
+    spec = RepresentationSpec(model_id=family, family=family, max_tokens=msl)
+    encoder = PipelineEncoder(pipe, ENCODER_FAMILIES[family], spec, torch.device("cpu"), msl)
     pooled = encoder.encode(prompts)
     assert pooled.n_tokens.tolist() == [int(w_i.sum()) for w_i in where]
     by_hand = np.stack(
