@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from safeport.eval.steering import combine, steer, steered_embeds
-from safeport.extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
 from safeport.extractors.base import RepresentationSpec
+from safeport.extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
 from safeport.extractors.pipeline_encoder import PipelineEncoder
 from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build
 
