@@ -17,7 +17,7 @@ added where it was measured:
   made it (it was never pooled).
 
 With ``drop_constant_prefix=True`` (the target's catalog option of that name) the leading positions
-identical for every prompt (Z-Image's ``<|im_start|>user\n``) are neither pooled nor steered.
+identical for every prompt (Z-Image's ``<|im_start|>user`` line) are neither pooled nor steered.
 
 Negative prompts are encoded by the same ``encode_prompt`` and passed as
 ``negative_prompt_embeds`` **unsteered**, so classifier-free guidance (SD3, Z-Image, Wan) and

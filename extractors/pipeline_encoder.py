@@ -26,7 +26,7 @@ wan        UMT5 last hidden state, zeroed after the real   the real length (toke
 One rule for pooling and steering: the positions pooled here are exactly the positions
 ``eval.steering`` adds α·v to (:func:`pooled_positions` serves both). With the catalog option
 ``drop_constant_prefix: true`` the leading positions that are identical for every prompt (a causal
-encoder's chat-template prefix; Z-Image: ``<|im_start|>user\n``) are left out of both; bidirectional
+encoder's chat-template prefix; Z-Image: ``<|im_start|>user`` and its newline) are left out of both; bidirectional
 encoders (T5, UMT5, CLIP) have no such positions and refuse the option.
 
 Sequence limit: ``max_sequence_length`` is the catalog option of that name if given, else
@@ -217,17 +217,6 @@ def _z_image_prefix(pipe: Pipeline, texts: list[str], max_len: int) -> np.ndarra
     prefix = pipe.tokenizer(prefix_text)["input_ids"]
     ids = pipe.tokenizer(_z_image_templated(pipe, texts), truncation=True, max_length=max_len)["input_ids"]
     return np.array([_common_prefix(row, prefix) for row in ids], dtype=np.int64)
-
-
-def stack_ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of [len_i, d] tensors to [n, max_len, d] with a matching 0/1 mask."""
-    longest = max(int(r.shape[0]) for r in rows)
-    embeds = rows[0].new_zeros((len(rows), longest, rows[0].shape[-1]))
-    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        embeds[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return embeds, mask
 
 
 # --- Qwen-Image ---------------------------------------------------------------------------------

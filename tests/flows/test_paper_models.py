@@ -47,13 +47,14 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _msl(family: str) -> int:
-    return int(TINY_CALL_KWARGS[family]["max_sequence_length"])  # type: ignore[call-overload]
+    """Long enough that no safe/unsafe pair collapses to one truncated text (a zero pair difference)."""
+    return max(int(TINY_CALL_KWARGS[family]["max_sequence_length"]), 64)  # type: ignore[call-overload]
 
 
 def _catalog(tmp: Path, folders: dict[str, Path], dtype: str) -> Path:
     data = REPO / "data"
     models: dict[str, Any] = {
-        name: {"role": "source", "family": "causal_lm", "path": str(folders[name]), "max_tokens": 32}
+        name: {"role": "source", "family": "causal_lm", "path": str(folders[name]), "max_tokens": 64}
         for name in SOURCES
     }
     for family in FAMILIES:
@@ -135,7 +136,7 @@ def test_paper_architectures_end_to_end(
             with torch.no_grad():
                 want = np.stack(
                     [
-                        model(**tok(t, truncation=True, max_length=32, return_tensors="pt"))
+                        model(**tok(t, truncation=True, max_length=64, return_tensors="pt"))
                         .last_hidden_state[0]
                         .float()
                         .mean(0)
