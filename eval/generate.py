@@ -294,14 +294,16 @@ class PromptEmbeddings:
                     "a prompt arrived after the text encoders were released; call encode_all() with every "
                     "prompt of the sweep (or chunk) before release_text_encoders()"
                 )
-            negatives = None if self.settings.negative_prompt is None else [self.settings.negative_prompt]
-            extra = {"clip_skip": dict(self.settings.call).get("clip_skip")}
+            # The negative branch is encoded with the first prompt only: it is the same for every prompt.
+            first = self._negative is None
+            negatives = [self.settings.negative_prompt] if first and self.settings.negative_prompt is not None else None
+            extra = {"clip_skip": dict(self.settings.call).get("clip_skip"), "negative": first}
             msl = self.settings.max_sequence_length
             with torch.no_grad(), quiet_pipeline_logs(self.pipe):
                 kwargs = self._encode(self.pipe, [prompt], negatives, msl, extra)
                 positions = steering_positions(self.pipe, [prompt], kwargs, msl, self.settings.drop_constant_prefix)
             negative = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("negative_")}
-            if self._negative is None:  # identical for every prompt: the same text, encoded alone
+            if first:
                 self._negative = {k: _to(v, "cpu") for k, v in negative.items()}
             self._cache[prompt] = Encoded({k: _to(v, "cpu") for k, v in kwargs.items()}, _to(positions, "cpu"))
         return self._cache[prompt]

@@ -44,7 +44,8 @@ from safeport.extractors.pipeline_encoder import Positions, pooled_positions, qu
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
 Prompt = str | Sequence[str]
-# (pipe, prompts, negatives or None, max_sequence_length, generate_kwargs) -> pipeline kwargs
+# (pipe, prompts, negatives or None, max_sequence_length, extras) -> pipeline kwargs. Extras: ``clip_skip``
+# (SD3) and ``negative`` (default True; False skips the negative branch of families that always encode one).
 EncodeFn = Callable[[Pipeline, list[str], list[str] | None, int, Mapping[str, Any]], dict[str, Any]]
 
 # Arguments steer() fills in itself; passing them too would silently bypass the steering.
@@ -132,7 +133,7 @@ def _sd3(
         prompt_3=None,
         device=pipe._execution_device,
         num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         negative_prompt=negatives,
         clip_skip=kw.get("clip_skip"),
         max_sequence_length=msl,
@@ -152,7 +153,7 @@ def _z_image(
     embeds, neg = pipe.encode_prompt(
         prompt=list(prompts),
         device=pipe._execution_device,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         negative_prompt=None if negatives is None else list(negatives),
         max_sequence_length=msl,
     )
@@ -185,7 +186,7 @@ def _wan(
     embeds, neg = pipe.encode_prompt(
         prompt=prompts,
         negative_prompt=negatives,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         num_videos_per_prompt=1,
         max_sequence_length=msl,
         device=pipe._execution_device,

@@ -249,7 +249,11 @@ def test_negative_prompt_is_encoded_once_and_matches_steer(pipes: dict[str, Any]
     settings = dataclasses.replace(settings, call=tuple(sorted({**dict(settings.call), "guidance_scale": 3.0}.items())))
     emb = PromptEmbeddings(pipe, settings)
     prompts = [PROMPT, "a dog in the snow", "a red bicycle"]
+    runs = {"n": 0}
+    handle = pipe.text_encoder.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
     emb.encode_all(prompts)
+    handle.remove()
+    assert runs["n"] == len(prompts) + 1  # each prompt once, the negative once
     # One negative copy for the sweep; no prompt's cache holds one.
     assert all(not any(k.startswith("negative_") for k in emb.get(p).kwargs) for p in prompts)
     negative = emb.negative_kwargs("cpu")["negative_prompt_embeds"]
