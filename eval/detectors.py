@@ -299,6 +299,41 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
 
 
+FID_SIZE = 299  # the Inception-v3 input size of the FID definition
+
+
+def fid_batch(images: Sequence[Image.Image], size: int = FID_SIZE) -> torch.Tensor:
+    """Images of any sizes as one float batch [n, 3, size, size] in [0, 1].
+
+    Each image is resized on its own to Inception's input size with the bilinear interpolation that
+    pytorch-fid's ``InceptionV3(resize_input=True)`` applies, so a reference folder of mixed sizes
+    (COCO: 640x480, 480x640, 640x427...) gives the same features as feeding the images one at a time.
+    """
+    out = []
+    for img in images:
+        x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        if x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out.append(x)
+    return torch.cat(out) if out else torch.zeros((0, 3, size, size))
+
+
+def image_features(
+    network: Callable[[torch.Tensor], torch.Tensor], device: torch.device, batch: int = 32
+) -> Callable[[Sequence[Image.Image]], np.ndarray]:
+    """A feature function over PIL images of any sizes: :func:`fid_batch` then ``network`` -> [n, d]."""
+
+    @torch.no_grad()
+    def features(images: Sequence[Image.Image]) -> np.ndarray:
+        out = [
+            network(fid_batch(images[start : start + batch]).to(device)).flatten(1).float().cpu().numpy()
+            for start in range(0, len(images), batch)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    return features
+
+
 def inception_features(device: str = "auto") -> Callable[[Sequence[Image.Image]], np.ndarray]:
     """The standard FID feature extractor (pytorch-fid's InceptionV3 pool3, 2048-d).
 
@@ -315,17 +350,7 @@ def inception_features(device: str = "auto") -> Callable[[Sequence[Image.Image]]
         model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(dev)
     except Exception as err:  # the weights download fails offline with one of several error types
         raise DetectorUnavailable(f"Inception weights for FID are not available here ({type(err).__name__})") from None
-
-    @torch.no_grad()
-    def features(images: Sequence[Image.Image]) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), 32):
-            batch = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images[start : start + 32]]
-            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(dev)
-            out.append(model(x)[0].squeeze(-1).squeeze(-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 2048), dtype=np.float32)
-
-    return features
+    return image_features(lambda x: model(x)[0], dev)
 
 
 class FidScorer:

@@ -4,10 +4,13 @@ An α sweep over one prompt differs only in ``alpha * v``; re-running the text e
 every (method, α, seed) would dominate CPU time and keep a multi-GB T5/Qwen encoder on the
 GPU for nothing. So :class:`PromptEmbeddings` calls the pipeline's **own** ``encode_prompt``
 (through ``eval.steering``'s per-family encoders, the very code ``steer()`` uses) once per
-prompt, keeps the unsteered ``pipe(...)`` keyword arguments on the CPU, and can then drop the
-text encoders. :func:`steered_kwargs` adds ``alpha * v`` to every token exactly as
-``steered_embeds`` does (same float32 arithmetic, same dtype round trip), so a cached α = 0
-call reproduces ``pipe(prompt=...)`` bit for bit and a cached α > 0 call reproduces ``steer()``.
+prompt, keeps the unsteered ``pipe(...)`` keyword arguments on the CPU together with the
+positions to steer, encodes the negative prompt **once** for all prompts, and is used a chunk of
+prompts at a time (:meth:`PromptEmbeddings.forget` drops a finished chunk), so memory does not
+grow with the prompt set (Wan: ~4 MiB of embeddings per prompt). :func:`steered_kwargs` adds
+``alpha * v`` at the pooled positions exactly as ``steered_embeds`` does (same float32
+arithmetic, same dtype round trip), so a cached α = 0 call reproduces ``pipe(prompt=...)`` bit
+for bit and a cached α > 0 call reproduces ``steer()``.
 
 Generation settings (steps, guidance, size...) are part of every output's identity, so they
 live in a frozen, hashable :class:`GenerationSettings`; ``max_sequence_length`` is pinned to the
@@ -25,7 +28,7 @@ import inspect
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
@@ -33,9 +36,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from safeport.eval.steering import RESERVED_KWARGS, add_to_prompt_embeds, check_vector, family_of, steer
+from safeport.eval.steering import (
+    RESERVED_KWARGS,
+    add_to_prompt_embeds,
+    check_vector,
+    family_of,
+    steer,
+    steering_positions,
+)
 from safeport.extractors.base import ModelSource, check_device, model_load_errors, resolve_device, resolve_dtype
-from safeport.extractors.pipeline_encoder import FAMILIES, PipelineFamily, max_sequence_length_of, quiet_pipeline_logs
+from safeport.extractors.pipeline_encoder import (
+    FAMILIES,
+    PipelineFamily,
+    Positions,
+    drop_constant_prefix_of,
+    family_of_pipeline,
+    max_sequence_length_of,
+    quiet_pipeline_logs,
+)
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -44,19 +62,66 @@ Scalar = str | int | float | bool | None
 VIDEO_FRAMES = 4  # frames scored per video (METHOD §8)
 DEFAULT_SEED = 42
 
-# Call settings from each checkpoint's model card; a checkpoint not listed runs with its pipeline's
-# own ``__call__`` defaults. Resolution is left to the pipeline (the model's native size) unless
-# overridden (e.g. ``--set height=512 --set width=512`` for a cheaper sweep).
-MODEL_CARD_SETTINGS: dict[str, dict[str, Scalar]] = {
-    "black-forest-labs/FLUX.1-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0},
-    "black-forest-labs/FLUX.1-dev": {"num_inference_steps": 28, "guidance_scale": 3.5},
-    "Qwen/Qwen-Image": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": " "},
-    "Tongyi-MAI/Z-Image-Turbo": {"num_inference_steps": 9, "guidance_scale": 0.0},
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {
-        "num_inference_steps": 40,
-        "guidance_scale": 4.0,
-        "guidance_scale_2": 3.0,
-    },
+
+@dataclass(frozen=True)
+class CardSettings:
+    """Generation defaults of one checkpoint: ``pipe(...)`` arguments, negative prompt, component dtypes."""
+
+    call: Mapping[str, Scalar]
+    negative_prompt: str | None = None
+    dtypes: Mapping[str, str] = field(default_factory=dict)  # component -> dtype it is loaded in
+
+
+# Wan 2.x's default negative prompt, verbatim from the Wan2.2-T2V-A14B-Diffusers model card (a list of
+# artefacts to avoid: garish colours, overexposure, static frames, blur, subtitles, deformed hands...).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# Per-checkpoint generation defaults (the hub id names the checkpoint; a checkpoint not listed runs with
+# its pipeline's own ``__call__`` defaults). Each value is from the checkpoint's model card unless the
+# paper's Appendix B states it: then the paper wins, and the comment says so. The catalog's
+# ``generation:`` and ``--set`` override any of them (e.g. ``--set height=512 --set width=512``).
+# ``max_sequence_length`` is not here: it is the extracted ``max_tokens`` (Schnell 256, the others 512).
+CARD_SETTINGS: dict[str, CardSettings] = {
+    # FLUX.1-schnell card: guidance_scale=0.0, num_inference_steps=4, max_sequence_length=256, 1024x1024.
+    # Paper (App. B): 4 steps, the same.
+    "black-forest-labs/FLUX.1-schnell": CardSettings(
+        {"num_inference_steps": 4, "guidance_scale": 0.0, "height": 1024, "width": 1024}
+    ),
+    # FLUX.1-dev card: guidance_scale=3.5, num_inference_steps=50, max_sequence_length=512, 1024x1024.
+    # Paper (App. B): 28 steps -> the paper wins over the card's 50.
+    "black-forest-labs/FLUX.1-dev": CardSettings(
+        {"num_inference_steps": 28, "guidance_scale": 3.5, "height": 1024, "width": 1024}
+    ),
+    # Qwen-Image card: num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ", 1:1 = 1328x1328.
+    # Paper (App. B): 4 steps *with the Lightning LoRA*; safeport does not load LoRAs, so the card's
+    # settings stand (4 steps without the LoRA would not be the paper's setting either).
+    "Qwen/Qwen-Image": CardSettings(
+        {"num_inference_steps": 50, "true_cfg_scale": 4.0, "height": 1328, "width": 1328}, negative_prompt=" "
+    ),
+    # Z-Image-Turbo card: num_inference_steps=9 ("8 DiT forwards"), guidance_scale=0.0, 1024x1024.
+    # Paper (App. B): 4 steps -> the paper wins over the card's 9.
+    "Tongyi-MAI/Z-Image-Turbo": CardSettings(
+        {"num_inference_steps": 4, "guidance_scale": 0.0, "height": 1024, "width": 1024}
+    ),
+    # Wan2.2-T2V-A14B-Diffusers card: VAE in float32, height=720, width=1280, num_frames=81,
+    # guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=40, its Chinese negative prompt.
+    # Paper (App. B): 4 steps per expert *with the Lightning LoRA*; not loaded here, so the card stands.
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": CardSettings(
+        {
+            "num_inference_steps": 40,
+            "guidance_scale": 4.0,
+            "guidance_scale_2": 3.0,
+            "height": 720,
+            "width": 1280,
+            "num_frames": 81,
+        },
+        negative_prompt=WAN_NEGATIVE_PROMPT,
+        dtypes={"vae": "float32"},
+    ),
 }
 
 # Set by generate() itself; as settings they would be ignored or break the one-output-per-call contract.
@@ -84,14 +149,28 @@ class GenerationSettings:
     call: tuple[tuple[str, Scalar], ...]
     max_sequence_length: int
     negative_prompt: str | None = None
+    dtypes: tuple[tuple[str, str], ...] = ()  # components loaded in another dtype than the model's (Wan: vae)
+    drop_constant_prefix: bool = False  # the target's option: constant leading positions are not steered
 
     def call_kwargs(self) -> dict[str, Any]:
         return {**dict(self.call), "max_sequence_length": self.max_sequence_length}
 
     def record(self) -> dict[str, Any]:
-        """JSON-able description; the negative prompt appears only as a hash (texts stay out of tables)."""
+        """JSON-able description; the negative prompt appears only as a hash (texts stay out of tables).
+
+        Fields at their defaults are left out, so settings that existed before them keep their keys.
+        """
         neg = None if self.negative_prompt is None else hashlib.sha256(self.negative_prompt.encode()).hexdigest()[:16]
-        return {"call": dict(self.call), "max_sequence_length": self.max_sequence_length, "negative_prompt_id": neg}
+        out: dict[str, Any] = {
+            "call": dict(self.call),
+            "max_sequence_length": self.max_sequence_length,
+            "negative_prompt_id": neg,
+        }
+        if self.dtypes:
+            out["dtypes"] = dict(self.dtypes)
+        if self.drop_constant_prefix:
+            out["drop_constant_prefix"] = True
+        return out
 
     @property
     def key(self) -> str:
@@ -101,7 +180,10 @@ class GenerationSettings:
 def resolve_settings(source: ModelSource, overrides: Mapping[str, Scalar] | None = None) -> GenerationSettings:
     """Model-card defaults for ``source`` updated by ``overrides``, checked against the pipeline's ``__call__``."""
     family = pipeline_family(source)
-    merged: dict[str, Scalar] = dict(MODEL_CARD_SETTINGS.get(source.hub_id or "", {}))
+    card = CARD_SETTINGS.get(source.hub_id or "", CardSettings({}))
+    merged: dict[str, Scalar] = dict(card.call)
+    if card.negative_prompt is not None:
+        merged["negative_prompt"] = card.negative_prompt
     merged.update(overrides or {})
     extracted = max_sequence_length_of(source)
     msl = merged.pop("max_sequence_length", extracted)
@@ -128,19 +210,30 @@ def resolve_settings(source: ModelSource, overrides: Mapping[str, Scalar] | None
     per_prompt = merged.get("num_images_per_prompt", merged.get("num_videos_per_prompt", 1))
     if per_prompt not in (1, None):
         raise ValueError(f"one output per call: drop num_images/videos_per_prompt={per_prompt}; sweep seeds instead")
-    return GenerationSettings(tuple(sorted(merged.items())), int(msl), negative)
+    return GenerationSettings(
+        tuple(sorted(merged.items())),
+        int(msl),
+        negative,
+        tuple(sorted(card.dtypes.items())),
+        drop_constant_prefix_of(source),
+    )
 
 
 def load_pipeline(source: ModelSource, *, offload: bool = False) -> Pipeline:
     """The full diffusers pipeline of a catalog target (denoiser, VAE, scheduler and text encoders).
 
     ``offload`` uses diffusers' model CPU offload (one component on the GPU at a time), for targets
-    that do not fit the GPU whole (Wan 2.2 A14B on an 80 GB card).
+    that do not fit the GPU whole (Wan 2.2 A14B on an 80 GB card). Components the model card loads in
+    another dtype (:data:`CARD_SETTINGS`: Wan's VAE in float32) are loaded so from their own weights.
     """
     family = pipeline_family(source)
     check_device(source.device, source.name)
     device = resolve_device(source.device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(source.dtype, device)}
+    dtype: Any = resolve_dtype(source.dtype, device)
+    card = CARD_SETTINGS.get(source.hub_id or "", CardSettings({}))
+    if card.dtypes:
+        dtype = {"default": dtype, **{name: resolve_dtype(d, device) for name, d in card.dtypes.items()}}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if source.hub_id is not None:
         kwargs["revision"] = source.revision
     with model_load_errors(source):
@@ -161,86 +254,135 @@ def _to(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt's unsteered ``pipe(...)`` keyword arguments and the positions to steer (on the CPU).
+
+    ``kwargs`` hold no ``negative_*`` entries: the negative prompt is encoded once per sweep
+    (:meth:`PromptEmbeddings.negative_kwargs`).
+    """
+
+    kwargs: Mapping[str, Any]
+    positions: Positions
+
+
 class PromptEmbeddings:
     """Unsteered ``pipe(...)`` keyword arguments per prompt, encoded once and kept on the CPU.
 
     Prompts are encoded one at a time, exactly as ``pipe(prompt=p)`` would encode them (a batch
-    would pad Qwen-Image/Z-Image prompts to the batch's longest and change the call). Texts are
-    held in memory only, never logged.
+    would pad Qwen-Image/Z-Image prompts to the batch's longest and change the call). The negative
+    prompt's embeddings are the same for every prompt, so one copy is kept. Texts are held in
+    memory only, never logged.
     """
 
     def __init__(self, pipe: Pipeline, settings: GenerationSettings) -> None:
         self.pipe = pipe
         self.settings = settings
         self._encode = family_of(pipe).encode
-        self._cache: dict[str, dict[str, Any]] = {}
+        self._cache: dict[str, Encoded] = {}
+        self._negative: dict[str, Any] | None = None
         self._released = False
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    def get(self, prompt: str) -> dict[str, Any]:
-        """The cached kwargs of ``prompt`` (on the CPU), encoding it on first use."""
+    def get(self, prompt: str) -> Encoded:
+        """The cached encoding of ``prompt`` (on the CPU), encoding it on first use."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if prompt not in self._cache:
             if self._released:
                 raise ValueError(
                     "a prompt arrived after the text encoders were released; call encode_all() with every "
-                    "prompt of the sweep before release_text_encoders()"
+                    "prompt of the sweep (or chunk) before release_text_encoders()"
                 )
-            negatives = None if self.settings.negative_prompt is None else [self.settings.negative_prompt]
-            extra = {"clip_skip": dict(self.settings.call).get("clip_skip")}
+            # The negative branch is encoded with the first prompt only: it is the same for every prompt.
+            first = self._negative is None
+            negatives = [self.settings.negative_prompt] if first and self.settings.negative_prompt is not None else None
+            extra = {"clip_skip": dict(self.settings.call).get("clip_skip"), "negative": first}
+            msl = self.settings.max_sequence_length
             with torch.no_grad(), quiet_pipeline_logs(self.pipe):
-                kwargs = self._encode(self.pipe, [prompt], negatives, self.settings.max_sequence_length, extra)
-            self._cache[prompt] = {k: _to(v, "cpu") for k, v in kwargs.items()}
+                kwargs = self._encode(self.pipe, [prompt], negatives, msl, extra)
+                positions = steering_positions(self.pipe, [prompt], kwargs, msl, self.settings.drop_constant_prefix)
+            negative = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("negative_")}
+            if first:
+                self._negative = {k: _to(v, "cpu") for k, v in negative.items()}
+            self._cache[prompt] = Encoded({k: _to(v, "cpu") for k, v in kwargs.items()}, _to(positions, "cpu"))
         return self._cache[prompt]
+
+    def negative_kwargs(self, device: torch.device | str) -> dict[str, Any]:
+        """The ``negative_*`` keyword arguments (unsteered) on ``device``; empty before the first prompt."""
+        return {k: _to(v, device) for k, v in (self._negative or {}).items()}
 
     def encode_all(self, prompts: Iterable[str]) -> None:
         for p in prompts:
             self.get(p)
 
+    def forget(self, prompts: Iterable[str]) -> None:
+        """Drop the cached embeddings of ``prompts`` (a finished chunk of the sweep)."""
+        for p in prompts:
+            self._cache.pop(p, None)
+
     @property
     def dim(self) -> int | None:
         """Width of the steered ``prompt_embeds`` (None before the first prompt is encoded)."""
-        for kwargs in self._cache.values():
-            embeds = kwargs["prompt_embeds"]
+        for enc in self._cache.values():
+            embeds = enc.kwargs["prompt_embeds"]
             return int(embeds[0].shape[-1]) if isinstance(embeds, list) else int(embeds.shape[-1])
         return None
 
     def release_text_encoders(self) -> None:
         """Drop the text encoders (every prompt must be encoded by now) and return their memory.
 
-        Every family's ``__call__`` runs without them once ``prompt_embeds`` are given.
+        Every family's ``__call__`` runs without them once ``prompt_embeds`` are given. Under
+        ``enable_model_cpu_offload`` the pipeline's offload hooks also hold each text encoder (its
+        own hook, and the next model's hook that offloads it), so those references are removed too;
+        otherwise the encoders would stay in memory until the first ``pipe()`` call re-registers them.
         """
-        names = [c for c in _components_of(self.pipe) if c.startswith("text_encoder")]
-        for name in names:
-            setattr(self.pipe, name, None)
+        release_components(self.pipe, [c for c in family_of_pipeline(self.pipe).components if c.startswith("text_")])
         self._released = True
-        free_memory()
 
 
-def _components_of(pipe: Pipeline) -> tuple[str, ...]:
-    for cls in type(pipe).__mro__:
-        for fam in FAMILIES.values():
-            if cls.__name__ == fam.pipeline:
-                return fam.components
-    raise ValueError(f"{type(pipe).__name__} is not one of {[f.pipeline for f in FAMILIES.values()]}")
+def release_components(pipe: Pipeline, names: Iterable[str]) -> None:
+    """Set ``pipe.<name>`` to None for each name and drop every offload-hook reference to those modules."""
+    from accelerate.hooks import remove_hook_from_module
+
+    released = []
+    for name in names:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        if isinstance(module, torch.nn.Module) and hasattr(module, "_hf_hook"):
+            remove_hook_from_module(module, recurse=True)
+        released.append(module)
+        setattr(pipe, name, None)
+    hooks = getattr(pipe, "_all_hooks", None)
+    if hooks:
+        gone = [h for h in hooks if any(h.model is m for m in released)]
+        pipe._all_hooks = [h for h in hooks if all(h is not g for g in gone)]
+        for h in pipe._all_hooks:  # the next model's hook offloads the previous one: unlink released ones
+            prev = getattr(h.hook, "prev_module_hook", None)
+            if any(prev is g for g in gone):
+                h.hook.prev_module_hook = None
+    del released
+    free_memory()
 
 
 def steered_kwargs(
-    cached: Mapping[str, Any], vector: np.ndarray | None, alpha: float, device: torch.device | str
+    cached: Encoded, vector: np.ndarray | None, alpha: float, device: torch.device | str
 ) -> dict[str, Any]:
-    """Cached unsteered kwargs on ``device`` with ``alpha * vector`` added to every ``prompt_embeds`` token.
+    """Cached unsteered kwargs on ``device`` with ``alpha * vector`` added at the cached steering positions.
 
     ``vector=None`` means the original model and requires ``alpha == 0``.
     """
-    kwargs = {k: _to(v, device) for k, v in cached.items()}
+    kwargs = {k: _to(v, device) for k, v in cached.kwargs.items()}
     if vector is None:
         if alpha != 0:
             raise ValueError(f"alpha={alpha} without a vector; pass the steering vector or alpha=0")
         return kwargs
-    return add_to_prompt_embeds(kwargs, check_vector(vector, alpha), alpha, "the pipeline's")
+    return add_to_prompt_embeds(
+        kwargs, check_vector(vector, alpha), alpha, "the pipeline's", _to(cached.positions, device)
+    )
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -276,7 +418,8 @@ def generate(
 ) -> list[Image.Image]:
     """One output (image, or 4 video frames) of ``prompt`` steered by ``alpha * vector``, from cached embeds."""
     pipe = embeddings.pipe
-    kwargs = steered_kwargs(embeddings.get(prompt), vector, alpha, pipe._execution_device)
+    device = pipe._execution_device
+    kwargs = steered_kwargs(embeddings.get(prompt), vector, alpha, device) | embeddings.negative_kwargs(device)
     with torch.no_grad():
         out = pipe(**kwargs, **embeddings.settings.call_kwargs(), generator=seeded(seed), output_type="np")
     return output_images(out)
@@ -297,6 +440,7 @@ def generate_once(
         vector,
         alpha,
         settings.negative_prompt,
+        drop_constant_prefix=settings.drop_constant_prefix,
         **settings.call_kwargs(),
         generator=seeded(seed),
         output_type="np",

@@ -154,3 +154,42 @@ def _category_map(result: TransferResult, prefix: str) -> dict[str, np.ndarray]:
         if cat is not None and name.startswith(prefix + ":"):
             out[cat] = v
     return out
+
+
+POSITIONS_NA = "n/a (recorded when a model's anchors are extracted; these were extracted before safeport recorded them)"
+
+
+def position_section(models: Mapping[str, Sequence[Mapping[str, object]]]) -> str:
+    """Markdown: mean L2 norm of each leading pooled position per model, constant positions starred.
+
+    A first position far larger than the rest that is the same for every prompt (BOS, a template
+    prefix) shifts every pooled row by a length-dependent amount; ``drop_constant_prefix`` leaves
+    such positions out of pooling and steering.
+    """
+    lines = [
+        "## Per-position norms",
+        "",
+        "Mean L2 norm of the pooled tensor at its first positions over the first anchors; `*` marks positions "
+        "identical for every prompt (left out with the model option `drop_constant_prefix: true`). "
+        "`pos 0 / median` compares the first position with the median of the shown ones.",
+        "",
+    ]
+    shown = {name: list(rows) for name, rows in models.items() if rows}
+    if not shown:
+        return "\n".join([*lines, POSITIONS_NA, ""])
+    width = max(int(r["position"]) for rows in shown.values() for r in rows) + 1  # type: ignore[call-overload]
+    lines.append("| model | " + " | ".join(f"pos {p}" for p in range(width)) + " | pos 0 / median |")
+    lines.append("|---" * (width + 2) + "|")
+    for name, rows in models.items():
+        if not rows:
+            lines.append(f"| {name} | " + " | ".join(["n/a"] * width) + " | n/a |")
+            continue
+        by_pos = {int(r["position"]): r for r in rows}  # type: ignore[call-overload]
+        cells = []
+        for p in range(width):
+            r = by_pos.get(p)
+            cells.append("" if r is None else f"{float(r['mean_norm']):.3g}{'*' if r['constant'] else ''}")  # type: ignore[arg-type]
+        norms = [float(r["mean_norm"]) for r in rows]  # type: ignore[arg-type]
+        ratio = norms[0] / float(np.median(norms)) if norms and float(np.median(norms)) > 0 else float("nan")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join([*lines, ""])

@@ -1,18 +1,23 @@
-"""Steering a diffusion pipeline (METHOD §7): add α·v to every token of the denoiser's ``prompt_embeds``.
+"""Steering a diffusion pipeline (METHOD §7): add α·v to the ``prompt_embeds`` the denoiser consumes.
 
 The prompt is encoded with the pipeline's **own** ``encode_prompt`` (so tokenisation, templates
-and padding are exactly what generation would use), ``alpha * v`` is added to every token
-position of ``prompt_embeds``, and the result goes back to the pipeline as ``prompt_embeds=``
-together with whatever else its ``__call__`` needs:
+and padding are exactly what generation would use), ``alpha * v`` is added, and the result goes
+back to the pipeline as ``prompt_embeds=`` together with whatever else its ``__call__`` needs.
 
-- Flux.1: only the T5 ``prompt_embeds`` are steered; the CLIP ``pooled_prompt_embeds`` pass
-  through unchanged.
-- SD3: the concatenated CLIP+T5 ``prompt_embeds`` are steered; pooled embeds pass through.
-- Z-Image: every tensor of the per-prompt list (all real tokens) is steered.
-- Qwen-Image: all positions are steered and the returned mask is kept, so padding stays masked.
-- Wan: all ``max_sequence_length`` positions are steered, including the zero padding after the
-  real length: the Wan denoiser attends to every position (there is no mask), and "every
-  token" is what §7 prescribes.
+**One rule for every family: steer exactly the positions the representation was pooled over**
+(:func:`safeport.extractors.pipeline_encoder.pooled_positions` decides both), so the vector is
+added where it was measured:
+
+- Flux.1: every position of the T5 ``prompt_embeds``, padding included (the denoiser attends to
+  it and the target was pooled over it); the CLIP ``pooled_prompt_embeds`` pass through unchanged.
+- SD3: every position of the concatenated CLIP+T5 ``prompt_embeds``; pooled embeds pass through.
+- Z-Image: every row of each prompt's variable-length tensor (its real tokens).
+- Qwen-Image: the positions of the returned mask (real tokens); the mask is passed on.
+- Wan: the real tokens only; the zero padding after the real length stays zero, as the pipeline
+  made it (it was never pooled).
+
+With ``drop_constant_prefix=True`` (the target's catalog option of that name) the leading positions
+identical for every prompt (Z-Image's ``<|im_start|>user`` line) are neither pooled nor steered.
 
 Negative prompts are encoded by the same ``encode_prompt`` and passed as
 ``negative_prompt_embeds`` **unsteered**, so classifier-free guidance (SD3, Z-Image, Wan) and
@@ -34,12 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from safeport.extractors.pipeline_encoder import quiet_pipeline_logs
+from safeport.extractors.pipeline_encoder import Positions, pooled_positions, quiet_pipeline_logs
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
 Prompt = str | Sequence[str]
-# (pipe, prompts, negatives or None, max_sequence_length, generate_kwargs) -> pipeline kwargs
+# (pipe, prompts, negatives or None, max_sequence_length, extras) -> pipeline kwargs. Extras: ``clip_skip``
+# (SD3) and ``negative`` (default True; False skips the negative branch of families that always encode one).
 EncodeFn = Callable[[Pipeline, list[str], list[str] | None, int, Mapping[str, Any]], dict[str, Any]]
 
 # Arguments steer() fills in itself; passing them too would silently bypass the steering.
@@ -127,7 +133,7 @@ def _sd3(
         prompt_3=None,
         device=pipe._execution_device,
         num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         negative_prompt=negatives,
         clip_skip=kw.get("clip_skip"),
         max_sequence_length=msl,
@@ -147,7 +153,7 @@ def _z_image(
     embeds, neg = pipe.encode_prompt(
         prompt=list(prompts),
         device=pipe._execution_device,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         negative_prompt=None if negatives is None else list(negatives),
         max_sequence_length=msl,
     )
@@ -180,7 +186,7 @@ def _wan(
     embeds, neg = pipe.encode_prompt(
         prompt=prompts,
         negative_prompt=negatives,
-        do_classifier_free_guidance=True,
+        do_classifier_free_guidance=kw.get("negative", True),
         num_videos_per_prompt=1,
         max_sequence_length=msl,
         device=pipe._execution_device,
@@ -224,10 +230,11 @@ def _default_max_sequence_length(pipe: Pipeline) -> int:
     return param.default
 
 
-def _add(embeds: torch.Tensor, vector: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``embeds + alpha * vector`` on every position, computed in float32, returned in ``embeds``'s dtype."""
+def _add(embeds: torch.Tensor, vector: torch.Tensor, alpha: float, positions: torch.Tensor) -> torch.Tensor:
+    """``embeds + alpha * vector`` at ``positions`` (0/1, ``embeds``'s shape minus the last dim), in float32."""
     shift = alpha * vector.to(device=embeds.device, dtype=torch.float32)
-    return (embeds.to(torch.float32) + shift).to(embeds.dtype)
+    where = positions.to(device=embeds.device, dtype=torch.float32).unsqueeze(-1)
+    return (embeds.to(torch.float32) + where * shift).to(embeds.dtype)
 
 
 def check_vector(vector: np.ndarray, alpha: float) -> torch.Tensor:
@@ -251,11 +258,13 @@ def steered_embeds(
     *,
     max_sequence_length: int | None = None,
     clip_skip: int | None = None,
+    drop_constant_prefix: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for ``pipe(...)``: steered ``prompt_embeds`` plus the unsteered rest.
 
     ``max_sequence_length`` defaults to the pipeline's ``__call__`` default and must equal the
-    value given to ``pipe(...)``. ``clip_skip`` is used by SD3 only.
+    value given to ``pipe(...)``. ``clip_skip`` is used by SD3 only. ``drop_constant_prefix`` must
+    match the target's catalog option of that name (the positions the vector was pooled over).
     """
     family = family_of(pipe)
     prompts = _as_list(prompt, "prompt")
@@ -274,14 +283,27 @@ def steered_embeds(
     # no_grad rather than inference_mode: these tensors go on into __call__, outside inference mode.
     with torch.no_grad(), quiet_pipeline_logs(pipe):
         kwargs = family.encode(pipe, prompts, negatives, msl, extra)
-    return add_to_prompt_embeds(kwargs, v, alpha, type(pipe).__name__)
+        positions = steering_positions(pipe, prompts, kwargs, msl, drop_constant_prefix)
+    return add_to_prompt_embeds(kwargs, v, alpha, type(pipe).__name__, positions)
 
 
-def add_to_prompt_embeds(kwargs: dict[str, Any], v: torch.Tensor, alpha: float, owner: str) -> dict[str, Any]:
-    """Add ``alpha * v`` to every token of ``kwargs["prompt_embeds"]`` (a tensor or a per-prompt list).
+def steering_positions(
+    pipe: Pipeline, prompts: list[str], kwargs: Mapping[str, Any], msl: int, drop_constant_prefix: bool = False
+) -> Positions:
+    """The positions of ``kwargs["prompt_embeds"]`` to steer: exactly those the target was pooled over."""
+    return pooled_positions(
+        pipe, prompts, kwargs["prompt_embeds"], kwargs.get("prompt_embeds_mask"), msl, drop_constant_prefix
+    )
+
+
+def add_to_prompt_embeds(
+    kwargs: dict[str, Any], v: torch.Tensor, alpha: float, owner: str, positions: Positions
+) -> dict[str, Any]:
+    """Add ``alpha * v`` to ``kwargs["prompt_embeds"]`` (a tensor or a per-prompt list) at ``positions``.
 
     The one place the steering edit happens, shared by :func:`steered_embeds` and the cached
-    α-sweep path of :mod:`safeport.eval.generate`; ``owner`` names the pipeline in the dimension error.
+    α-sweep path of :mod:`safeport.eval.generate`; ``positions`` come from :func:`steering_positions`;
+    ``owner`` names the pipeline in the dimension error.
     """
     embeds = kwargs["prompt_embeds"]
     dim = int(embeds[0].shape[-1]) if isinstance(embeds, list) else int(embeds.shape[-1])
@@ -291,9 +313,11 @@ def add_to_prompt_embeds(kwargs: dict[str, Any], v: torch.Tensor, alpha: float, 
             "use the vector transferred to this pipeline's text encoder"
         )
     if isinstance(embeds, list):
-        kwargs["prompt_embeds"] = [_add(e, v, alpha) for e in embeds]
+        kwargs["prompt_embeds"] = [_add(e, v, alpha, p) for e, p in zip(embeds, positions, strict=True)]
+    elif isinstance(positions, torch.Tensor):
+        kwargs["prompt_embeds"] = _add(embeds, v, alpha, positions)
     else:
-        kwargs["prompt_embeds"] = _add(embeds, v, alpha)
+        raise TypeError("a prompt_embeds tensor needs a positions tensor")
     return kwargs
 
 
@@ -303,9 +327,11 @@ def steer(
     vector: np.ndarray,
     alpha: float,
     negative_prompt: Prompt | None = None,
+    *,
+    drop_constant_prefix: bool = False,
     **generate_kwargs: Any,
 ) -> Any:
-    """Generate with ``alpha * vector`` added to every token of the prompt's ``prompt_embeds``.
+    """Generate with ``alpha * vector`` added to the prompt's ``prompt_embeds`` at its pooled positions.
 
     ``generate_kwargs`` go to ``pipe(...)`` unchanged (height, steps, guidance, generator...).
     One output per prompt: for more, repeat the prompt in a list or loop over seeds, because
@@ -330,5 +356,6 @@ def steer(
         negative_prompt,
         max_sequence_length=msl,
         clip_skip=generate_kwargs.get("clip_skip"),
+        drop_constant_prefix=drop_constant_prefix,
     )
     return pipe(**kwargs, **generate_kwargs)

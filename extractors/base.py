@@ -198,6 +198,15 @@ class ModelSource:
     def option(self, key: str, default: str = "") -> str:
         return dict(self.options).get(key, default)
 
+    def flag(self, key: str) -> bool:
+        """A true/false option (absent: false), or a ValueError naming the model, the option and the value."""
+        raw = self.option(key, "false").strip().lower()
+        if raw in ("true", "1", "yes", "on"):
+            return True
+        if raw in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"model {self.name!r}: options.{key} is {raw!r}; set it to true or false")
+
     def spec(self, layer: str = "final", pooling: str = "masked_mean") -> RepresentationSpec:
         device = resolve_device(self.device)
         dtype = str(resolve_dtype(self.dtype, device)).removeprefix("torch.")

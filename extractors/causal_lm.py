@@ -35,4 +35,12 @@ def load(source: ModelSource) -> HFPooler:
     tokenizer.padding_side = "right"
     layer_opt = source.option("layer", "final")
     layer = None if layer_opt == "final" else int(layer_opt)
-    return HFPooler(model, tokenizer, source.spec(layer=layer_opt), device, layer=layer, causal=True)
+    return HFPooler(
+        model,
+        tokenizer,
+        source.spec(layer=layer_opt),
+        device,
+        layer=layer,
+        causal=True,
+        drop_constant_prefix=source.flag("drop_constant_prefix"),
+    )

@@ -23,6 +23,12 @@ wan        UMT5 last hidden state, zeroed after the real   the real length (toke
            length                                          attention mask)
 ========== =============================================== ==================================
 
+One rule for pooling and steering: the positions pooled here are exactly the positions
+``eval.steering`` adds α·v to (:func:`pooled_positions` serves both). With the catalog option
+``drop_constant_prefix: true`` the leading positions that are identical for every prompt (a causal
+encoder's chat-template prefix; Z-Image: ``<|im_start|>user`` and its newline) are left out of both; bidirectional
+encoders (T5, UMT5, CLIP) have no such positions and refuse the option.
+
 Sequence limit: ``max_sequence_length`` is the catalog option of that name if given, else
 ``source.max_tokens``; set it to what generation uses (Flux.1-dev 512, Flux.1-schnell 256,
 SD3 256, Z-Image / Qwen-Image / Wan 512), because for Flux and SD3 the padded length *is* part
@@ -57,8 +63,15 @@ from safeport.extractors.base import (
 # diffusers pipelines register their components as dynamic attributes, which no static type
 # describes; family adapters therefore take the pipeline as ``Any``.
 Pipeline = Any
-# (pipeline, texts, max_sequence_length, device) -> (prompt_embeds [n, L, d], pooled-positions mask [n, L])
-EmbedFn = Callable[[Pipeline, list[str], int, torch.device], tuple[torch.Tensor, torch.Tensor]]
+# The positions of ``prompt_embeds`` that are pooled (and steered): a 0/1 tensor [n, L] for a padded
+# tensor, or one [L_i] tensor per prompt for a per-prompt list (Z-Image).
+Positions = torch.Tensor | list[torch.Tensor]
+# (pipeline, texts, max_sequence_length, device) -> (prompt_embeds as the pipeline returns them, its mask or None)
+EmbedFn = Callable[[Pipeline, list[str], int, torch.device], tuple[Any, torch.Tensor | None]]
+# (pipeline, texts, prompt_embeds, the pipeline's mask or None, max_sequence_length) -> positions the denoiser uses
+PositionsFn = Callable[[Pipeline, list[str], Any, torch.Tensor | None, int], Positions]
+# (pipeline, texts, max_sequence_length) -> leading positions identical for every prompt, per text
+PrefixFn = Callable[[Pipeline, list[str], int], np.ndarray]
 # (pipeline, texts, max_sequence_length) -> (kept token count [n], truncated [n]); tokenizer only
 CountFn = Callable[[Pipeline, list[str], int], tuple[np.ndarray, np.ndarray]]
 
@@ -73,10 +86,13 @@ class PipelineFamily:
     embed_component: str  # the encoder whose hidden size is the row dimension
     pooling: str  # goes into the representation spec
     embed: EmbedFn
+    positions: PositionsFn
     count: CountFn
     # True where ``count`` must agree with the pooled positions (masked families): a mismatch
     # means the pipeline's tokenisation changed and the truncation flags would be wrong.
     count_is_mask: bool
+    # None for a bidirectional encoder: every position depends on the whole prompt.
+    constant_prefix: PrefixFn | None = None
 
 
 @contextmanager
@@ -108,16 +124,32 @@ def _all_positions(embeds: torch.Tensor) -> torch.Tensor:
     return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
 
+def _every_position(
+    pipe: Pipeline, texts: list[str], embeds: Any, mask: torch.Tensor | None, max_len: int
+) -> Positions:
+    """Flux, SD3: the denoiser attends to every position (padding included); Z-Image: every row it returns."""
+    if isinstance(embeds, list):
+        return [torch.ones(e.shape[0], dtype=torch.long, device=e.device) for e in embeds]
+    return _all_positions(embeds)
+
+
+def _common_prefix(ids: Sequence[int], prefix: Sequence[int]) -> int:
+    n = 0
+    for a, b in zip(ids, prefix, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 # --- Flux.1 -------------------------------------------------------------------------------------
 
 
-def _flux_embed(
-    pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flux_embed(pipe: Pipeline, texts: list[str], max_len: int, device: torch.device) -> tuple[Any, None]:
     embeds, _clip_pooled, _text_ids = pipe.encode_prompt(
         prompt=texts, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=max_len
     )
-    return embeds, _all_positions(embeds)
+    return embeds, None
 
 
 def _flux_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,9 +160,7 @@ def _flux_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndar
 # --- Stable Diffusion 3 -------------------------------------------------------------------------
 
 
-def _sd3_embed(
-    pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sd3_embed(pipe: Pipeline, texts: list[str], max_len: int, device: torch.device) -> tuple[Any, None]:
     embeds, _neg, _pooled, _neg_pooled = pipe.encode_prompt(
         prompt=texts,
         prompt_2=None,
@@ -140,7 +170,7 @@ def _sd3_embed(
         do_classifier_free_guidance=False,
         max_sequence_length=max_len,
     )
-    return embeds, _all_positions(embeds)
+    return embeds, None
 
 
 def _sd3_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,37 +185,38 @@ def _sd3_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarr
 # --- Z-Image ------------------------------------------------------------------------------------
 
 
-def _z_image_embed(
-    pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _z_image_embed(pipe: Pipeline, texts: list[str], max_len: int, device: torch.device) -> tuple[Any, None]:
     # encode_prompt rewrites its ``prompt`` list in place (chat template): give it a copy.
     per_text, _neg = pipe.encode_prompt(
         prompt=list(texts), device=device, do_classifier_free_guidance=False, max_sequence_length=max_len
     )
-    return _stack_ragged(per_text)
+    return list(per_text), None
 
 
-def _z_image_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    # Same chat-template call as ZImagePipeline._encode_prompt; used for counting only.
-    templated = [
+def _z_image_templated(pipe: Pipeline, texts: Sequence[str]) -> list[str]:
+    # Same chat-template call as ZImagePipeline._encode_prompt.
+    return [
         pipe.tokenizer.apply_chat_template(
             [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True, enable_thinking=True
         )
         for t in texts
     ]
-    n = _raw_lengths(pipe.tokenizer, templated)
+
+
+def _z_image_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    n = _raw_lengths(pipe.tokenizer, _z_image_templated(pipe, texts))
     return np.minimum(n, max_len), n > max_len
 
 
-def _stack_ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of [len_i, d] tensors to [n, max_len, d] with a matching 0/1 mask."""
-    longest = max(int(r.shape[0]) for r in rows)
-    embeds = rows[0].new_zeros((len(rows), longest, rows[0].shape[-1]))
-    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        embeds[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = 1
-    return embeds, mask
+_SENTINEL = "\u2063safeport\u2063"  # stands for the prompt when the template is split into prefix and suffix
+
+
+def _z_image_prefix(pipe: Pipeline, texts: list[str], max_len: int) -> np.ndarray:
+    """Tokens of the chat template before the prompt (``<|im_start|>user\\n``) that every prompt starts with."""
+    prefix_text = _z_image_templated(pipe, [_SENTINEL])[0].split(_SENTINEL)[0]
+    prefix = pipe.tokenizer(prefix_text)["input_ids"]
+    ids = pipe.tokenizer(_z_image_templated(pipe, texts), truncation=True, max_length=max_len)["input_ids"]
+    return np.array([_common_prefix(row, prefix) for row in ids], dtype=np.int64)
 
 
 # --- Qwen-Image ---------------------------------------------------------------------------------
@@ -193,10 +224,16 @@ def _stack_ragged(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 def _qwen_image_embed(
     pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Any, torch.Tensor | None]:
     embeds, mask = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1, max_sequence_length=max_len)
+    return embeds, mask
+
+
+def _qwen_image_positions(
+    pipe: Pipeline, texts: list[str], embeds: Any, mask: torch.Tensor | None, max_len: int
+) -> Positions:
     # encode_prompt returns mask=None when every position is a real token.
-    return embeds, (_all_positions(embeds) if mask is None else mask)
+    return _all_positions(embeds) if mask is None else mask.long()
 
 
 def _qwen_image_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +245,14 @@ def _qwen_image_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[n
     return np.clip(after_drop, 0, max_len), (n > cap) | (after_drop > max_len)
 
 
+def _qwen_image_prefix(pipe: Pipeline, texts: list[str], max_len: int) -> np.ndarray:
+    """Template tokens left before the prompt after the pipeline's own drop (none with Qwen's tokenizer)."""
+    drop = int(pipe.prompt_template_encode_start_idx)
+    prefix = pipe.tokenizer(pipe.prompt_template_encode.split("{}")[0])["input_ids"][drop:]
+    ids = pipe.tokenizer([pipe.prompt_template_encode.format(t) for t in texts])["input_ids"]
+    return np.array([_common_prefix(row[drop:], prefix) for row in ids], dtype=np.int64)
+
+
 # --- Wan 2.x ------------------------------------------------------------------------------------
 
 
@@ -217,9 +262,7 @@ def _wan_clean(texts: Sequence[str]) -> list[str]:
     return [prompt_clean(t) for t in texts]
 
 
-def _wan_embed(
-    pipe: Pipeline, texts: list[str], max_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _wan_embed(pipe: Pipeline, texts: list[str], max_len: int, device: torch.device) -> tuple[Any, None]:
     embeds, _neg = pipe.encode_prompt(
         prompt=texts,
         do_classifier_free_guidance=False,
@@ -227,17 +270,21 @@ def _wan_embed(
         max_sequence_length=max_len,
         device=device,
     )
-    # The pipeline zeroes everything after the tokenizer's real length; pool that length only.
+    return embeds, None
+
+
+def _wan_positions(pipe: Pipeline, texts: list[str], embeds: Any, mask: torch.Tensor | None, max_len: int) -> Positions:
+    """The real tokens: the pipeline zeroes everything after the tokenizer's real length."""
     kept, _cut = _wan_count(pipe, texts, max_len)
     lengths = torch.as_tensor(kept, device=embeds.device)
-    mask = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
-    if bool((embeds.abs().sum(dim=-1) * (1 - mask)).any()):
+    real = (torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]).long()
+    if bool((embeds.abs().sum(dim=-1) * (1 - real)).any()):
         raise ExtractionError(
             "WanPipeline.encode_prompt returned non-zero embeddings after the tokenizer's real length; "
             "the pipeline's padding behaviour differs from diffusers 0.42.1, so the pooling mask would "
             "be wrong. Pin diffusers==0.42.1 or update extractors/pipeline_encoder.py."
         )
-    return embeds, mask
+    return real
 
 
 def _wan_count(pipe: Pipeline, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +302,7 @@ FAMILIES: dict[str, PipelineFamily] = {
             embed_component="text_encoder_2",
             pooling="mean_all_positions",
             embed=_flux_embed,
+            positions=_every_position,
             count=_flux_count,
             count_is_mask=False,
         ),
@@ -272,6 +320,7 @@ FAMILIES: dict[str, PipelineFamily] = {
             embed_component="text_encoder_3",
             pooling="mean_all_positions",
             embed=_sd3_embed,
+            positions=_every_position,
             count=_sd3_count,
             count_is_mask=False,
         ),
@@ -282,8 +331,10 @@ FAMILIES: dict[str, PipelineFamily] = {
             embed_component="text_encoder",
             pooling="masked_mean",
             embed=_z_image_embed,
+            positions=_every_position,
             count=_z_image_count,
             count_is_mask=True,
+            constant_prefix=_z_image_prefix,
         ),
         PipelineFamily(
             name="qwen_image",
@@ -292,8 +343,10 @@ FAMILIES: dict[str, PipelineFamily] = {
             embed_component="text_encoder",
             pooling="masked_mean",
             embed=_qwen_image_embed,
+            positions=_qwen_image_positions,
             count=_qwen_image_count,
             count_is_mask=True,
+            constant_prefix=_qwen_image_prefix,
         ),
         PipelineFamily(
             name="wan",
@@ -302,11 +355,79 @@ FAMILIES: dict[str, PipelineFamily] = {
             embed_component="text_encoder",
             pooling="masked_mean",
             embed=_wan_embed,
+            positions=_wan_positions,
             count=_wan_count,
             count_is_mask=True,
         ),
     )
 }
+
+
+def family_of_pipeline(pipe: Pipeline) -> PipelineFamily:
+    """The family of a loaded pipeline (its class or a supported base class)."""
+    for cls in type(pipe).__mro__:
+        for fam in FAMILIES.values():
+            if cls.__name__ == fam.pipeline:
+                return fam
+    raise ValueError(f"{type(pipe).__name__} is not one of {[f.pipeline for f in FAMILIES.values()]}")
+
+
+def drop_leading(positions: Positions, counts: np.ndarray) -> Positions:
+    """Zero the first ``counts[i]`` pooled positions of row ``i`` (real tokens start at position 0)."""
+    if isinstance(positions, list):
+        out = [p.clone() for p in positions]
+        for p, k in zip(out, counts.tolist(), strict=True):
+            p[:k] = 0
+        return out
+    index = torch.arange(positions.shape[1], device=positions.device)[None, :]
+    keep = index >= torch.as_tensor(counts, device=positions.device)[:, None]
+    return positions * keep.long()
+
+
+def pooled_positions(
+    pipe: Pipeline,
+    texts: list[str],
+    embeds: Any,
+    mask: torch.Tensor | None,
+    max_len: int,
+    drop_constant_prefix: bool = False,
+) -> Positions:
+    """The one rule for every family: the positions of ``prompt_embeds`` that are pooled **and** steered.
+
+    Flux/SD3: every padded position (the denoiser attends to them all); Z-Image: every row of its
+    variable-length tensors; Qwen-Image: the returned mask; Wan: the real tokens (the pipeline zeroes
+    the rest). ``drop_constant_prefix`` leaves out the leading positions identical for every prompt.
+    """
+    family = family_of_pipeline(pipe)
+    positions = family.positions(pipe, texts, embeds, mask, max_len)
+    if not drop_constant_prefix:
+        return positions
+    if family.constant_prefix is None:
+        raise ValueError(constant_prefix_refusal(family.name))
+    return drop_leading(positions, family.constant_prefix(pipe, texts, max_len))
+
+
+def constant_prefix_refusal(family: str) -> str:
+    return (
+        f"option drop_constant_prefix is not available for family {family!r}: its text encoder is bidirectional, "
+        "so no position is the same for every prompt; remove the option"
+    )
+
+
+def pool(embeds: Any, positions: Positions) -> torch.Tensor:
+    """Mean of ``embeds`` over ``positions`` per prompt, in float32 ([n, d])."""
+    if isinstance(embeds, list):
+        return torch.cat([masked_mean(e[None], p[None]) for e, p in zip(embeds, positions, strict=True)])
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError("a padded prompt_embeds tensor needs a positions tensor")
+    return masked_mean(embeds, positions)
+
+
+def position_count(positions: Positions) -> np.ndarray:
+    """Pooled positions per prompt."""
+    if isinstance(positions, list):
+        return np.array([int(p.sum()) for p in positions], dtype=np.int64)
+    return positions.sum(dim=1).cpu().numpy().astype(np.int64)
 
 
 class PipelineEncoder:
@@ -319,12 +440,14 @@ class PipelineEncoder:
         spec: RepresentationSpec,
         device: torch.device,
         max_sequence_length: int,
+        drop_constant_prefix: bool = False,
     ) -> None:
         self.pipe = pipe
         self.family = family
         self.spec = spec
         self.device = device
         self.max_sequence_length = max_sequence_length
+        self.drop_constant_prefix = drop_constant_prefix
 
     @property
     def dim(self) -> int:
@@ -347,20 +470,44 @@ class PipelineEncoder:
         kept, truncated = self.family.count(self.pipe, texts, self.max_sequence_length)
         with torch.inference_mode(), quiet_pipeline_logs(self.pipe):
             embeds, mask = self.family.embed(self.pipe, texts, self.max_sequence_length, self.device)
-            pooled = masked_mean(embeds, mask)
-        n_tokens = mask.sum(dim=1).cpu().numpy().astype(np.int64)
-        if self.family.count_is_mask and not np.array_equal(n_tokens, kept):
-            raise ExtractionError(
-                f"model {self.spec.model_id!r}: {self.family.pipeline}.encode_prompt kept "
-                f"{n_tokens.tolist()} tokens but the tokenizer count gives {kept.tolist()}, so the "
-                "truncation flags would be wrong. Pin diffusers==0.42.1 or update the family's count "
-                "function in extractors/pipeline_encoder.py."
+            used = self.family.positions(self.pipe, texts, embeds, mask, self.max_sequence_length)
+            if self.family.count_is_mask and not np.array_equal(position_count(used), kept):
+                raise ExtractionError(
+                    f"model {self.spec.model_id!r}: {self.family.pipeline}.encode_prompt kept "
+                    f"{position_count(used).tolist()} tokens but the tokenizer count gives {kept.tolist()}, so "
+                    "the truncation flags would be wrong. Pin diffusers==0.42.1 or update the family's count "
+                    "function in extractors/pipeline_encoder.py."
+                )
+            positions = pooled_positions(
+                self.pipe, texts, embeds, mask, self.max_sequence_length, self.drop_constant_prefix
             )
+            pooled = pool(embeds, positions)
         return Pooled(
             values=pooled.float().cpu().numpy().astype(np.float32, copy=False),
-            n_tokens=n_tokens,
+            n_tokens=position_count(positions),
             truncated=truncated.astype(bool),
         )
+
+    def position_norms(self, texts: Sequence[str], n_positions: int) -> tuple[np.ndarray, int]:
+        """L2 norm of ``prompt_embeds`` at its first ``n_positions`` positions per text (NaN past a text's end),
+        and how many leading positions are identical for every prompt (0 where the encoder is bidirectional).
+
+        Shown in the representation report: a large constant first position leaks into the
+        pair-difference direction when paired prompts differ in length (``drop_constant_prefix``).
+        """
+        texts = list(texts)
+        with torch.inference_mode(), quiet_pipeline_logs(self.pipe):
+            embeds, mask = self.family.embed(self.pipe, texts, self.max_sequence_length, self.device)
+            used = self.family.positions(self.pipe, texts, embeds, mask, self.max_sequence_length)
+            rows = embeds if isinstance(embeds, list) else list(embeds)
+            marks = used if isinstance(used, list) else list(used)
+            out = np.full((len(texts), n_positions), np.nan, dtype=np.float32)
+            for i, (e, m) in enumerate(zip(rows, marks, strict=True)):
+                norms = e[m.bool()].float().norm(dim=-1)[:n_positions].cpu().numpy()
+                out[i, : len(norms)] = norms
+        prefix = self.family.constant_prefix
+        constant = int(prefix(self.pipe, texts, self.max_sequence_length).min()) if prefix and texts else 0
+        return out, constant
 
 
 def max_sequence_length_of(source: ModelSource) -> int:
@@ -386,6 +533,7 @@ def load(source: ModelSource) -> PipelineEncoder:
             f"use one of {', '.join(FAMILIES)}"
         )
     family = FAMILIES[source.family]
+    drop_constant_prefix_of(source)  # a refused option fails before any weights load
     requested = source.option("pipeline", family.pipeline)
     if requested != family.pipeline:
         raise ValueError(
@@ -428,4 +576,13 @@ def load(source: ModelSource) -> PipelineEncoder:
 
     spec = source.spec(layer="prompt_embeds", pooling=family.pooling)
     spec = dataclasses.replace(spec, max_tokens=max_len)
-    return PipelineEncoder(pipe, family, spec, device, max_len)
+    return PipelineEncoder(pipe, family, spec, device, max_len, drop_constant_prefix_of(source))
+
+
+def drop_constant_prefix_of(source: ModelSource) -> bool:
+    """The ``drop_constant_prefix`` option of a pipeline source, refused where the encoder is bidirectional."""
+    drop = source.flag("drop_constant_prefix")
+    family = FAMILIES.get(source.family)
+    if drop and family is not None and family.constant_prefix is None:
+        raise ValueError(f"model {source.name!r}: " + constant_prefix_refusal(family.name))
+    return drop

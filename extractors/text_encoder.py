@@ -23,4 +23,4 @@ def load(source: ModelSource) -> HFPooler:
         # Never unpickle weights unless the catalog entry allows it (None: transformers' default order).
         use_safetensors=None if source.allow_pickle else True,
     )
-    return HFPooler(model, tokenizer, source.spec(), device)
+    return HFPooler(model, tokenizer, source.spec(), device, drop_constant_prefix=source.flag("drop_constant_prefix"))

@@ -6,7 +6,8 @@ vectors (``vectors``); it never extracts activations. Three tasks per run:
 1. ``generate`` (one per target): plan every output of the sweep as a content-addressed key
    (:class:`safeport.store.outputs.OutputSpec`), skip the keys already committed, load the full pipeline
    only if something is left, encode each needed prompt **once** with the pipeline's own
-   ``encode_prompt``, free the text encoders, then generate and commit outputs one by one. A
+   ``encode_prompt`` (a chunk of :data:`PROMPT_CHUNK` prompts at a time; the negative prompt once),
+   free the text encoders after the last chunk, then generate and commit outputs one by one. A
    crash loses at most the output in flight; a rerun generates nothing that is already there.
    α = 0 is the original model whatever the method, so those outputs are shared.
 2. ``score``: every available detector scores every output that lacks its score (NudeNet always;
@@ -103,6 +104,8 @@ log = logging.getLogger("safeport.eval")
 TABLE_KINDS = ("native", "calibrated", "random", "string")  # the global vectors of Table 1
 SCORE_BATCH = 16
 FID_BATCH = 64
+# Prompts whose embeddings are held at once; the text encoders stay loaded until the last chunk is encoded.
+PROMPT_CHUNK = 512
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -303,19 +306,25 @@ def generate_outputs(store: Store, resolved: Resolved, sweep: Sweep, offload: bo
     pipe = load_pipeline(source, offload=offload)
     embeddings = PromptEmbeddings(pipe, settings)
     text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
-    texts = dict(zip(text_ids, store.texts(text_ids), strict=True))
-    embeddings.encode_all(texts[t] for t in text_ids)
-    embeddings.release_text_encoders()
+    chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
     generated = 0
     with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
-        for key in todo:
-            spec = plan.specs[key]
-            t0 = time.time()
-            vec = plan.vectors.get(spec.vector_id) if spec.vector_id else None
-            images = generate(embeddings, texts[spec.text_id], vec, spec.alpha, spec.seed)
-            save_output(store, spec, images, plan.settings, time.time() - t0)
-            generated += 1
-            bar.update(1)
+        for n, chunk in enumerate(chunks):
+            # Embeddings of one chunk of prompts at a time: memory stays flat however many prompts there are.
+            texts = dict(zip(chunk, store.texts(chunk), strict=True))
+            embeddings.encode_all(texts.values())
+            if n == len(chunks) - 1:
+                embeddings.release_text_encoders()
+            members = set(chunk)
+            for key in (k for k in todo if plan.specs[k].text_id in members):
+                spec = plan.specs[key]
+                t0 = time.time()
+                vec = plan.vectors.get(spec.vector_id) if spec.vector_id else None
+                images = generate(embeddings, texts[spec.text_id], vec, spec.alpha, spec.seed)
+                save_output(store, spec, images, plan.settings, time.time() - t0)
+                generated += 1
+                bar.update(1)
+            embeddings.forget(texts.values())
     del embeddings, pipe
     free_memory()
     seconds = time.time() - started

@@ -27,6 +27,7 @@ from safeport.extractors import Extractor
 from safeport.extractors.base import check_finite, length_batches
 from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
 from safeport.mappers.vectors import SAFESTEER_CONCEPT_STRING
+from safeport.store import positions
 from safeport.store.store import Store, UnitInfo
 from safeport.texts import text_id
 
@@ -145,6 +146,19 @@ def commit_missing_shards(
     return rows, tokens
 
 
+POSITION_SAMPLE = 64  # anchor texts (the first, in dataset order) whose per-position norms are recorded
+POSITIONS = 8  # leading pooled positions shown in the representation report
+
+
+def record_position_norms(store: Store, extractor: Extractor, model_key: str, dataset: str) -> None:
+    """Per-position norms of the first anchors, once per model (only while its model is loaded anyway)."""
+    norms_of = getattr(extractor, "position_norms", None)
+    if norms_of is None or positions.has_position_norms(store, model_key, dataset):
+        return
+    norms, constant = norms_of(positions.first_texts(store, dataset, POSITION_SAMPLE), POSITIONS)
+    positions.save_position_norms(store, model_key, dataset, norms, constant)
+
+
 def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid: str = "") -> UnitResult:
     """Compute and commit every missing row of ``model`` on ``dataset``; resumable."""
     started = time.time()
@@ -194,6 +208,8 @@ def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid
         extractor = extractor or extractor_for(source)
         store.register_model(model_key, model, entry.role, asdict(spec), extractor.dim)
         rows, tokens = commit_missing_shards(store, unit, extractor, entry, f"{model}/{dataset}")
+    if extractor is not None and dataset == resolved.profile.anchors:
+        record_position_norms(store, extractor, model_key, dataset)
     store.finish_unit(unit.unit_key)
     seconds = time.time() - started
     store.record_run(

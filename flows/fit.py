@@ -31,13 +31,13 @@ import safeport.mappers.transfer
 import safeport.mappers.vectors
 from safeport.catalog import Resolved
 from safeport.eval.report import headline, render
-from safeport.eval.representation import PromptSet, cosine_rows, map_rows, probe_rows
+from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
 from safeport.flows.extract import CONCEPT_DATASET
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
 from safeport.mappers.transfer import Anchors, Pairs, centring, fit_maps, transfer_vectors
-from safeport.store import artifacts
+from safeport.store import artifacts, positions
 from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.fit")
@@ -277,6 +277,12 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
         {m: f.params for m, f in maps.items()},
         info,
         report_name,
+    )
+    markdown += "\n" + position_section(
+        {
+            f"{source} (source)": positions.position_norms(store, src_key, prof.anchors),
+            f"{target} (target)": positions.position_norms(store, tgt_key, prof.anchors),
+        }
     )
     path = artifacts.write_report(store, report_name, markdown, figures)
     artifacts.finish_fit(store, fit_key, str(path))

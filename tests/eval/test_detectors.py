@@ -211,3 +211,31 @@ def test_fid_without_pytorch_fid_says_so() -> None:
             inception_features()
     else:  # pragma: no cover - only where pytorch-fid is installed
         pytest.skip("pytorch-fid is installed here")
+
+
+def test_fid_on_a_reference_folder_of_mixed_image_sizes(tmp_path: Path) -> None:
+    """COCO-like sizes in one folder: the batch is resized per image (as pytorch-fid does), FID is finite."""
+    from safeport.eval.detectors import FID_SIZE, fid_batch, image_features
+    from safeport.store.outputs import reference_images
+
+    rng = np.random.default_rng(0)
+    sizes = [(64, 48), (48, 64), (64, 43), (30, 30), (299, 299), (50, 20)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"ref{i}.{'png' if i % 2 else 'jpg'}"
+        )
+    [batch] = list(reference_images(tmp_path, batch=64))
+    with pytest.raises(ValueError):
+        np.stack([np.asarray(i) for i in batch])  # what the FID batching did before: mixed sizes cannot stack
+    x = fid_batch(batch)
+    assert x.shape == (len(sizes), 3, FID_SIZE, FID_SIZE)
+    torch.testing.assert_close(x[4], torch.from_numpy(np.asarray(batch[4], dtype=np.float32) / 255).permute(2, 0, 1))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 5, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+    features = image_features(net, torch.device("cpu"), batch=4)
+    feats = features(batch)
+    assert feats.shape == (len(sizes), 6)
+    np.testing.assert_allclose(np.concatenate([features([img]) for img in batch]), feats, rtol=1e-5, atol=1e-6)
+    generated = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    fid = FidScorer(features).fid(generated, batch)
+    assert np.isfinite(fid) and fid > 0

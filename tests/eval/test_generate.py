@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +136,8 @@ def test_steered_kwargs_add_alpha_v_to_every_token(pipes: dict[str, Any]) -> Non
     v = _vector("flux")
     base = emb.get(PROMPT)
     out = steered_kwargs(base, v, 2.0, "cpu")
-    torch.testing.assert_close(out["prompt_embeds"], base["prompt_embeds"] + 2.0 * torch.from_numpy(v))
-    assert torch.equal(out["pooled_prompt_embeds"], base["pooled_prompt_embeds"])  # CLIP pooled untouched
+    torch.testing.assert_close(out["prompt_embeds"], base.kwargs["prompt_embeds"] + 2.0 * torch.from_numpy(v))
+    assert torch.equal(out["pooled_prompt_embeds"], base.kwargs["pooled_prompt_embeds"])  # CLIP pooled untouched
 
 
 def _source(folder: Path, **kw: Any) -> ModelSource:
@@ -160,7 +162,7 @@ def test_resolve_settings_merges_model_card_and_validates(tmp_path: Path) -> Non
     card = resolve_settings(
         ModelSource(name="s", family="flux", hub_id="black-forest-labs/FLUX.1-schnell", max_tokens=256)
     )
-    assert dict(card.call) == {"num_inference_steps": 4, "guidance_scale": 0.0}
+    assert dict(card.call) == {"num_inference_steps": 4, "guidance_scale": 0.0, "height": 1024, "width": 1024}
     assert card.key != settings.key
     with pytest.raises(ValueError, match="has no argument 'stepz'"):
         resolve_settings(schnell, {"stepz": 3})
@@ -295,3 +297,89 @@ def test_an_uncached_hub_pipeline_is_one_error_naming_the_model(monkeypatch: pyt
     source = ModelSource(name="flux-x", family="flux", hub_id="safeport-tests/not-cached", device="cpu")
     with pytest.raises(ExtractionError, match=r"model 'flux-x': hub id 'safeport-tests/not-cached'.*offline"):
         load_pipeline(source)
+
+
+# --- memory at paper scale (issue 16 item 6) ----------------------------------------------------
+
+
+def test_negative_prompt_is_encoded_once_and_matches_steer(pipes: dict[str, Any]) -> None:
+    pipe, v = pipes["wan"], _vector("wan")
+    settings = dataclasses.replace(_settings("wan"), negative_prompt="blurry, static")
+    settings = dataclasses.replace(settings, call=tuple(sorted({**dict(settings.call), "guidance_scale": 3.0}.items())))
+    emb = PromptEmbeddings(pipe, settings)
+    prompts = [PROMPT, "a dog in the snow", "a red bicycle"]
+    runs = {"n": 0}
+    handle = pipe.text_encoder.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
+    emb.encode_all(prompts)
+    handle.remove()
+    assert runs["n"] == len(prompts) + 1  # each prompt once, the negative once
+    # One negative copy for the sweep; no prompt's cache holds one.
+    assert all(not any(k.startswith("negative_") for k in emb.get(p).kwargs) for p in prompts)
+    negative = emb.negative_kwargs("cpu")["negative_prompt_embeds"]
+    assert negative.shape[0] == 1
+    for p in prompts[1:]:
+        cached = _pixels(generate(emb, p, v, 1.5, seed=3))
+        direct = _pixels(generate_once(pipe, p, v, 1.5, settings, seed=3))
+        np.testing.assert_array_equal(cached, direct)
+    emb.forget(prompts[:2])
+    assert len(emb) == 1
+
+
+def test_release_under_cpu_offload_frees_the_text_encoders() -> None:
+    """Offload hooks (accelerate's, chained as enable_model_cpu_offload chains them) no longer hold the encoders."""
+    import gc
+    import weakref
+
+    from accelerate import cpu_offload_with_hook
+
+    pipe = build("flux")
+    hook = None
+    hooks = []
+    for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):  # FluxPipeline.model_cpu_offload_seq
+        _, hook = cpu_offload_with_hook(getattr(pipe, name), "cpu", prev_module_hook=hook)
+        hooks.append(hook)
+    pipe._all_hooks = hooks
+    del hooks, hook  # only the pipeline holds the hooks now, as after enable_model_cpu_offload
+    emb = PromptEmbeddings(pipe, _settings("flux"))
+    emb.encode_all([PROMPT])
+    refs = [weakref.ref(pipe.text_encoder), weakref.ref(pipe.text_encoder_2)]
+    emb.release_text_encoders()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert [type(h.model).__name__ for h in pipe._all_hooks] == ["FluxTransformer2DModel", "AutoencoderKL"]
+    assert pipe._all_hooks[0].hook.prev_module_hook is None
+    assert generate(emb, PROMPT, _vector("flux"), 1.0, seed=1)  # the pipeline still generates
+
+
+def test_card_component_dtypes_load_from_their_own_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wan 2.2's card loads the VAE in float32 while the rest runs in bfloat16.
+    from safeport.eval import generate as gen
+
+    folder = save_tiny("wan", tmp_path / "wan")
+    card = gen.CardSettings({"num_inference_steps": 2}, negative_prompt="blurry", dtypes={"vae": "float32"})
+    monkeypatch.setitem(gen.CARD_SETTINGS, "org/tiny-wan", card)
+    source = ModelSource(
+        name="w", family="wan", hub_id="org/tiny-wan", path=str(folder), device="cpu", dtype="bfloat16", max_tokens=24
+    )
+    pipe = load_pipeline(source)
+    assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == torch.bfloat16
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    settings = resolve_settings(source)
+    assert settings.negative_prompt == "blurry" and dict(settings.dtypes) == {"vae": "float32"}
+    assert settings.record()["dtypes"] == {"vae": "float32"} and "blurry" not in json.dumps(settings.record())
+
+
+def test_paper_targets_take_their_settings_from_the_cards_and_the_paper() -> None:
+    from safeport.eval.generate import CARD_SETTINGS, WAN_NEGATIVE_PROMPT
+
+    steps = {hub: dict(c.call)["num_inference_steps"] for hub, c in CARD_SETTINGS.items()}
+    assert steps == {
+        "black-forest-labs/FLUX.1-schnell": 4,  # card and paper
+        "black-forest-labs/FLUX.1-dev": 28,  # paper (card: 50)
+        "Qwen/Qwen-Image": 50,  # card (the paper's 4 need the Lightning LoRA)
+        "Tongyi-MAI/Z-Image-Turbo": 4,  # paper (card: 9)
+        "Wan-AI/Wan2.2-T2V-A14B-Diffusers": 40,  # card (the paper's 4 need the Lightning LoRA)
+    }
+    wan = CARD_SETTINGS["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
+    assert (dict(wan.call)["height"], dict(wan.call)["width"], dict(wan.dtypes)) == (720, 1280, {"vae": "float32"})
+    assert wan.negative_prompt == WAN_NEGATIVE_PROMPT

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from safeport.eval.steering import combine, steer, steered_embeds
+from safeport.extractors.base import RepresentationSpec
+from safeport.extractors.pipeline_encoder import FAMILIES as ENCODER_FAMILIES
+from safeport.extractors.pipeline_encoder import PipelineEncoder
 from tests.tiny_pipelines import FAMILIES, TINY_CALL_KWARGS, build
 
 PROMPT = "a cat on a red sofa"
@@ -140,22 +143,46 @@ def test_combine_validates(vectors: dict[str, np.ndarray], weights: dict[str, fl
 # --- steered embeddings -------------------------------------------------------------------------
 
 
+def _pooled_by_hand(pipe: Any, family: str, prompts: list[str], own: dict[str, Any], msl: int) -> Any:
+    """The positions each family's representation is pooled over, worked out without safeport's code."""
+    embeds = own["prompt_embeds"]
+    if family in ("flux", "sd3"):
+        return torch.ones(embeds.shape[:2])  # every padded position: the denoiser attends to all of them
+    if family == "z_image":
+        return [torch.ones(e.shape[0]) for e in embeds]  # each prompt's variable-length real tokens
+    if family == "qwen_image":
+        mask = own["prompt_embeds_mask"]
+        return torch.ones(embeds.shape[:2]) if mask is None else mask.float()
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=msl, truncation=True, return_tensors="pt")
+    return ids.attention_mask.float()  # Wan: the real tokens; the pipeline zeroes the rest
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_steered_embeds_add_alpha_v_to_every_token(pipes: dict[str, Any], family: str) -> None:
+def test_steering_touches_exactly_the_pooled_positions(pipes: dict[str, Any], family: str) -> None:
     pipe, v, alpha = pipes[family], _vector(family), 1.5
     msl = int(TINY_CALL_KWARGS[family]["max_sequence_length"])  # type: ignore[call-overload]
     prompts, negatives = [PROMPT, "a dog"], [NEGATIVE, NEGATIVE]
     kw = steered_embeds(pipe, prompts, v, alpha, NEGATIVE, max_sequence_length=msl)
     own = _own_encoding(pipe, family, prompts, negatives, msl)
     shift = torch.from_numpy(alpha * v)
-    if family == "z_image":
-        assert len(kw["prompt_embeds"]) == 2
-        for steered, orig in zip(kw["prompt_embeds"], own["prompt_embeds"], strict=True):
-            torch.testing.assert_close(steered, orig + shift, rtol=1e-6, atol=1e-6)
-    else:
-        assert kw["prompt_embeds"].shape == own["prompt_embeds"].shape
-        # every position, padding included (Flux T5 padding, Wan zero padding, Qwen masked padding)
-        torch.testing.assert_close(kw["prompt_embeds"], own["prompt_embeds"] + shift, rtol=1e-6, atol=1e-6)
+    where = _pooled_by_hand(pipe, family, prompts, own, msl)
+    steered = kw["prompt_embeds"] if family == "z_image" else list(kw["prompt_embeds"])
+    orig = own["prompt_embeds"] if family == "z_image" else list(own["prompt_embeds"])
+    assert len(steered) == len(orig) == 2
+    for s_i, o_i, w_i in zip(steered, orig, where, strict=True):
+        assert s_i.shape == o_i.shape
+        torch.testing.assert_close(s_i, o_i + w_i[:, None] * shift, rtol=1e-6, atol=1e-6)
+    if family in ("qwen_image", "wan"):
+        assert any(bool((w_i == 0).any()) for w_i in where)  # there are unpooled positions, and they stay as they were
+    # The extractor pools these very positions: its token counts and rows agree with them.
+    spec = RepresentationSpec(model_id=family, family=family, max_tokens=msl)
+    encoder = PipelineEncoder(pipe, ENCODER_FAMILIES[family], spec, torch.device("cpu"), msl)
+    pooled = encoder.encode(prompts)
+    assert pooled.n_tokens.tolist() == [int(w_i.sum()) for w_i in where]
+    by_hand = np.stack(
+        [((o_i * w_i[:, None]).sum(0) / w_i.sum()).numpy() for o_i, w_i in zip(orig, where, strict=True)]
+    )
+    np.testing.assert_allclose(pooled.values, by_hand, rtol=1e-5, atol=1e-6)
     # Negative embeds (and pooled CLIP embeds, masks) are exactly the pipeline's own, unsteered.
     for key, value in own.items():
         if key == "prompt_embeds":

@@ -130,6 +130,8 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     catalog = _catalog(tmp_path)
     root = tmp_path / "store"
     _fill_store(root)
+    # One prompt's embeddings at a time (paper-scale streaming): every run below goes chunk by chunk.
+    monkeypatch.setattr(safeport.flows.eval, "PROMPT_CHUNK", 1)
 
     # 1. Part of the sweep: the first two prompts. Per prompt: original, native, calibrated, uniform
     #    and oracle (both prompts have a category with a vector) = 5 outputs.
