@@ -107,10 +107,10 @@ def test_removing_a_model_marks_its_artefacts_stale_and_keeps_them(work: Path) -
     result = rebuild(str(tiny_catalog(work, **SIZES)))  # tgt2 left the catalog
     assert {r.status for r in result.extracted} == {"skipped"}
     assert result.stale["model"] == 1 and result.stale["unit"] == 4 and result.stale["fit"] == 1
-    assert result.stale["map"] == 2 and result.stale["vector"] > 0
+    assert result.stale["map"] == 2 and result.stale["vector"] > 0 and result.stale["report"] == 1
     st = status(root)
     stale = st.stale.to_pylist()
-    assert {r["kind"] for r in stale} == {"model", "unit", "map", "fit", "vector"}
+    assert {r["kind"] for r in stale} == {"model", "unit", "map", "fit", "vector", "report"}
     assert all("tgt2" in r["reason"] and "no longer in profile" in r["reason"] for r in stale)
     assert [r["name"] for r in st.models.to_pylist() if r["stale"]] == ["tgt2"]
     with Store(root, read_only=True) as store:  # nothing was deleted, and the rows still read

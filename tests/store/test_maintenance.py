@@ -197,11 +197,11 @@ def test_stale_labels_follow_the_model_and_clear_when_it_returns(tmp_path: Path)
     _build(tmp_path)
     with Store(tmp_path) as store:
         assert mark_stale(store, "p", {"m": "mk"}, ["fit1"]) == dict.fromkeys(
-            ("model", "unit", "map", "fit", "vector"), 0
+            ("model", "unit", "map", "fit", "vector", "report"), 0
         )
         artifacts.start_fit(store, "fit1", "m", "n", {"source_key": "mk", "target_key": "nk"})
         counts = mark_stale(store, "p", {"m": "mk2"}, [])  # m got new weights; fit1 not produced
-    assert counts == {"model": 1, "unit": 1, "map": 1, "fit": 1, "vector": 0}  # start_fit cleared fit1's vectors
+    assert counts == {"model": 1, "unit": 1, "map": 1, "fit": 1, "vector": 0, "report": 0}  # start_fit cleared fit1's
     st = status(tmp_path)
     assert {r["kind"] for r in st.stale.to_pylist()} == {"model", "unit", "map", "fit"}
     assert all("superseded by mk2" in r["reason"] for r in st.stale.to_pylist())
