@@ -24,9 +24,10 @@ from safeport.store.maintenance import status
 from safeport.store.store import Store, StoreBusyError, writer_lock
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
+from tests.flows.conftest import REBUILT_SIZES
 from tests.tiny_models import tiny_bert
 
-SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4}
+SIZES: dict[str, Any] = REBUILT_SIZES
 
 
 def _third_model(tmp: Path, seed: int = 1) -> dict[str, Any]:
@@ -37,13 +38,10 @@ def _third_model(tmp: Path, seed: int = 1) -> dict[str, Any]:
     return {"tgt2": {**entry, "max_tokens": 64}}
 
 
-@pytest.fixture(scope="module")
-def base(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with tiny models and a store rebuilt once for src -> tgt."""
-    tmp = tmp_path_factory.mktemp("rebuild-base")
-    result = rebuild(str(tiny_catalog(tmp, **SIZES)))
-    assert {r.status for r in result.extracted} == {"done"}
-    return tmp
+@pytest.fixture
+def base(rebuilt_tiny: Path) -> Path:
+    """A folder with tiny models and a store rebuilt once for src -> tgt (shared by the session)."""
+    return rebuilt_tiny
 
 
 @pytest.fixture
