@@ -254,7 +254,7 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
             prof.alphas,
             list(report_keys),
             summary.get("params", {}),
-            summary.get("info", {}),
+            summary.get("info", {"fit key": fit_key}),
             report_name,
         )
         path = artifacts.write_report(store, report_name, markdown, figures)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from safeport.catalog import DEFAULT_CATALOG, CatalogError, Resolved, load_catalog
+from safeport.cli import main
 from safeport.datasets import build_all, build_pairs, build_single, check_columns
 from safeport.errors import USER_ERRORS
 from safeport.store.readers import DataFileError, read_columns
@@ -339,6 +340,18 @@ def test_glob_source_reads_every_match_in_name_order(tmp_path: Path) -> None:
     (tmp_path / "all.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     single = build_single(resolve(tmp_path, sources=[{"path": "all.txt"}]), "pr")
     assert single.content_hash == ds.content_hash  # one source, same rows: same dataset
+
+
+def test_catalog_command_shows_files_read_and_max_count_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _numbered_files(tmp_path / "t2v")
+    resolve(tmp_path, sources=[{"path": "t2v/*.txt"}], max_count=40)
+    assert main(["catalog", "--catalog", str(tmp_path / "catalog.yaml")]) == 0
+    out = capsys.readouterr().out
+    size = sum((tmp_path / "t2v" / f"{n}.txt").stat().st_size for n in (1, 2, 10))
+    assert f"15 rows from 3 file(s), {size} bytes" in out
+    assert "note: datasets.pr.max_count = 40, but only 15 texts are there; all 15 are used" in out
 
 
 def test_folder_source_with_format_reads_its_files_of_that_format(tmp_path: Path) -> None:
