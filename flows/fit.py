@@ -83,11 +83,6 @@ def fit_code_version(mappers: Sequence[str]) -> str:
     return code_hash([*_VECTOR_MODULES, *_EVAL_MODULES, *(inspect.getmodule(MAPPERS[m]) for m in mappers)])
 
 
-def code_version() -> str:
-    """Code version of a fit with every mapper (kept for callers that want one number)."""
-    return fit_code_version(sorted(MAPPERS))
-
-
 def mapper_config(mapper: str) -> dict[str, Any]:
     """The mapper's hyper-parameters (its dataclass fields, without where it runs)."""
     made = make_mapper(mapper)
@@ -241,7 +236,7 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
         "SELECT * FROM eval_results WHERE fit_key = ? OR list_contains(?::VARCHAR[], fit_key)",
         [fit_key, list(report_keys.values())],
     ).to_pylist()
-    path = store.root / "reports" / f"{report_name}.md"
+    path = artifacts.report_path(store, report_name)
     render_key = _hash(fit_key, sorted(report_keys.items()))
     rendered = store.scalar("SELECT report_key FROM fits WHERE fit_key = ?", [fit_key])
     if computed is not None or reports_done or rendered != render_key or not path.is_file():

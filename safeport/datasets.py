@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from safeport.catalog import DatasetEntry, Resolved, SourceEntry
-from safeport.store.readers import DataFileError, read_columns, read_header, read_hub_columns
+from safeport.store.readers import DataFileError, file_size, read_columns, read_header, read_hub_columns
 from safeport.texts import (
     normalise,
     rows_hash,
@@ -139,18 +138,11 @@ def _read(
         return read_hub_columns(src.hub, src.hub_config, src.hub_split, columns)
     out: dict[str, list[object]] = {}
     for path in resolved.source_files(src):
-        files.append(SourceFile(index, str(path), _size(path)))
+        files.append(SourceFile(index, str(path), file_size(path)))
         data = read_columns(path, fmt, columns, src.encoding)
         for column, values in data.items():
             out.setdefault(column, []).extend(values)
     return out
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # pragma: no cover - the file was just read
-        return -1
 
 
 def _clean(value: object) -> str:

@@ -7,6 +7,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Hashable, Iterable, Sequence
+from typing import SupportsInt
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def text_id(text: str) -> str:
 ROWS_HASH_SCHEME = "rows-v1"
 
 
-def rows_hash(rows: Iterable[tuple[str, str | None, str | None, int | None, str | None]]) -> str:
+def rows_hash(rows: Iterable[tuple[str, str | None, str | None, SupportsInt | None, str | None]]) -> str:
     """A dataset's identity: the hash of its rows, in order, and of nothing else.
 
     Each row is ``(text_id, split, category, pair_id, side)``. Paths, file formats,

@@ -320,13 +320,18 @@ def _insert_results(con: duckdb.DuckDBPyConnection, fit_key: str, rows: Sequence
         con.unregister("_res")
 
 
+def report_path(store: Store, name: str) -> Path:
+    """Where ``write_report`` puts ``reports/<name>.md``."""
+    return store.root / "reports" / f"{name}.md"
+
+
 def write_report(store: Store, name: str, markdown: str, figures: Mapping[str, Any]) -> Path:
     """Write ``reports/<name>.md`` and its PNG figures (matplotlib Figures) next to it."""
     folder = store.root / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     for fname, fig in figures.items():
         fig.savefig(folder / fname, dpi=110, bbox_inches="tight")
-    path = folder / f"{name}.md"
+    path = report_path(store, name)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(markdown, encoding="utf-8")
     tmp.replace(path)

@@ -146,6 +146,14 @@ def source_files(path: Path, fmt: str) -> list[Path]:
     return [path]
 
 
+def file_size(path: Path) -> int:
+    """Bytes of a file (for a dataset's report of what it read); -1 if it vanished meanwhile."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def read_header(path: Path, fmt: str, encoding: str = "utf-8") -> list[str] | None:
     """Column names of a local file, reading only its header or schema.
 
