@@ -101,14 +101,21 @@ def mark_stale(
         else:
             fit_reason[fkey] = f"pair {src}->{tgt} ({fkey}) is no longer fitted by profile {profile!r}"
         rows.append(("fit", fkey, f"{src}->{tgt}", fit_reason[fkey]))
-    for vkey, name, fkey in store.con.execute("SELECT vector_key, name, fit_key FROM vectors").fetchall():
+    vectors = store.con.execute("SELECT vector_key, name, fit_key, checksum FROM vectors").fetchall()
+    current_values = {(name, sums): vkey for vkey, name, _, sums in vectors if ("vector", vkey) in current_out}
+    for vkey, name, fkey, sums in vectors:
         if ("vector", vkey) in current_out:
             continue
         if fkey in fit_reason:
-            rows.append(("vector", vkey, name, fit_reason[fkey]))
+            reason = fit_reason[fkey]
         elif ("vector", vkey) in listed:
-            gone = f"vector {name!r} ({vkey}) is produced by no current fit (its inputs changed)"
-            rows.append(("vector", vkey, name, gone))
+            reason = f"vector {name!r} ({vkey}) is produced by no current fit (its inputs changed)"
+        else:
+            continue  # imported: belongs to no local fit
+        same = current_values.get((name, sums))
+        if same is not None:  # a re-key (e.g. a store migrated from older keys): tell users the values did not change
+            reason = f"{reason}; re-keyed: the same values are current as vector {same}"
+        rows.append(("vector", vkey, name, reason))
     if current_reports is not None:
         current_reports = set(current_reports)
         for rkey, fkey, src, tgt, prompt_set in store.con.execute(

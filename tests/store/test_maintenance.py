@@ -275,3 +275,22 @@ def test_gc_removes_the_temporary_file_of_a_write_killed_before_its_rename(tmp_p
     assert collect_garbage(tmp_path).garbage == []
     with Store(tmp_path, read_only=True) as store:
         assert store.activations("mk", "d")[0].num_rows == 4  # the committed chunk was never touched
+
+
+def test_a_re_keyed_vector_is_stale_with_a_note_that_its_values_did_not_change(tmp_path: Path) -> None:
+    """A refit that stores the same values under a new key (e.g. after a store migration) says so in the reason."""
+    v, w = np.ones(DIM, dtype=np.float32), np.arange(DIM, dtype=np.float32)
+    with Store(tmp_path) as store:
+        for fit, records in (
+            ("fitA", [("oldk", "native:n", v), ("olds", "source:m", v)]),
+            ("fitB", [("newk", "native:n", v), ("news", "source:m", w)]),
+        ):
+            artifacts.start_fit(store, fit, "m", "n", {})
+            recs = [artifacts.VectorRecord(k, n, n.split(":")[0], "m", "n", None, None, x, {}) for k, n, x in records]
+            artifacts.save_vectors(store, fit, recs)
+            artifacts.finish_fit(store, fit, "", [("vector", k, n) for k, n, _ in records])
+        counts = mark_stale(store, "p", {}, ["fitB"])
+        reasons = dict(store.con.execute("SELECT key, reason FROM stale WHERE kind = 'vector'").fetchall())
+    assert counts["fit"] == 1 and counts["vector"] == 2
+    assert reasons["oldk"].endswith("re-keyed: the same values are current as vector newk")
+    assert "superseded by a newer fit" in reasons["olds"] and "re-keyed" not in reasons["olds"]  # new values
