@@ -24,7 +24,7 @@ def test_comments_docstrings_and_import_layout_keep_the_digest() -> None:
         BASE.replace("# a comment", "# another comment"),
         BASE.replace('"""Why it scales."""', '"""Why it scales, said differently."""'),
         BASE.replace('"""A module docstring."""\n', ""),
-        BASE.replace("from safeport.mappers.base", "from mappers.base"),  # the stage-folder rename
+        BASE.replace("safeport.mappers.base", "mappers.base"),  # the stage-folder rename
         BASE.replace(
             "import numpy as np\nfrom safeport.mappers.base import as_matrix",
             "from safeport.mappers.base import as_matrix\n\nimport numpy as np",
