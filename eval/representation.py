@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from safeport.eval.metrics import cosine, diagnose
-from safeport.eval.probe import probe_accuracy, train_probe
+from safeport.eval.probe import SafetyProbe, probe_accuracy
 from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centred_splits, slug
 from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 
@@ -80,21 +80,11 @@ def _clean_i2p(categories: Sequence[str | None]) -> tuple[str | None, ...]:
     )
 
 
-def probe_rows(
-    result: TransferResult,
-    target: str,
-    tgt_train: Pairs,
-    tgt_test: Pairs,
-    prompts: Sequence[PromptSet],
-    alphas: Sequence[float],
-    mappers: Sequence[str],
-    seed: int = 42,
-) -> list[Row]:
-    """A linear safe/unsafe probe on the target's own pairs, then flagged fractions along the α sweep."""
-    probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=seed)
+def probe_rows(probe: SafetyProbe, tgt_test: Pairs) -> list[Row]:
+    """How well the linear safe/unsafe probe (trained on the target's own train pairs) separates them."""
     x_test = np.vstack([tgt_test.safe, tgt_test.unsafe])
     y_test = np.r_[np.zeros(len(tgt_test.safe)), np.ones(len(tgt_test.unsafe))]
-    rows: list[Row] = [
+    return [
         {
             "kind": "probe",
             "method": "probe",
@@ -110,47 +100,65 @@ def probe_rows(
             "n": len(y_test),
         },
     ]
-    pair = next(iter(n for n in result.vectors if n.startswith("random:"))).split(":", 1)[1]
-    methods: dict[str, np.ndarray] = {"original": np.zeros_like(result.vectors[f"native:{target}"])}
-    methods["native"] = result.vectors[f"native:{target}"]
+
+
+def proxy_rows(
+    vectors: Mapping[str, np.ndarray],
+    kinds: Mapping[str, tuple[str, str | None, str | None]],
+    target: str,
+    probe: SafetyProbe,
+    ps: PromptSet,
+    alphas: Sequence[float],
+    mappers: Sequence[str],
+) -> list[Row]:
+    """Fractions of one prompt set the probe flags unsafe along the α sweep, per steering method.
+
+    Depends only on the vectors, the probe and the prompt set: adding a prompt set
+    computes its rows alone, with every vector unchanged.
+    """
+    pair = next(iter(n for n in vectors if n.startswith("random:"))).split(":", 1)[1]
+    methods: dict[str, np.ndarray] = {"original": np.zeros_like(vectors[f"native:{target}"])}
+    methods["native"] = vectors[f"native:{target}"]
     for m in mappers:
-        methods[f"calibrated:{m}"] = result.vectors[f"calibrated:{pair}:{m}"]
-        methods[f"uncalibrated:{m}"] = result.vectors[f"uncalibrated:{pair}:{m}"]
-    methods["random"] = result.vectors[f"random:{pair}"]
-    if f"string:{pair}" in result.vectors:
-        methods["string"] = result.vectors[f"string:{pair}"]
-    for ps in prompts:
-        cats = _clean_i2p(ps.categories)
-        per_prompt: dict[str, np.ndarray] = {}
-        for m in mappers:
-            cat_vecs = _category_map(result, f"calibrated:{pair}:{m}")
-            if cat_vecs:
-                per_prompt[f"calibrated:{m}+uniform"] = np.broadcast_to(
-                    combine(cat_vecs, uniform_weights(sorted(cat_vecs))), ps.values.shape
-                )
-                per_prompt[f"calibrated:{m}+oracle"] = _oracle_matrix(cat_vecs, methods[f"calibrated:{m}"], cats)
-        for name, v in [*methods.items(), *per_prompt.items()]:
-            for a in alphas:
-                flagged = probe.flags(ps.values + float(a) * v)
-                rows.append(
-                    {
-                        "kind": "proxy",
-                        "method": name,
-                        "category": ps.name,
-                        "metric": "flagged_fraction",
-                        "alpha": float(a),
-                        "value": float(np.mean(flagged)),
-                        "n": len(ps.values),
-                    }
-                )
+        methods[f"calibrated:{m}"] = vectors[f"calibrated:{pair}:{m}"]
+        methods[f"uncalibrated:{m}"] = vectors[f"uncalibrated:{pair}:{m}"]
+    methods["random"] = vectors[f"random:{pair}"]
+    if f"string:{pair}" in vectors:
+        methods["string"] = vectors[f"string:{pair}"]
+    cats = _clean_i2p(ps.categories)
+    per_prompt: dict[str, np.ndarray] = {}
+    for m in mappers:
+        cat_vecs = _category_map(vectors, kinds, f"calibrated:{pair}:{m}")
+        if cat_vecs:
+            per_prompt[f"calibrated:{m}+uniform"] = np.broadcast_to(
+                combine(cat_vecs, uniform_weights(sorted(cat_vecs))), ps.values.shape
+            )
+            per_prompt[f"calibrated:{m}+oracle"] = _oracle_matrix(cat_vecs, methods[f"calibrated:{m}"], cats)
+    rows: list[Row] = []
+    for name, v in [*methods.items(), *per_prompt.items()]:
+        for a in alphas:
+            flagged = probe.flags(ps.values + float(a) * v)
+            rows.append(
+                {
+                    "kind": "proxy",
+                    "method": name,
+                    "category": ps.name,
+                    "metric": "flagged_fraction",
+                    "alpha": float(a),
+                    "value": float(np.mean(flagged)),
+                    "n": len(ps.values),
+                }
+            )
     return rows
 
 
-def _category_map(result: TransferResult, prefix: str) -> dict[str, np.ndarray]:
+def _category_map(
+    vectors: Mapping[str, np.ndarray], kinds: Mapping[str, tuple[str, str | None, str | None]], prefix: str
+) -> dict[str, np.ndarray]:
     """{SafeSteer category: vector} for the per-category vectors stored under ``prefix``."""
     out: dict[str, np.ndarray] = {}
-    for name, v in result.vectors.items():
-        _, _, cat = result.kinds[name]
+    for name, v in vectors.items():
+        _, _, cat = kinds[name]
         if cat is not None and name.startswith(prefix + ":"):
             out[cat] = v
     return out

@@ -66,7 +66,7 @@ def register_datasets(store: Store, resolved: Resolved) -> dict[str, str]:
     datasets = build_all(resolved)
     datasets[CONCEPT_DATASET] = concept_dataset()
     for name, ds in datasets.items():
-        if store.register_dataset(name, ds.kind, ds.content_hash, _rows_table(ds), ds.report):
+        if store.register_dataset(name, ds.kind, ds.content_hash, _rows_table(ds), ds.report_json()):
             log.info("dataset %s registered: %d rows (%s)", name, len(ds.rows), ds.content_hash)
         hashes[name] = ds.content_hash
     return hashes

@@ -1,18 +1,30 @@
 """Fit stage: maps, vectors, baselines and the representation-level report per source→target.
 
-A fit's key hashes every input (both representation keys, the content hashes
-of anchors, pairs and prompt sets, mappers, α sweep, seed, and a hash of the
-fitting code), so a rerun with unchanged inputs refits nothing. Maps have keys
-of their own and are reused when only, say, the prompt sets changed.
+Each artefact is keyed by exactly its inputs, so a change re-keys only what it feeds:
+
+- a **map**: both representation keys, the anchor rows (dataset hash) and their split,
+  the mapper and its hyper-parameters, and the mapper's code;
+- a **vector**: its map (or its model), the pair rows, the calibration inputs (anchor
+  rows and split) it uses, and the vector code;
+- a **fit** (one source→target pair: its maps, vectors and the map/transfer/probe
+  rows): the union of those inputs;
+- the **report rows** of a prompt set: the fit (its vectors), the prompt set's rows and
+  name, the α sweep and the evaluation code.
+
+Adding, removing or changing an evaluation prompt set therefore computes only that set's
+report rows; every map, vector and fit keeps its key. Code versions hash what the code
+does, not its comments, docstrings or import lines (:mod:`safeport.codehash`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,52 +35,60 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-import safeport
 import safeport.eval.metrics
 import safeport.eval.probe
 import safeport.eval.representation
+import safeport.mappers.base
 import safeport.mappers.transfer
 import safeport.mappers.vectors
 from safeport.catalog import Resolved
+from safeport.codehash import code_hash
+from safeport.eval.probe import SafetyProbe, train_probe
 from safeport.eval.report import headline, render
-from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows
+from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows, proxy_rows
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
 from safeport.flows.extract import CONCEPT_DATASET
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
-from safeport.mappers.transfer import Anchors, Pairs, centring, fit_maps, transfer_vectors
+from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centring, fit_maps, transfer_vectors
 from safeport.store import artifacts, positions
 from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.fit")
 
-
-def _source_hash(modules: list[Any]) -> str:
-    h = hashlib.sha256()
-    for m in sorted({m for m in modules if m is not None}, key=lambda m: m.__name__):
-        h.update(inspect.getsource(m).encode())
-    return h.hexdigest()[:10]
+_VECTOR_MODULES = (safeport.mappers.transfer, safeport.mappers.vectors, safeport.mappers.base)
+_EVAL_MODULES = (safeport.eval.metrics, safeport.eval.probe, safeport.eval.representation, safeport.mappers.vectors)
 
 
 @cache
-def mapper_code_version() -> str:
-    """Hash of the mapper code alone: maps are refitted only when it changes."""
-    mods = [safeport.mappers.transfer, safeport.mappers.vectors, *(inspect.getmodule(f) for f in MAPPERS.values())]
-    return f"{safeport.__version__}+{_source_hash(mods)}"
+def mapper_code_version(mapper: str) -> str:
+    """The code one mapper's maps depend on: its module, the mapper contract, centring."""
+    return code_hash([*_VECTOR_MODULES, inspect.getmodule(MAPPERS[mapper])])
 
 
 @cache
-def code_version() -> str:
-    """Hash of the fitting and evaluation code: a change to a mapper or a metric invalidates old fits."""
-    mods = [
-        safeport.mappers.transfer,
-        safeport.mappers.vectors,
-        safeport.eval.metrics,
-        safeport.eval.probe,
-        safeport.eval.representation,
-        *(inspect.getmodule(f) for f in MAPPERS.values()),
-    ]
-    return f"{safeport.__version__}+{_source_hash(mods)}"
+def vector_code_version() -> str:
+    """The code that turns maps and pooled pairs into vectors (METHOD §3, §5, §6)."""
+    return code_hash(_VECTOR_MODULES)
+
+
+@cache
+def report_code_version() -> str:
+    """The code of the representation-level metrics and the probe proxy."""
+    return code_hash(_EVAL_MODULES)
+
+
+def fit_code_version(mappers: Sequence[str]) -> str:
+    """Everything a fit computes with: its mappers, the vector code and the metrics."""
+    return code_hash([*_VECTOR_MODULES, *_EVAL_MODULES, *(inspect.getmodule(MAPPERS[m]) for m in mappers)])
+
+
+def mapper_config(mapper: str) -> dict[str, Any]:
+    """The mapper's hyper-parameters (its dataclass fields, without where it runs)."""
+    made = make_mapper(mapper)
+    if not dataclasses.is_dataclass(made):
+        return {}
+    return {k: v for k, v in sorted(dataclasses.asdict(made).items()) if k != "device"}
 
 
 def _hash(*parts: object) -> str:
@@ -84,6 +104,8 @@ class FitResult:
     seconds: float
     headline: list[str]
     report: str
+    reports_done: int = 0  # prompt sets whose report rows this run computed
+    report_keys: tuple[str, ...] = ()  # the current report row sets of this pair, one per prompt set
 
 
 def _read(store: Store, model_key: str, dataset: str, where: str = "") -> tuple[pa.Table, np.ndarray]:
@@ -114,54 +136,163 @@ def _unit_keys(*metas: pa.Table) -> list[str]:
     return sorted({k for m in metas for k in m.column("unit_key").to_pylist()})
 
 
+@dataclass(frozen=True)
+class _Keys:
+    """The inputs of one source→target fit, by content."""
+
+    source_key: str
+    target_key: str
+    anchors_hash: str
+    pairs_hash: str
+    concept_hash: str | None
+
+    def fit_inputs(self, mappers: Sequence[str], seed: int) -> dict[str, Any]:
+        return {
+            "source_key": self.source_key,
+            "target_key": self.target_key,
+            "anchors_hash": self.anchors_hash,
+            "pairs_hash": self.pairs_hash,
+            "concept_hash": self.concept_hash,
+            "mappers": {m: mapper_config(m) for m in mappers},
+            "seed": seed,
+            "code_version": fit_code_version(mappers),
+        }
+
+
+def map_inputs(keys: _Keys, mapper: str, split_hash: str) -> dict[str, Any]:
+    """What a map is computed from, and nothing else (its key is the hash of this)."""
+    return {
+        "source_key": keys.source_key,
+        "target_key": keys.target_key,
+        "mapper": mapper,
+        "config": mapper_config(mapper),
+        "anchors_hash": keys.anchors_hash,
+        "split_hash": split_hash,
+        "code_version": mapper_code_version(mapper),
+    }
+
+
+def vector_inputs(keys: _Keys, name: str, kind: str, map_key: str | None, split_hash: str, seed: int) -> dict[str, Any]:
+    """What one vector is computed from, per kind (its key is the hash of this).
+
+    source / native: one model's pooled pairs. raw / uncalibrated: the map and the source
+    direction. calibrated: those plus the anchor rows the scale s comes from. random: the
+    calibrated norm (models, anchors, pairs) and the seed. string: the calibrated norm, the
+    target's train-anchor mean and the concept string's row.
+    """
+    base: dict[str, Any] = {"name": name, "pairs_hash": keys.pairs_hash, "code_version": vector_code_version()}
+    calibration = {"anchors_hash": keys.anchors_hash, "split_hash": split_hash}
+    models = {"source_key": keys.source_key, "target_key": keys.target_key}
+    if kind == "source":
+        return {**base, "source_key": keys.source_key}
+    if kind == "native":
+        return {**base, "target_key": keys.target_key}
+    if kind in ("raw", "uncalibrated"):
+        return {**base, "map_key": map_key}
+    if kind == "calibrated":
+        return {**base, "map_key": map_key, **calibration}
+    if kind == "random":
+        return {**base, **models, **calibration, "seed": seed}
+    if kind == "string":
+        return {**base, **models, **calibration, "concept_hash": keys.concept_hash}
+    raise ValueError(f"unknown vector kind {kind!r} for {name!r}")  # pragma: no cover - transfer_vectors' kinds
+
+
 def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "") -> FitResult:
-    """Fit every mapper for one source→target pair and store maps, vectors, results and the report."""
+    """Fit every mapper for one source→target pair, then the report rows of each prompt set; store all."""
     started = time.time()
     rid = rid or run_id()
     prof = resolved.profile
-    src_key = model_source(resolved, source).spec().key()
-    tgt_key = model_source(resolved, target).spec().key()
-    hashes = {d: store.dataset_hash(d) for d in [prof.anchors, prof.pairs, *prof.prompts, CONCEPT_DATASET]}
-    inputs = {
-        "source_key": src_key,
-        "target_key": tgt_key,
-        "datasets": hashes,
-        "mappers": list(prof.mappers),
-        "alphas": list(prof.alphas),
-        "seed": prof.seed,
-        "code_version": code_version(),
-    }
+    hashes = {d: store.dataset_hash(d) for d in [prof.anchors, prof.pairs]}
+    missing = [d for d, h in hashes.items() if h is None]
+    if missing:
+        raise StoreError(f"dataset(s) {missing} are not registered in {store.root}; run `safeport extract` first")
+    keys = _Keys(
+        model_source(resolved, source).spec().key(),
+        model_source(resolved, target).spec().key(),
+        str(hashes[prof.anchors]),
+        str(hashes[prof.pairs]),
+        store.dataset_hash(CONCEPT_DATASET),
+    )
+    inputs = keys.fit_inputs(prof.mappers, prof.seed)
     fit_key = _hash(inputs)
+    pair = f"{source}->{target}"
     report_name = f"fit-{source}--{target}"
-    if artifacts.fit_done(store, fit_key):
+    fit_done = artifacts.fit_done(store, fit_key)
+    computed: _Computed | None = None
+    if fit_done:
         store.record_run(
-            rid,
-            "fit",
-            "fit_pair",
-            f"{source}->{target}",
-            prof.anchors,
-            fit_key,
-            "skipped",
-            0,
-            0,
-            time.time() - started,
-            started,
+            rid, "fit", "fit_pair", pair, prof.anchors, fit_key, "skipped", 0, 0, time.time() - started, started
         )
-        done_rows = store.sql("SELECT * FROM eval_results WHERE fit_key = ?", [fit_key]).to_pylist()
-        head = headline(done_rows, source, target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
-        return FitResult(
+    else:
+        computed = _fit(store, resolved, source, target, keys, fit_key, inputs)
+        seconds = time.time() - started
+        store.record_run(
+            rid, "fit", "fit_pair", pair, prof.anchors, fit_key, "done", computed.n_rows, 0, seconds, started
+        )
+
+    report_keys, reports_done = _report_sets(store, resolved, source, target, keys, fit_key, computed, rid)
+    rows = store.sql(
+        "SELECT * FROM eval_results WHERE fit_key = ? OR list_contains(?::VARCHAR[], fit_key)",
+        [fit_key, list(report_keys.values())],
+    ).to_pylist()
+    path = artifacts.report_path(store, report_name)
+    render_key = _hash(fit_key, sorted(report_keys.items()))
+    rendered = store.scalar("SELECT report_key FROM fits WHERE fit_key = ?", [fit_key])
+    if computed is not None or reports_done or rendered != render_key or not path.is_file():
+        summary = json.loads(store.scalar("SELECT summary_json FROM fits WHERE fit_key = ?", [fit_key]) or "{}")
+        markdown, figures = render(
+            rows,
             source,
             target,
-            fit_key,
-            "skipped",
-            time.time() - started,
-            head.lines() if head else [],
-            str(store.root / "reports" / f"{report_name}.md"),
+            prof.mappers,
+            prof.alphas,
+            list(report_keys),
+            summary.get("params", {}),
+            summary.get("info", {"fit key": fit_key}),
+            report_name,
         )
-    artifacts.start_fit(store, fit_key, source, target, inputs)
+        markdown += "\n" + position_section(
+            {
+                f"{source} (source)": positions.position_norms(store, keys.source_key, prof.anchors),
+                f"{target} (target)": positions.position_norms(store, keys.target_key, prof.anchors),
+            }
+        )
+        path = artifacts.write_report(store, report_name, markdown, figures)
+        artifacts.set_rendered(store, fit_key, render_key, str(path))
+    head = headline(rows, source, target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
+    return FitResult(
+        source,
+        target,
+        fit_key,
+        "skipped" if computed is None else "done",
+        time.time() - started,
+        head.lines() if head else [],
+        str(path),
+        reports_done,
+        tuple(report_keys.values()),
+    )
 
-    a_meta, a_src = _read(store, src_key, prof.anchors)
-    b_meta, a_tgt = _read(store, tgt_key, prof.anchors)
+
+@dataclass(frozen=True)
+class _Computed:
+    """What a fit computed in this process (so its report rows need not re-read the vectors)."""
+
+    result: TransferResult
+    tgt_train: Pairs
+    tgt_test: Pairs
+    probe: SafetyProbe
+    n_rows: int
+
+
+def _fit(
+    store: Store, resolved: Resolved, source: str, target: str, keys: _Keys, fit_key: str, inputs: dict[str, Any]
+) -> _Computed:
+    """Maps (reused by key where stored), vectors and the fit's own rows; marks the fit done with its outputs."""
+    prof = resolved.profile
+    artifacts.start_fit(store, fit_key, source, target, inputs)
+    a_meta, a_src = _read(store, keys.source_key, prof.anchors)
+    b_meta, a_tgt = _read(store, keys.target_key, prof.anchors)
     if a_meta.column("text_id").to_pylist() != b_meta.column("text_id").to_pylist():
         raise StoreError(f"anchor rows of {source} and {target} are not aligned; re-run `safeport extract`")
     splits = np.asarray(a_meta.column("split").to_pylist())
@@ -169,10 +300,7 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
     anchors = Anchors(a_src, a_tgt, splits)
     c = centring(anchors)
 
-    map_keys: dict[str, str] = {
-        m: _hash(src_key, tgt_key, m, hashes[prof.anchors], split_hash, mapper_code_version(), prof.seed)
-        for m in prof.mappers
-    }
+    map_keys: dict[str, str] = {m: _hash(map_inputs(keys, m, split_hash)) for m in prof.mappers}
     reuse: dict[str, FittedMap] = {}
     for m, key in map_keys.items():
         if store.scalar("SELECT 1 FROM maps WHERE map_key = ?", [key]):
@@ -189,22 +317,22 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
                 {
                     "source": source,
                     "target": target,
-                    "source_key": src_key,
-                    "target_key": tgt_key,
+                    "source_key": keys.source_key,
+                    "target_key": keys.target_key,
                     "mapper": mname,
                     "params": fitted.params,
                     "split_hash": split_hash,
                     "anchors": prof.anchors,
-                    "anchors_hash": hashes[prof.anchors],
+                    "anchors_hash": keys.anchors_hash,
                     "input_units": anchor_units,
-                    "code_version": mapper_code_version(),
+                    "code_version": mapper_code_version(mname),
                     "n_train": int((splits == "train").sum()),
                 },
             )
 
-    src_train, tgt_train = (_pairs(store, k, prof.pairs, "train") for k in (src_key, tgt_key))
-    tgt_test = _pairs(store, tgt_key, prof.pairs, "test")
-    concept = store.activations(tgt_key, CONCEPT_DATASET)[1] if hashes[CONCEPT_DATASET] else None
+    src_train, tgt_train = (_pairs(store, k, prof.pairs, "train") for k in (keys.source_key, keys.target_key))
+    tgt_test = _pairs(store, keys.target_key, prof.pairs, "test")
+    concept_meta, concept = store.activations(keys.target_key, CONCEPT_DATASET) if keys.concept_hash else (None, None)
     result = transfer_vectors(
         source,
         target,
@@ -216,25 +344,40 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
         seed=prof.seed,
     )
 
-    pair_units = _unit_keys(*(store.activations(k, prof.pairs)[0] for k in (src_key, tgt_key)))
-    base_lineage = {
-        "fit_key": fit_key,
-        "source_key": src_key,
-        "target_key": tgt_key,
-        "split_hash": split_hash,
-        "anchors_hash": hashes[prof.anchors],
-        "pairs_hash": hashes[prof.pairs],
-        "scale": c.scale,
-        "input_units": sorted(set(anchor_units) | set(pair_units)),
-        "code_version": code_version(),
+    src_pair_units = _unit_keys(store.activations(keys.source_key, prof.pairs)[0])
+    tgt_pair_units = _unit_keys(store.activations(keys.target_key, prof.pairs)[0])
+    concept_units = _unit_keys(concept_meta) if concept_meta is not None else []
+    units_by_kind = {
+        "source": src_pair_units,
+        "native": tgt_pair_units,
+        "raw": sorted({*anchor_units, *src_pair_units}),
+        "uncalibrated": sorted({*anchor_units, *src_pair_units}),
+        "calibrated": sorted({*anchor_units, *src_pair_units}),
+        "random": sorted({*anchor_units, *src_pair_units}),
+        "string": sorted({*anchor_units, *src_pair_units, *concept_units}),
     }
     records = []
     for name, values in result.vectors.items():
         kind, mapper, cat = result.kinds[name]
-        lineage = {**base_lineage, "map_key": map_keys.get(mapper or "")}
+        map_key = map_keys[mapper] if mapper else None
+        vin = vector_inputs(keys, name, kind, map_key, split_hash, prof.seed)
+        lineage: dict[str, Any] = {
+            "fit_key": fit_key,
+            "source_key": keys.source_key if kind != "native" else None,
+            "target_key": keys.target_key if kind != "source" else None,
+            "map_key": map_key,
+            "pairs_hash": keys.pairs_hash,
+            "input_units": units_by_kind[kind],
+            "code_version": vector_code_version(),
+            "inputs": vin,
+        }
+        if kind not in ("source", "native"):
+            lineage.update({"anchors_hash": keys.anchors_hash, "split_hash": split_hash})
+        if kind in ("calibrated", "random", "string"):
+            lineage["scale"] = c.scale
         records.append(
             artifacts.VectorRecord(
-                _hash(fit_key, name),
+                _hash(vin),
                 name,
                 kind,
                 None if kind == "native" else source,
@@ -247,51 +390,107 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
         )
     artifacts.save_vectors(store, fit_key, records)
 
-    prompt_sets = []
-    for p in prof.prompts:
-        meta, values = _read(store, tgt_key, p)
-        prompt_sets.append(PromptSet(p, values, tuple(meta.column("category").to_pylist())))
+    probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=prof.seed)
     rows: list[dict[str, Any]] = [
         *map_rows(result, anchors),
         *cosine_rows(result, target),
-        *probe_rows(result, target, tgt_train, tgt_test, prompt_sets, prof.alphas, prof.mappers, prof.seed),
+        *probe_rows(probe, tgt_test),
     ]
     for r in rows:
         r.update({"source": source, "target": target})
     artifacts.save_results(store, fit_key, rows)
-
-    info = {
-        "fit key": fit_key,
-        "anchors": f"{prof.anchors} ({len(splits)} rows, split hash {split_hash})",
-        "pairs": f"{prof.pairs} ({len(src_train.safe)} train pairs, {len(tgt_test.safe)} test pairs)",
-        "calibration scale s": f"{c.scale:.6g}",
-        "code version": code_version(),
+    summary = {
+        "params": {m: f.params for m, f in maps.items()},
+        "info": {
+            "fit key": fit_key,
+            "anchors": f"{prof.anchors} ({len(splits)} rows, split hash {split_hash})",
+            "pairs": f"{prof.pairs} ({len(src_train.safe)} train pairs, {len(tgt_test.safe)} test pairs)",
+            "calibration scale s": f"{c.scale:.6g}",
+            "code version": inputs["code_version"],
+        },
     }
-    markdown, figures = render(
-        rows,
-        source,
-        target,
-        prof.mappers,
-        prof.alphas,
-        prof.prompts,
-        {m: f.params for m, f in maps.items()},
-        info,
-        report_name,
-    )
-    markdown += "\n" + position_section(
-        {
-            f"{source} (source)": positions.position_norms(store, src_key, prof.anchors),
-            f"{target} (target)": positions.position_norms(store, tgt_key, prof.anchors),
+    outputs = [("map", key, f"{source}->{target}:{m}") for m, key in map_keys.items()]
+    outputs += [("vector", r.vector_key, r.name) for r in records]
+    artifacts.finish_fit(store, fit_key, "", outputs, summary)
+    return _Computed(result, tgt_train, tgt_test, probe, len(rows))
+
+
+def _stored_vectors(
+    store: Store, fit_key: str
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str | None, str | None]]]:
+    """A done fit's vectors, read back by key (checksum-verified), with their kinds."""
+    vectors: dict[str, np.ndarray] = {}
+    kinds: dict[str, tuple[str, str | None, str | None]] = {}
+    for name, key in artifacts.fit_outputs(store, fit_key, "vector").items():
+        values, lineage = artifacts.load_vector_key(store, key)
+        vectors[name] = values
+        kinds[name] = (str(lineage["kind"]), lineage.get("mapper"), lineage.get("category"))
+    return vectors, kinds
+
+
+def _report_sets(
+    store: Store,
+    resolved: Resolved,
+    source: str,
+    target: str,
+    keys: _Keys,
+    fit_key: str,
+    computed: _Computed | None,
+    rid: str,
+) -> tuple[dict[str, str], int]:
+    """Report rows of every prompt set of the profile, computing only the sets whose key is new.
+
+    Returns ({prompt set: report key}, number of sets computed now).
+    """
+    prof = resolved.profile
+    out: dict[str, str] = {}
+    todo: list[tuple[str, str, dict[str, Any]]] = []
+    for p in prof.prompts:
+        p_hash = store.dataset_hash(p)
+        if p_hash is None:
+            raise StoreError(f"prompt set {p!r} is not registered in {store.root}; run `safeport extract` first")
+        rin = {
+            "fit_key": fit_key,
+            "prompt_set": p,
+            "prompt_hash": p_hash,
+            "alphas": [float(a) for a in prof.alphas],
+            "code_version": report_code_version(),
         }
-    )
-    path = artifacts.write_report(store, report_name, markdown, figures)
-    artifacts.finish_fit(store, fit_key, str(path))
+        out[p] = _hash(rin)
+        if not artifacts.report_done(store, out[p]):
+            todo.append((p, out[p], rin))
+    pending = {p for p, _, _ in todo}
+    for p, key in out.items():
+        if p not in pending:
+            _report_run(store, rid, source, target, p, key, "skipped", 0, time.time())
+    if not todo:
+        return out, 0
+    if computed is not None:
+        vectors, kinds = computed.result.vectors, computed.result.kinds
+        probe = computed.probe
+    else:
+        vectors, kinds = _stored_vectors(store, fit_key)
+        tgt_train = _pairs(store, keys.target_key, prof.pairs, "train")
+        probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=prof.seed)
+    for p, key, rin in todo:
+        started = time.time()
+        meta, values = _read(store, keys.target_key, p)
+        ps = PromptSet(p, values, tuple(meta.column("category").to_pylist()))
+        rows: list[dict[str, Any]] = [
+            {**r, "source": source, "target": target}
+            for r in proxy_rows(vectors, kinds, target, probe, ps, prof.alphas, prof.mappers)
+        ]
+        artifacts.save_report_rows(store, key, fit_key, source, target, p, rin, rows)
+        _report_run(store, rid, source, target, p, key, "done", len(rows), started)
+    return out, len(todo)
+
+
+def _report_run(
+    store: Store, rid: str, source: str, target: str, prompt_set: str, key: str, status: str, rows: int, started: float
+) -> None:
+    pair = f"{source}->{target}"
     seconds = time.time() - started
-    store.record_run(
-        rid, "fit", "fit_pair", f"{source}->{target}", prof.anchors, fit_key, "done", len(rows), 0, seconds, started
-    )
-    head = headline(rows, source, target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
-    return FitResult(source, target, fit_key, "done", seconds, head.lines() if head else [], str(path))
+    store.record_run(rid, "report", "report_rows", pair, prompt_set, key, status, rows, 0, seconds, started)
 
 
 @task(name="fit-pair", cache_policy=NO_CACHE, task_run_name="fit-{source}-{target}")

@@ -145,7 +145,8 @@ def rebuild_all(
         fitted = fit_all(store_root, catalog_path, profile)
     resolved = with_revisions(catalog(catalog_path, profile), pins)
     current = {m: model_source(resolved, m).spec().key() for m in resolved.profile.models}
-    stale = maintenance.mark_stale(store, resolved.name, current, [f.fit_key for f in fitted])
+    reports = [k for f in fitted for k in f.report_keys]
+    stale = maintenance.mark_stale(store, resolved.name, current, [f.fit_key for f in fitted], reports)
     if any(stale.values()):
         log.info("stale artefacts (kept, see `safeport status`): %s", stale)
     return RebuildResult(rid, checks, extracted, fitted, stale)

@@ -31,7 +31,7 @@ from pydantic import (
 
 from safeport.extractors import FAMILIES
 from safeport.extractors.base import ModelSource
-from safeport.store import location
+from safeport.store import location, readers
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 FORMATS = ("csv", "parquet", "jsonl", "text")
@@ -406,7 +406,18 @@ class Resolved(BaseModel):
         )
 
     def source_path(self, src: SourceEntry) -> Path:
+        """The source's path made absolute (for a glob pattern: the pattern, made absolute)."""
         return resolve_path(str(src.path), self.root)
+
+    def source_files(self, src: SourceEntry) -> list[Path]:
+        """The files a local source reads, in order: its file, its pattern's matches or its folder's files.
+
+        Raises :class:`~safeport.store.readers.DataFileError` when nothing matches.
+        """
+        value = str(src.path)
+        if readers.is_pattern(value) and not value.startswith("pkg://"):
+            return readers.glob_files(self.root, value)
+        return readers.source_files(self.source_path(src), src.resolved_format())
 
 
 def resolve_path(value: str, root: Path) -> Path:
@@ -563,12 +574,18 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
                 )
     for ds_name, dentry in resolved.datasets.items():
         for i, src in enumerate(dentry.sources):
-            if src.path is not None and not resolved.source_path(src).is_file():
+            if src.path is None:
+                continue
+            if not readers.is_pattern(src.path) and not resolved.source_path(src).exists():
                 raise CatalogError(
                     f"{path}: datasets.{ds_name}.sources.{i}.path = {src.path!r}: file "
                     f"{str(resolved.source_path(src))!r} does not exist; fix the path (relative paths "
                     "are read from the catalog's folder)"
                 )
+            try:
+                resolved.source_files(src)
+            except readers.DataFileError as err:  # a pattern with no match, a folder without such files
+                raise CatalogError(f"{path}: datasets.{ds_name}.sources.{i}.path = {src.path!r}: {err}") from None
     return resolved
 
 

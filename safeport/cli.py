@@ -59,7 +59,10 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         print(f"  model   {name:<16} {m.role:<6} {m.family:<12} {m.hub_id or m.path}")
     for name, ds in datasets.items():
         extra = ", ".join(f"{k}={v}" for k, v in sorted(ds.report.items()))
-        print(f"  dataset {name:<16} {ds.kind:<8} {len(ds.rows):>6} rows {extra}")
+        files = f"{len(ds.files)} file(s), {sum(f.bytes for f in ds.files)} bytes" if ds.files else "hub"
+        print(f"  dataset {name:<16} {ds.kind:<8} {len(ds.rows):>6} rows from {files} {extra}")
+        for short in ds.shortfalls:
+            print(f"          note: {short.describe(name)}")
     print(f"  store   {resolved.store_path}")
     return 0
 

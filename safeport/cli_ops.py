@@ -53,8 +53,14 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         print(f"  fit {f.source} -> {f.target}: {f.status} in {f.seconds:.1f}s; report {f.report}")
     stale = ", ".join(f"{n} {k}(s)" for k, n in result.stale.items() if n)
     print(f"  stale (kept; see `safeport status`): {stale or 'nothing'}")
-    done = sum(r.status == "done" for r in result.extracted) + sum(f.status == "done" for f in result.fitted)
-    print(f"rebuild finished in {time.time() - t0:.1f}s: {done} unit(s)/fit(s) computed, the rest reused")
+    units = sum(r.status == "done" for r in result.extracted)
+    fits = sum(f.status == "done" for f in result.fitted)
+    reports = sum(f.reports_done for f in result.fitted)
+    took = f"rebuild finished in {time.time() - t0:.1f}s"
+    if units + fits + reports == 0:
+        print(f"{took}: nothing was computed (every unit, fit and report reused)")
+    else:
+        print(f"{took}: computed {units} unit(s), {fits} fit(s), {reports} prompt-set report(s); the rest reused")
     return 0
 
 

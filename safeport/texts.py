@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import SupportsInt
 
 import numpy as np
 
@@ -35,6 +37,27 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 def text_id(text: str) -> str:
     """Content-hash id of a (cleaned) text: the same text has the same id everywhere."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+# Version tag of the dataset identity below: a new row layout gets a new tag, so no old hash collides.
+ROWS_HASH_SCHEME = "rows-v1"
+
+
+def rows_hash(rows: Iterable[tuple[str, str | None, str | None, SupportsInt | None, str | None]]) -> str:
+    """A dataset's identity: the hash of its rows, in order, and of nothing else.
+
+    Each row is ``(text_id, split, category, pair_id, side)``. Paths, file formats,
+    descriptions and the catalog's key order never reach it, so moving the data,
+    converting CSV to Parquet or editing a description keeps the hash. Row order is
+    part of it (our choice): rows feed order-sensitive computations (MLP batches,
+    float sums), and the same files always give the same order.
+    """
+    h = hashlib.sha256(ROWS_HASH_SCHEME.encode())
+    for text, split, category, pair_id, side in rows:
+        pid = None if pair_id is None else int(pair_id)
+        h.update(json.dumps([text, split, category, pid, side]).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:20]
 
 
 def normalise(text: str) -> str:
@@ -74,6 +97,50 @@ def seeded_sample(n: int, k: int, seed: int) -> np.ndarray:
         return np.arange(n)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def _allocate(sizes: dict[Hashable, int], k: int) -> dict[Hashable, int]:
+    """Largest-remainder shares of ``k`` over groups of ``sizes`` (each within one of its exact share).
+
+    Ties in the remainder go to the larger group, then to the group whose label sorts
+    first, so the allocation is deterministic.
+    """
+    total = sum(sizes.values())
+    if k >= total:
+        return dict(sizes)
+    alloc = {g: k * n // total for g, n in sizes.items()}
+    rest = k - sum(alloc.values())
+    order = sorted(sizes, key=lambda g: (-(k * sizes[g] % total), -sizes[g], json.dumps(g, default=str)))
+    for g in order[:rest]:
+        alloc[g] += 1
+    return alloc
+
+
+def stratified_sample(labels: Sequence[tuple[Hashable, Hashable]], k: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``k`` items, stratified by the first label, then the second.
+
+    Each first-level group (e.g. a category) gets its share of ``k`` by largest
+    remainder, so its count is within one of ``k * n_group / n``; inside a group the
+    second label (e.g. the split) is shared out the same way; each leaf is then a
+    :func:`seeded_sample` with a seed derived from ``seed`` and the leaf's labels (all
+    items when ``k >= len(labels)``).
+    """
+    n = len(labels)
+    if k < 0:
+        raise ValueError(f"stratified_sample(k={k}): k must be >= 0")
+    if k >= n:
+        return np.arange(n)
+    members: dict[Hashable, dict[Hashable, list[int]]] = {}
+    for i, (first, second) in enumerate(labels):
+        members.setdefault(first, {}).setdefault(second, []).append(i)
+    picked: list[int] = []
+    outer = _allocate({g: sum(map(len, inner.values())) for g, inner in members.items()}, k)
+    for g, inner in members.items():
+        for leaf, quota in _allocate({s: len(ix) for s, ix in inner.items()}, outer[g]).items():
+            ix = inner[leaf]
+            digest = hashlib.sha256(json.dumps([seed, g, leaf], default=str).encode()).digest()
+            picked.extend(ix[j] for j in seeded_sample(len(ix), quota, int.from_bytes(digest[:8], "big")))
+    return np.asarray(sorted(picked), dtype=np.int64)
 
 
 def split_labels(ids: Sequence[str], fractions: tuple[float, float, float], seed: int) -> list[str]:

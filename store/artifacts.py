@@ -52,21 +52,96 @@ def fit_done(store: Store, fit_key: str) -> bool:
 
 
 def start_fit(store: Store, fit_key: str, source: str, target: str, inputs: Mapping[str, Any]) -> None:
-    """Mark a fit as running; a crashed fit's partial rows are cleared on restart."""
+    """Mark a fit as running; a crashed fit's partial rows are cleared on restart.
+
+    Its vectors go too, except those another fit also produced (a shared ``native:TARGET``
+    or ``source:SOURCE`` has one key for every pair that computes it).
+    """
     with store.transaction() as con:
-        for table in ("eval_results", "vectors", "fits"):
+        con.execute(
+            """DELETE FROM vectors WHERE fit_key = ? AND vector_key NOT IN (
+                   SELECT key FROM fit_outputs WHERE kind = 'vector' AND fit_key <> ?)""",
+            [fit_key, fit_key],
+        )
+        for table in ("eval_results", "fit_outputs", "fits"):
             con.execute(f"DELETE FROM {table} WHERE fit_key = ?", [fit_key])
         con.execute(
-            "INSERT INTO fits VALUES (?, ?, ?, 'running', ?, NULL, now(), NULL)",
+            "INSERT INTO fits (fit_key, source, target, status, inputs_json, created_at) "
+            "VALUES (?, ?, ?, 'running', ?, now())",
             [fit_key, source, target, json.dumps(inputs, sort_keys=True, default=str)],
         )
 
 
-def finish_fit(store: Store, fit_key: str, report_path: str) -> None:
+def finish_fit(
+    store: Store,
+    fit_key: str,
+    report_path: str,
+    outputs: Sequence[tuple[str, str, str]] = (),
+    summary: Mapping[str, Any] | None = None,
+) -> None:
+    """Mark a fit done with what it produced: ``outputs`` are (kind 'map' | 'vector', key, name).
+
+    ``summary`` (map hyper-parameters, input counts) lets a later run re-render the
+    report without refitting. One transaction: a fit is done with its outputs or not at all.
+    """
+    rows = sorted({(fit_key, kind, key, name) for kind, key, name in outputs})
+    with store.transaction() as con:
+        con.execute("DELETE FROM fit_outputs WHERE fit_key = ?", [fit_key])
+        if rows:
+            con.executemany("INSERT INTO fit_outputs VALUES (?, ?, ?, ?)", rows)
+        con.execute(
+            "UPDATE fits SET status = 'done', report_path = ?, finished_at = now(), summary_json = ? WHERE fit_key = ?",
+            [report_path, json.dumps(summary or {}, sort_keys=True, default=str), fit_key],
+        )
+
+
+def fit_outputs(store: Store, fit_key: str, kind: str) -> dict[str, str]:
+    """{name: key} of the maps or vectors a done fit produced."""
+    rows = store.con.execute(
+        "SELECT name, key FROM fit_outputs WHERE fit_key = ? AND kind = ? ORDER BY name", [fit_key, kind]
+    ).fetchall()
+    return {str(n): str(k) for n, k in rows}
+
+
+def report_done(store: Store, report_key: str) -> bool:
+    return bool(store.scalar("SELECT count(*) FROM report_sets WHERE report_key = ?", [report_key]))
+
+
+def save_report_rows(
+    store: Store,
+    report_key: str,
+    fit_key: str,
+    source: str,
+    target: str,
+    prompt_set: str,
+    inputs: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+) -> None:
+    """One prompt set's report rows (``eval_results`` under ``fit_key = report_key``) and their record, atomically."""
+    with store.transaction() as con:
+        con.execute("DELETE FROM eval_results WHERE fit_key = ?", [report_key])
+        con.execute("DELETE FROM report_sets WHERE report_key = ?", [report_key])
+        _insert_results(con, report_key, rows)
+        con.execute(
+            "INSERT INTO report_sets VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                report_key,
+                fit_key,
+                source,
+                target,
+                prompt_set,
+                inputs.get("prompt_hash"),
+                json.dumps(inputs, sort_keys=True, default=str),
+                len(rows),
+            ],
+        )
+
+
+def set_rendered(store: Store, fit_key: str, render_key: str, report_path: str) -> None:
+    """Record which fit and report rows the pair's markdown report now shows."""
     with store.transaction() as con:
         con.execute(
-            "UPDATE fits SET status = 'done', report_path = ?, finished_at = now() WHERE fit_key = ?",
-            [report_path, fit_key],
+            "UPDATE fits SET report_key = ?, report_path = ? WHERE fit_key = ?", [render_key, report_path, fit_key]
         )
 
 
@@ -162,10 +237,14 @@ def save_vectors(store: Store, fit_key: str, records: Sequence[VectorRecord]) ->
 
 
 def load_vector(store: Store, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """A vector by name (newest if refitted) with its lineage; checksum-verified."""
+    """A vector by name with its lineage; checksum-verified.
+
+    A name can have several keys (its inputs changed over time): the newest one not
+    marked stale wins, so a profile that went back to earlier inputs gets their vector.
+    """
+    stale = "(SELECT key FROM stale WHERE kind = 'vector')" if _has_table(store, "stale") else "(SELECT NULL)"
     row = store.one(
-        "SELECT vector_key, checksum, lineage_json, kind, source, target, mapper, category, norm FROM vectors "
-        "WHERE name = ? ORDER BY created_at DESC LIMIT 1",
+        f"SELECT vector_key FROM vectors WHERE name = ? ORDER BY vector_key IN {stale}, created_at DESC LIMIT 1",
         [name],
     )
     if row is None:
@@ -174,7 +253,19 @@ def load_vector(store: Store, name: str) -> tuple[np.ndarray, dict[str, Any]]:
             f"no vector named {name!r} in {store.root}; known names include {[h[0] for h in hint]} "
             '(list all with: safeport query "select name from vectors")'
         )
-    key, want, lineage_json, kind, source, target, mapper, category, norm = row
+    return load_vector_key(store, str(row[0]))
+
+
+def load_vector_key(store: Store, key: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A vector by its key (a content address of its inputs) with its lineage; checksum-verified."""
+    row = store.one(
+        "SELECT name, checksum, lineage_json, kind, source, target, mapper, category, norm FROM vectors "
+        "WHERE vector_key = ?",
+        [key],
+    )
+    if row is None:
+        raise StoreError(f"no vector with key {key!r} in {store.root}; run `safeport fit`")
+    name, want, lineage_json, kind, source, target, mapper, category, norm = row
     values = np.asarray(store.arrays[f"vectors/{key}"][...], dtype=np.float32)  # type: ignore[index]
     if checksum(values.reshape(1, -1)) != want:
         raise StoreError(f"vector {name!r} ({key}) fails its checksum; the store is damaged")
@@ -194,7 +285,18 @@ def load_vector(store: Store, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     return values, lineage
 
 
+def _has_table(store: Store, name: str) -> bool:
+    return bool(store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))
+
+
 def save_results(store: Store, fit_key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    if not rows:
+        return
+    with store.transaction() as con:
+        _insert_results(con, fit_key, rows)
+
+
+def _insert_results(con: duckdb.DuckDBPyConnection, fit_key: str, rows: Sequence[Mapping[str, Any]]) -> None:
     if not rows:
         return
     cols = ["kind", "source", "target", "method", "category", "metric", "alpha", "value", "n"]
@@ -213,10 +315,16 @@ def save_results(store: Store, fit_key: str, rows: Sequence[Mapping[str, Any]]) 
             ]
         )
     )
-    with store.transaction() as con:
-        con.register("_res", tbl)
+    con.register("_res", tbl)
+    try:
         con.execute(f"INSERT INTO eval_results SELECT ?, {', '.join(cols)}, now() FROM _res", [fit_key])
+    finally:
         con.unregister("_res")
+
+
+def report_path(store: Store, name: str) -> Path:
+    """Where ``write_report`` puts ``reports/<name>.md``."""
+    return store.root / "reports" / f"{name}.md"
 
 
 def write_report(store: Store, name: str, markdown: str, figures: Mapping[str, Any]) -> Path:
@@ -225,7 +333,7 @@ def write_report(store: Store, name: str, markdown: str, figures: Mapping[str, A
     folder.mkdir(parents=True, exist_ok=True)
     for fname, fig in figures.items():
         fig.savefig(folder / fname, dpi=110, bbox_inches="tight")
-    path = folder / f"{name}.md"
+    path = report_path(store, name)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(markdown, encoding="utf-8")
     tmp.replace(path)

@@ -30,20 +30,26 @@ STALE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS stale (
     kind VARCHAR, key VARCHAR, name VARCHAR, reason VARCHAR, marked_at TIMESTAMP, PRIMARY KEY (kind, key));
 """
-STALE_KINDS = ("model", "unit", "map", "fit", "vector")
+STALE_KINDS = ("model", "unit", "map", "fit", "vector", "report")
 
 
-# -- staleness ------------------------------------------------------------------
 def mark_stale(
-    store: Store, profile: str, current_models: Mapping[str, str], current_fits: Collection[str]
+    store: Store,
+    profile: str,
+    current_models: Mapping[str, str],
+    current_fits: Collection[str],
+    current_reports: Collection[str] | None = None,
 ) -> dict[str, int]:
-    """Recompute the ``stale`` table from the profile's current model keys and fit keys.
+    """Recompute the ``stale`` table from the profile's current model keys, fit keys and report keys.
 
     A model row is stale when its name left the profile or its key was superseded
     (new hub revision, changed local weights, changed options); its units and maps
-    follow it. A fit is stale when this rebuild did not produce it; its vectors
-    follow it (imported vectors belong to no local fit and are never stale).
-    Returns counts per kind. Rebuilding a profile that brings a model back clears it.
+    follow it. A fit is stale when this rebuild did not produce it. Maps and vectors
+    are content-addressed and can be shared by several fits (``native:TARGET`` for two
+    sources): one is stale only when no current fit lists it among its outputs (imported
+    vectors belong to no local fit and are never stale). With ``current_reports``, report
+    rows of prompt sets the profile no longer evaluates (or evaluates differently) are
+    stale too. Returns counts per kind. Rebuilding a profile that brings something back clears it.
     """
     models = store.con.execute("SELECT model_key, name FROM models").fetchall()
     model_reason: dict[str, tuple[str, str]] = {}
@@ -60,14 +66,27 @@ def mark_stale(
     for ukey, mkey, dataset in store.con.execute("SELECT unit_key, model_key, dataset FROM units").fetchall():
         if mkey in model_reason:
             rows.append(("unit", ukey, f"{model_reason[mkey][0]}/{dataset}", model_reason[mkey][1]))
+    current_fits = set(current_fits)
+    produced = store.con.execute("SELECT fit_key, kind, key FROM fit_outputs").fetchall()
+    listed = {(kind, key) for _, kind, key in produced}
+    current_out = {(kind, key) for fkey, kind, key in produced if fkey in current_fits}
     for mapk, src, tgt, skey, tkey, mapper in store.con.execute(
         "SELECT map_key, source, target, source_key, target_key, mapper FROM maps"
     ).fetchall():
         why = model_reason.get(skey) or model_reason.get(tkey)
         if why:
             rows.append(("map", mapk, f"{src}->{tgt}:{mapper}", why[1]))
+        elif ("map", mapk) in listed and ("map", mapk) not in current_out:
+            rows.append(
+                (
+                    "map",
+                    mapk,
+                    f"{src}->{tgt}:{mapper}",
+                    f"map {src}->{tgt}:{mapper} ({mapk}) is used by no fit of profile {profile!r} now "
+                    "(its anchors, mapper settings or code changed)",
+                )
+            )
     fits = store.con.execute("SELECT fit_key, source, target, inputs_json FROM fits").fetchall()
-    current_fits = set(current_fits)
     current_pairs = {(s, t) for f, s, t, _ in fits if f in current_fits}  # pairs this rebuild fitted
     fit_reason: dict[str, str] = {}
     for fkey, src, tgt, inputs_json in fits:
@@ -82,9 +101,33 @@ def mark_stale(
         else:
             fit_reason[fkey] = f"pair {src}->{tgt} ({fkey}) is no longer fitted by profile {profile!r}"
         rows.append(("fit", fkey, f"{src}->{tgt}", fit_reason[fkey]))
-    for vkey, name, fkey in store.con.execute("SELECT vector_key, name, fit_key FROM vectors").fetchall():
+    vectors = store.con.execute("SELECT vector_key, name, fit_key, checksum FROM vectors").fetchall()
+    current_values = {(name, sums): vkey for vkey, name, _, sums in vectors if ("vector", vkey) in current_out}
+    for vkey, name, fkey, sums in vectors:
+        if ("vector", vkey) in current_out:
+            continue
         if fkey in fit_reason:
-            rows.append(("vector", vkey, name, fit_reason[fkey]))
+            reason = fit_reason[fkey]
+        elif ("vector", vkey) in listed:
+            reason = f"vector {name!r} ({vkey}) is produced by no current fit (its inputs changed)"
+        else:
+            continue  # imported: belongs to no local fit
+        same = current_values.get((name, sums))
+        if same is not None:  # a re-key (e.g. a store migrated from older keys): tell users the values did not change
+            reason = f"{reason}; re-keyed: the same values are current as vector {same}"
+        rows.append(("vector", vkey, name, reason))
+    if current_reports is not None:
+        current_reports = set(current_reports)
+        for rkey, fkey, src, tgt, prompt_set in store.con.execute(
+            "SELECT report_key, fit_key, source, target, prompt_set FROM report_sets"
+        ).fetchall():
+            if rkey in current_reports:
+                continue
+            left = fit_reason.get(fkey) or (
+                f"report rows of prompt set {prompt_set!r} for {src}->{tgt} ({rkey}): the prompt set left "
+                f"profile {profile!r} or changed (rows, α sweep or code)"
+            )
+            rows.append(("report", rkey, f"{src}->{tgt}/{prompt_set}", left))
     with store.transaction() as con:
         con.execute(STALE_SCHEMA)
         con.execute("DELETE FROM stale")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import io
 import json
 import re
@@ -25,6 +26,16 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 _NEWLINE_BYTES = re.compile(rb"\r\n|\r|\n")
 # Scalar JSON values that make sense as a text or category cell.
 _SCALARS = (str, int, float, bool, type(None))
+# A catalog path with one of these characters is a glob pattern (``prompts/*.txt``).
+_GLOB_MAGIC = re.compile(r"[*?[]")
+_DIGITS = re.compile(r"(\d+)")
+# The files a folder source reads, per format: those with the format's suffixes.
+FORMAT_SUFFIXES = {
+    "csv": (".csv",),
+    "parquet": (".parquet", ".pq"),
+    "jsonl": (".jsonl", ".ndjson"),
+    "text": (".txt",),
+}
 
 
 class DataFileError(ValueError):
@@ -120,6 +131,65 @@ def _missing(path: Path | str, wanted: list[str], have: list[str], fmt: str) -> 
         f"{path}: column(s) {miss} not found; {describe_columns(have, fmt).replace('FILE', str(path))}. Fix column: "
         "(or safe_column/unsafe_column/category_column) in the catalog"
     )
+
+
+def is_pattern(path: str | Path) -> bool:
+    """Whether a catalog path is a glob pattern (it holds ``*``, ``?`` or ``[``)."""
+    return bool(_GLOB_MAGIC.search(str(path)))
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key: names in order, numbers compared as numbers (``2.txt`` before ``10.txt``)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(str(path)) if part]
+
+
+def glob_files(root: Path, pattern: str) -> list[Path]:
+    """The files a glob ``pattern`` matches (relative to ``root`` unless absolute), in reading order.
+
+    ``**`` recurses; hidden files match only a pattern that names them. Only the pattern
+    is a pattern: a ``[`` in ``root`` (the catalog's folder) is taken literally. No match
+    is an error naming the pattern.
+    """
+    p = Path(pattern).expanduser()
+    base = Path(p.anchor) if p.is_absolute() else root
+    rel = str(p.relative_to(p.anchor)) if p.is_absolute() else pattern
+    files = [base / m for m in glob.glob(rel, root_dir=base, recursive=True) if (base / m).is_file()]
+    if not files:
+        raise DataFileError(
+            f"path pattern {pattern!r} matches no file (looked in {str(base)!r}); fix the pattern or put the "
+            "files there (relative patterns are read from the catalog's folder)"
+        )
+    return sorted(files, key=_natural)
+
+
+def source_files(path: Path, fmt: str) -> list[Path]:
+    """The files one local source reads: ``path`` itself, or a folder's files of format ``fmt``.
+
+    A folder is read non-recursively: its files with the format's suffixes (``.txt`` for
+    text, ``.csv``, ``.parquet``/``.pq``, ``.jsonl``/``.ndjson``), hidden files skipped,
+    sorted by name with numbers compared as numbers (``2.txt`` before ``10.txt``).
+    """
+    if path.is_dir():
+        suffixes = FORMAT_SUFFIXES.get(fmt, ())
+        files = [
+            p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+        ]
+        if not files:
+            raise DataFileError(
+                f"folder {str(path)!r} holds no {' / '.join(suffixes) or fmt} files (format {fmt}); put the files "
+                "there, set format: to the files' format, or name them with a pattern such as folder/*.ext"
+            )
+        return sorted(files, key=_natural)
+    _require_file(path)
+    return [path]
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a file (for a dataset's report of what it read); -1 if it vanished meanwhile."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def read_header(path: Path, fmt: str, encoding: str = "utf-8") -> list[str] | None:

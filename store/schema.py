@@ -56,10 +56,22 @@ CREATE TABLE IF NOT EXISTS eval_results (
     metric VARCHAR, alpha DOUBLE, value DOUBLE, n INTEGER, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS fits (
     fit_key VARCHAR PRIMARY KEY, source VARCHAR, target VARCHAR, status VARCHAR, inputs_json VARCHAR,
-    report_path VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP);
+    report_path VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP, report_key VARCHAR, summary_json VARCHAR);
+-- What each done fit produced (kind 'map' | 'vector'): a map or vector shared by several fits
+-- (native:TARGET for two sources) is current while any current fit lists it.
+CREATE TABLE IF NOT EXISTS fit_outputs (
+    fit_key VARCHAR, kind VARCHAR, key VARCHAR, name VARCHAR, PRIMARY KEY (fit_key, kind, key));
+-- Report rows of one prompt set for one fit (rows in eval_results under fit_key = report_key).
+CREATE TABLE IF NOT EXISTS report_sets (
+    report_key VARCHAR PRIMARY KEY, fit_key VARCHAR, source VARCHAR, target VARCHAR, prompt_set VARCHAR,
+    prompt_hash VARCHAR, inputs_json VARCHAR, n_rows INTEGER, created_at TIMESTAMP);
 CREATE OR REPLACE VIEW lineage AS
     SELECT v.name AS vector, v.kind, v.source, v.target, v.mapper, v.category, m.params_json AS map_params,
-           m.split_hash, m.anchors, m.anchors_hash, m.input_units, m.code_version, v.fit_key, v.vector_key,
-           v.map_key
+           coalesce(v.lineage_json->>'$.split_hash', m.split_hash) AS split_hash, m.anchors,
+           coalesce(v.lineage_json->>'$.anchors_hash', m.anchors_hash) AS anchors_hash,
+           coalesce(v.lineage_json->>'$.input_units', m.input_units) AS input_units,
+           coalesce(v.lineage_json->>'$.code_version', m.code_version) AS code_version, v.fit_key, v.vector_key,
+           v.map_key, v.lineage_json->>'$.source_key' AS source_key, v.lineage_json->>'$.target_key' AS target_key,
+           v.lineage_json->>'$.pairs_hash' AS pairs_hash, v.lineage_json->>'$.inputs' AS inputs
     FROM vectors v LEFT JOIN maps m USING (map_key);
 """

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import zarr.codecs
 import zarr.errors
 
 from safeport.store import location
+from safeport.store.migrate import migrate
 from safeport.store.schema import SCHEMA
 
 SCHEMA_VERSION = 1
@@ -215,6 +216,9 @@ class Store:
             if not read_only:
                 self.con.execute(SCHEMA)
                 self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+                with self.transaction() as con:  # an older store is brought up to date here, in place
+                    for step in migrate(con):
+                        log.info("store %s migrated: %s", self.root, step)
                 self._record_identity(arrays)
             self.location = self._location(arrays)
             self.arrays = self._open_arrays()
@@ -362,13 +366,20 @@ class Store:
         value = self.scalar("SELECT content_hash FROM datasets WHERE dataset = ?", [dataset])
         return None if value is None else str(value)
 
-    def register_dataset(self, name: str, kind: str, content_hash: str, rows: pa.Table, report: dict[str, int]) -> bool:
-        """Replace a dataset's rows if its content changed; returns False when nothing changed.
+    def register_dataset(
+        self, name: str, kind: str, content_hash: str, rows: pa.Table, report: Mapping[str, Any]
+    ) -> bool:
+        """Replace a dataset's rows if its content changed; returns False when its rows did not change.
 
         ``rows`` columns: idx, text_id, text, split, category, pair_id, side. Texts are
         kept forever (activations refer to them); only the dataset's membership changes.
+        Same rows with a new report (the files moved, a format changed) update only the report.
         """
+        report_json = json.dumps(report, sort_keys=True)
         if self.dataset_hash(name) == content_hash:
+            if self.scalar("SELECT report_json FROM datasets WHERE dataset = ?", [name]) != report_json:
+                with self.transaction() as con:
+                    con.execute("UPDATE datasets SET report_json = ? WHERE dataset = ?", [report_json, name])
             return False
         with self.transaction() as con:
             con.register("_incoming", rows)
@@ -380,7 +391,7 @@ class Store:
             )
             con.execute(
                 "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, now())",
-                [name, kind, content_hash, rows.num_rows, json.dumps(report, sort_keys=True)],
+                [name, kind, content_hash, rows.num_rows, report_json],
             )
             con.unregister("_incoming")
         return True

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import zarr
 
@@ -309,15 +310,17 @@ def invalidate(store: Store, report: Report) -> Invalidation:
     maps: list[str] = []
     for d in report.damage:
         if d.kind == "vector":
-            if d.fit_key is not None and d.fit_key in fits:
+            # A vector key can be an output of several fits (native:TARGET for two sources): reset them all.
+            producers = [f for f in {d.fit_key, *_producers(store, "vector", d.key)} if f is not None and f in fits]
+            if producers:
                 vectors.append(d.key)
-                reset[d.fit_key] = fits[d.fit_key]
+                reset.update({f: fits[f] for f in producers})
             else:
                 kept.append((d, "no fit of this store produced it (imported?): import it again with `safeport import`"))
         elif d.kind == "map" and d.key not in maps:
             maps.append(d.key)
             users = store.con.execute("SELECT DISTINCT fit_key FROM vectors WHERE map_key = ?", [d.key]).fetchall()
-            for (fit_key,) in users:
+            for fit_key in {str(u) for (u,) in users} | _producers(store, "map", d.key):
                 if fit_key in fits:
                     reset[fit_key] = fits[fit_key]
     if vectors or maps or reset:
@@ -337,6 +340,15 @@ def invalidate(store: Store, report: Report) -> Invalidation:
         tuple(maps),
         tuple(kept),
     )
+
+
+def _producers(store: Store, kind: str, key: str) -> set[str]:
+    """The fits that list a map or vector among their outputs (none in a store opened read-only before migration)."""
+    try:
+        rows = store.con.execute("SELECT fit_key FROM fit_outputs WHERE kind = ? AND key = ?", [kind, key]).fetchall()
+    except duckdb.CatalogException:
+        return set()
+    return {str(r[0]) for r in rows}
 
 
 def units_to_resume(store: Store) -> list[UnitInfo]:

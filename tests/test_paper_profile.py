@@ -23,7 +23,6 @@ def test_paper_profile_has_enough_anchors(capsys: pytest.CaptureFixture[str]) ->
     assert rows["i2p"] > 4_000 and rows["coco-captions-300"] == 300
 
 
-@pytest.mark.xfail(strict=True, reason="needs pairs max_count (issue 14)")
 def test_paper_profile_uses_1000_pairs(capsys: pytest.CaptureFixture[str]) -> None:
     assert _catalog_rows("paper", capsys)["safesteer-1k"] == 2_000  # 1,000 pairs, two texts each
 

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeport.texts import normalise, seeded_sample, split_labels, text_id, wikitext_sentences
+from safeport.texts import (
+    normalise,
+    rows_hash,
+    seeded_sample,
+    split_labels,
+    stratified_sample,
+    text_id,
+    wikitext_sentences,
+)
 
 PROPS = settings(max_examples=200, deadline=None)
 # Every code point, lone surrogates included (they arrive through JSON "\ud800" escapes).
@@ -128,3 +136,40 @@ def test_split_labels_default_fractions() -> None:
     labels = split_labels([str(i) for i in range(1000)], (0.8, 0.1, 0.1), seed=42)
     assert (labels.count("train"), labels.count("val"), labels.count("test")) == (800, 100, 100)
     assert np.mean([x == "train" for x in labels[:100]]) < 1.0  # shuffled, not in file order
+
+
+# --- dataset identity and stratified sampling ------------------------------------------------
+
+
+def test_rows_hash_is_the_rows_in_order_and_nothing_else() -> None:
+    rows = [("a", "train", "x", None, None), ("b", "test", None, 0, "safe")]
+    assert rows_hash(rows) == rows_hash(list(rows))  # pure function of the rows
+    assert rows_hash(rows) != rows_hash(rows[::-1])  # order is identity (our choice, README)
+    assert rows_hash(rows) != rows_hash([rows[0], ("b", "test", None, 0, "unsafe")])  # each field counts
+    assert rows_hash(rows) != rows_hash([rows[0], ("b", "test", None, 1, "safe")])
+    assert rows_hash([("a", None, None, np.int32(3), None)]) == rows_hash([("a", None, None, 3, None)])
+
+
+def test_stratified_sample_keeps_every_category_share() -> None:
+    # 3 categories of 50, 30 and 20 items; 10 picked: exact shares 5, 3, 2.
+    labels = [("x", "train")] * 50 + [("y", "train")] * 30 + [("z", "train")] * 20
+    picked = stratified_sample(labels, 10, seed=42)
+    counts = {c: sum(labels[i][0] == c for i in picked) for c in "xyz"}
+    assert counts == {"x": 5, "y": 3, "z": 2}
+    assert list(picked) == sorted(set(picked.tolist()))  # sorted, no repeats
+    assert np.array_equal(picked, stratified_sample(labels, 10, seed=42))  # seeded
+    assert not np.array_equal(picked, stratified_sample(labels, 10, seed=7))
+
+
+def test_stratified_sample_largest_remainder_and_second_level() -> None:
+    # 7 of (4, 4, 2): exact 2.8, 2.8, 1.4 -> floors 2, 2, 1; the two left go to the largest remainders.
+    labels = [("a", "train")] * 3 + [("a", "test")] + [("b", "train")] * 4 + [("c", "train")] * 2
+    picked = stratified_sample(labels, 7, seed=1)
+    counts = {c: sum(labels[i][0] == c for i in picked) for c in "abc"}
+    assert counts == {"a": 3, "b": 3, "c": 1}
+    # inside "a", 3 of (3 train, 1 test): exact 2.25 / 0.75 -> 2 train + the remainder to test.
+    assert sorted(labels[i][1] for i in picked if labels[i][0] == "a") == ["test", "train", "train"]
+    assert len(stratified_sample(labels, 100, seed=1)) == len(labels)  # k >= n: everything
+    # a tie (3 of 3 + 3: 1.5 each): same remainder, same size -> the label that sorts first
+    tie = [("q", None)] * 3 + [("p", None)] * 3
+    assert sorted(tie[i][0] for i in stratified_sample(tie, 3, seed=0)) == ["p", "p", "q"]

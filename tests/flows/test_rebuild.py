@@ -24,9 +24,10 @@ from safeport.store.maintenance import status
 from safeport.store.store import Store, StoreBusyError, writer_lock
 from tests.conftest import REPO
 from tests.flows.catalogs import tiny_catalog
+from tests.flows.conftest import REBUILT_SIZES
 from tests.tiny_models import tiny_bert
 
-SIZES: dict[str, Any] = {"anchors": 24, "pairs": 6, "prompts": 4}
+SIZES: dict[str, Any] = REBUILT_SIZES
 
 
 def _third_model(tmp: Path, seed: int = 1) -> dict[str, Any]:
@@ -37,13 +38,10 @@ def _third_model(tmp: Path, seed: int = 1) -> dict[str, Any]:
     return {"tgt2": {**entry, "max_tokens": 64}}
 
 
-@pytest.fixture(scope="module")
-def base(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with tiny models and a store rebuilt once for src -> tgt."""
-    tmp = tmp_path_factory.mktemp("rebuild-base")
-    result = rebuild(str(tiny_catalog(tmp, **SIZES)))
-    assert {r.status for r in result.extracted} == {"done"}
-    return tmp
+@pytest.fixture
+def base(rebuilt_tiny: Path) -> Path:
+    """A folder with tiny models and a store rebuilt once for src -> tgt (shared by the session)."""
+    return rebuilt_tiny
 
 
 @pytest.fixture
@@ -107,10 +105,10 @@ def test_removing_a_model_marks_its_artefacts_stale_and_keeps_them(work: Path) -
     result = rebuild(str(tiny_catalog(work, **SIZES)))  # tgt2 left the catalog
     assert {r.status for r in result.extracted} == {"skipped"}
     assert result.stale["model"] == 1 and result.stale["unit"] == 4 and result.stale["fit"] == 1
-    assert result.stale["map"] == 2 and result.stale["vector"] > 0
+    assert result.stale["map"] == 2 and result.stale["vector"] > 0 and result.stale["report"] == 1
     st = status(root)
     stale = st.stale.to_pylist()
-    assert {r["kind"] for r in stale} == {"model", "unit", "map", "fit", "vector"}
+    assert {r["kind"] for r in stale} == {"model", "unit", "map", "fit", "vector", "report"}
     assert all("tgt2" in r["reason"] and "no longer in profile" in r["reason"] for r in stale)
     assert [r["name"] for r in st.models.to_pylist() if r["stale"]] == ["tgt2"]
     with Store(root, read_only=True) as store:  # nothing was deleted, and the rows still read

@@ -204,11 +204,11 @@ def test_stale_labels_follow_the_model_and_clear_when_it_returns(tmp_path: Path)
     _build(tmp_path)
     with Store(tmp_path) as store:
         assert mark_stale(store, "p", {"m": "mk"}, ["fit1"]) == dict.fromkeys(
-            ("model", "unit", "map", "fit", "vector"), 0
+            ("model", "unit", "map", "fit", "vector", "report"), 0
         )
         artifacts.start_fit(store, "fit1", "m", "n", {"source_key": "mk", "target_key": "nk"})
         counts = mark_stale(store, "p", {"m": "mk2"}, [])  # m got new weights; fit1 not produced
-    assert counts == {"model": 1, "unit": 1, "map": 1, "fit": 1, "vector": 0}  # start_fit cleared fit1's vectors
+    assert counts == {"model": 1, "unit": 1, "map": 1, "fit": 1, "vector": 0, "report": 0}  # start_fit cleared fit1's
     st = status(tmp_path)
     assert {r["kind"] for r in st.stale.to_pylist()} == {"model", "unit", "map", "fit"}
     assert all("superseded by mk2" in r["reason"] for r in st.stale.to_pylist())
@@ -437,3 +437,22 @@ def test_import_refuses_a_vector_whose_length_is_not_its_targets_dim(tmp_path: P
     with Store(tmp_path / "b", read_only=True) as store:
         assert store.scalar("SELECT count(*) FROM vectors") == before
         assert store.scalar("SELECT count(*) FROM runs WHERE flow = 'import'") == 0
+
+
+def test_a_re_keyed_vector_is_stale_with_a_note_that_its_values_did_not_change(tmp_path: Path) -> None:
+    """A refit that stores the same values under a new key (e.g. after a store migration) says so in the reason."""
+    v, w = np.ones(DIM, dtype=np.float32), np.arange(DIM, dtype=np.float32)
+    with Store(tmp_path) as store:
+        for fit, records in (
+            ("fitA", [("oldk", "native:n", v), ("olds", "source:m", v)]),
+            ("fitB", [("newk", "native:n", v), ("news", "source:m", w)]),
+        ):
+            artifacts.start_fit(store, fit, "m", "n", {})
+            recs = [artifacts.VectorRecord(k, n, n.split(":")[0], "m", "n", None, None, x, {}) for k, n, x in records]
+            artifacts.save_vectors(store, fit, recs)
+            artifacts.finish_fit(store, fit, "", [("vector", k, n) for k, n, _ in records])
+        counts = mark_stale(store, "p", {}, ["fitB"])
+        reasons = dict(store.con.execute("SELECT key, reason FROM stale WHERE kind = 'vector'").fetchall())
+    assert counts["fit"] == 1 and counts["vector"] == 2
+    assert reasons["oldk"].endswith("re-keyed: the same values are current as vector newk")
+    assert "superseded by a newer fit" in reasons["olds"] and "re-keyed" not in reasons["olds"]  # new values
