@@ -207,9 +207,7 @@ def prompt_rows(store: Store, dataset: str, limit: int | None) -> list[tuple[str
             f"dataset {dataset!r} is not registered in {store.root}; add it to the profile's prompts and run "
             "`safeport extract` (which registers it)"
         )
-    rows = store.con.execute(
-        "SELECT text_id, category FROM dataset_texts WHERE dataset = ? ORDER BY idx", [dataset]
-    ).fetchall()
+    rows = store.fetchall("SELECT text_id, category FROM dataset_texts WHERE dataset = ? ORDER BY idx", [dataset])
     first: dict[str, str | None] = {}
     for tid, cat in rows:
         first.setdefault(tid, cat)

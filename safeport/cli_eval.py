@@ -60,12 +60,12 @@ def _category_vectors(store: Any, lineage: dict[str, Any]) -> dict[str, np.ndarr
     """The per-category siblings of a stored global vector (same kind, source, target, mapper)."""
     from safeport.store.artifacts import load_vector
 
-    rows = store.con.execute(
+    rows = store.fetchall(
         "SELECT name, category FROM vectors WHERE kind = ? AND target = ? AND category IS NOT NULL "
         "AND source IS NOT DISTINCT FROM ? AND mapper IS NOT DISTINCT FROM ? "
         "QUALIFY row_number() OVER (PARTITION BY name ORDER BY created_at DESC) = 1",
         [lineage.get("kind"), lineage.get("target"), lineage.get("source"), lineage.get("mapper")],
-    ).fetchall()
+    )
     return {str(cat): load_vector(store, name)[0] for name, cat in rows}
 
 

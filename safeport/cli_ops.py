@@ -92,6 +92,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"gc: {verb} {len(report.garbage) - partial} unreferenced array(s) and {partial} half-written file(s), "
         f"{_fmt_bytes(report.bytes)}"
     )
+    if report.in_flight:
+        print(
+            f"gc: kept {len(report.in_flight)} unreferenced item(s) written since a running writer started "
+            "(they may be its next records); a later gc removes them if they stay unreferenced"
+        )
     if report.garbage and not report.applied:
         print("dry run: nothing was deleted; pass --apply to delete")
     return 0
