@@ -254,7 +254,7 @@ def _plan_texts(store: Store, resolved: Resolved, model_key: str, dataset: str) 
         return [t for t in store.missing_texts(model_key, dataset) if t not in elsewhere]
 
 
-def _ensure_unit(store: Store, key: str, create: Callable[[], UnitInfo]) -> UnitInfo:
+def ensure_unit(store: Store, key: str, create: Callable[[], UnitInfo]) -> UnitInfo:
     """The unit ``key``: created here under its ``unit:`` claim, or by the writer that holds that claim."""
     claim = f"unit:{key}"
     while True:
@@ -341,7 +341,7 @@ def extract_unit(
         dim = extractor.dim if extractor is not None else (store.model_dim(model_key) or 0)
         return store.create_unit(key, model_key, dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
 
-    unit = _ensure_unit(store, key, create)
+    unit = ensure_unit(store, key, create)
     rows = tokens = 0
     run: RunEntry | None = None
     last_note = time.monotonic()

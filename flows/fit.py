@@ -33,11 +33,12 @@ from safeport.catalog import Resolved
 from safeport.eval.report import headline, render
 from safeport.eval.representation import PromptSet, cosine_rows, map_rows, probe_rows
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
-from safeport.flows.extract import CONCEPT_DATASET
+from safeport.flows.extract import CONCEPT_DATASET, WAIT_POLL_S
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
 from safeport.mappers.transfer import Anchors, Pairs, centring, fit_maps, transfer_vectors
 from safeport.store import artifacts
+from safeport.store.claims import RunEntry
 from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.fit")
@@ -80,7 +81,7 @@ class FitResult:
     source: str
     target: str
     fit_key: str
-    status: str  # done | skipped
+    status: str  # done | skipped (| waiting: another writer fits it, see fit_pair)
     seconds: float
     headline: list[str]
     report: str
@@ -114,8 +115,13 @@ def _unit_keys(*metas: pa.Table) -> list[str]:
     return sorted({k for m in metas for k in m.column("unit_key").to_pylist()})
 
 
-def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "") -> FitResult:
-    """Fit every mapper for one source→target pair and store maps, vectors, results and the report."""
+def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "", wait: bool = True) -> FitResult:
+    """Fit every mapper for one source→target pair and store maps, vectors, results and the report.
+
+    The fit is claimed (``fit:<fit key>``) first: while another writer computes it this returns
+    status ``waiting`` (``wait=False``) or waits for it and reports it skipped, taking it over if
+    that writer dies.
+    """
     started = time.time()
     rid = rid or run_id()
     prof = resolved.profile
@@ -133,7 +139,18 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
     }
     fit_key = _hash(inputs)
     report_name = f"fit-{source}--{target}"
-    if artifacts.fit_done(store, fit_key):
+    claim = f"fit:{fit_key}"
+    claimed = False
+    while not artifacts.fit_done(store, fit_key):
+        if store.session.claim([claim]):
+            claimed = not artifacts.fit_done(store, fit_key)  # or another writer finished it a moment ago
+            if not claimed:
+                store.session.release([claim])
+            break
+        if not wait:
+            return FitResult(source, target, fit_key, "waiting", time.time() - started, [], "")
+        time.sleep(WAIT_POLL_S)  # another writer fits this pair now
+    if not claimed:
         store.record_run(
             rid,
             "fit",
@@ -158,6 +175,28 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
             head.lines() if head else [],
             str(store.root / "reports" / f"{report_name}.md"),
         )
+    run = store.session.start_run("fit", "fit_pair", f"{source}->{target}", prof.anchors, fit_key)
+    try:
+        return _fit_claimed(store, resolved, source, target, inputs, fit_key, run, started)
+    finally:
+        store.session.release([claim])
+
+
+def _fit_claimed(
+    store: Store,
+    resolved: Resolved,
+    source: str,
+    target: str,
+    inputs: dict[str, Any],
+    fit_key: str,
+    run: RunEntry,
+    started: float,
+) -> FitResult:
+    """The body of :func:`fit_pair` for a fit this writer has claimed."""
+    prof = resolved.profile
+    src_key, tgt_key = inputs["source_key"], inputs["target_key"]
+    hashes = inputs["datasets"]
+    report_name = f"fit-{source}--{target}"
     artifacts.start_fit(store, fit_key, source, target, inputs)
 
     a_meta, a_src = _read(store, src_key, prof.anchors)
@@ -279,26 +318,33 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
         report_name,
     )
     path = artifacts.write_report(store, report_name, markdown, figures)
-    artifacts.finish_fit(store, fit_key, str(path))
     seconds = time.time() - started
-    store.record_run(
-        rid, "fit", "fit_pair", f"{source}->{target}", prof.anchors, fit_key, "done", len(rows), 0, seconds, started
-    )
+    with store.transaction():
+        artifacts.finish_fit(store, fit_key, str(path))
+        store.session.progress(run, len(rows))
+        store.session.finish_run(run, "done")
     head = headline(rows, source, target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
     return FitResult(source, target, fit_key, "done", seconds, head.lines() if head else [], str(path))
 
 
 @task(name="fit-pair", cache_policy=NO_CACHE, task_run_name="fit-{source}-{target}")
-def fit_pair_task(store_root: str, catalog_path: str | None, profile: str, source: str, target: str) -> FitResult:
-    return fit_pair(store_for(store_root), catalog(catalog_path, profile), source, target)
+def fit_pair_task(
+    store_root: str, catalog_path: str | None, profile: str, source: str, target: str, wait: bool = True
+) -> FitResult:
+    return fit_pair(store_for(store_root), catalog(catalog_path, profile), source, target, wait=wait)
 
 
 def fit_all(store_root: str, catalog_path: str | None, profile: str) -> list[FitResult]:
+    """Fit every pair; pairs another writer is fitting are waited for after the others."""
     resolved = catalog(catalog_path, profile)
-    return [
-        fit_pair_task(store_root, catalog_path, profile, s, t)
+    results = [
+        fit_pair_task(store_root, catalog_path, profile, s, t, wait=False)
         for s in resolved.sources_of("source")
         for t in resolved.sources_of("target")
+    ]
+    return [
+        fit_pair_task(store_root, catalog_path, profile, r.source, r.target) if r.status == "waiting" else r
+        for r in results
     ]
 
 
