@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from safeport.cli_verify import WAIT_HELP
+
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -219,5 +221,5 @@ def add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], 
     e.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP for Q16 and CLIP-Sim")
     e.add_argument("--q16-prompts", default=None, help="Q16 prompt embeddings (.npy [2, 768])")
     e.add_argument("--fid-reference", default=None, help="folder of reference images for FID")
-    e.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    e.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _shared(e)

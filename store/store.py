@@ -80,6 +80,18 @@ def _v2_claims_and_progress(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(CLAIMS_DDL)
     for column, kind in (("owner", "VARCHAR"), ("heartbeat_at", "TIMESTAMP"), ("entry_id", "VARCHAR")):
         con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} {kind}")
+    con.execute(RUNNING_VIEW)
+
+
+# Work in progress, for `safeport status` and SQL: each running ``runs`` row with its writer.
+# ``lease_alive`` is false once the writer stopped renewing (it died or hangs; see safeport.store.claims).
+RUNNING_VIEW = """
+CREATE OR REPLACE VIEW running AS
+    SELECT r.flow, r.task, r.model, r.dataset, r.unit_key AS work_key, r.rows, r.tokens, r.started_at,
+           r.heartbeat_at, c.host, c.pid, r.run_id, coalesce(c.expires_at > epoch(now()), false) AS lease_alive
+    FROM runs r LEFT JOIN claims c ON c.work_key = 'writer:' || r.owner
+    WHERE r.status = 'running';
+"""
 
 
 MIGRATIONS: list[Migration] = [
