@@ -331,23 +331,23 @@ class Database:
                     ) from None
                 waited = time.monotonic() - started
                 if waited >= wait_s:
-                    raise StoreBusyError(self._busy(read_only, text, waited)) from None
+                    raise StoreBusyError(self._busy(read_only, text, waited, wait_s)) from None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
 
-    def _busy(self, read_only: bool, text: str, waited: float) -> str:
+    def _busy(self, read_only: bool, text: str, waited: float, wait_s: float) -> str:
         who = _holder(text)
         if read_only:
             return (
-                f"store {self.root} is being written by {who}, which has held {self.path.name} for longer than "
-                f"{waited:.1f}s (this reader waited that long; transactions normally take milliseconds). Query it "
-                f"later, or set {WAIT_ENV}=SECONDS to wait longer"
+                f"store {self.root} is being written by {who}: it held {self.path.name} during all {waited:.1f}s "
+                f"this reader waited (limit {wait_s:g}s; transactions normally take milliseconds). Query it later, "
+                f"or set {WAIT_ENV}=SECONDS to wait longer"
             )
         return (
-            f"store {self.root}: {self.path.name} has been held open by {who} for longer than {waited:.1f}s "
-            "(this writer waited that long), most likely a read-only connection kept open by a notebook or "
-            f"tool; close it (use safeport.store.connect(), which holds the file only inside its block), or "
-            f"pass --wait SECONDS / set {WAIT_ENV} to wait longer"
+            f"store {self.root}: {self.path.name} was held open by {who} during all {waited:.1f}s this writer "
+            f"waited (limit {wait_s:g}s), most likely a read-only connection kept open by a notebook or tool; close "
+            "it (safeport.store.connect() holds the file only inside its `with` block), or pass --wait SECONDS / "
+            f"set {WAIT_ENV} to wait longer"
         )
 
 

@@ -368,7 +368,7 @@ def test_store_busy_with_a_writer_in_another_process(tmp_path: Path, monkeypatch
 
         monkeypatch.setenv("SAFEPORT_STORE_WAIT", "0.5")
         with pytest.raises(
-            StoreBusyError, match=rf"being written by process {proc.pid}.*longer than 0\.5s.*Query it later"
+            StoreBusyError, match=rf"being written by process {proc.pid}.*waited \(limit 0\.5s.*Query it later"
         ):
             readonly_query(root, "SELECT 1")
     finally:
