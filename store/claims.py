@@ -173,7 +173,9 @@ class Session:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started = time.time()
-        self.claim([f"writer:{self.owner}"])  # presence: `safeport status` and `gc` see a running writer
+        with store.transaction():
+            self.claim([f"writer:{self.owner}"])  # presence: `safeport status` and `gc` see a running writer
+            self._reap()
 
     # -- claims ------------------------------------------------------------------------------------
     def claim(self, keys: Sequence[str], unless: Sequence[str] = (), unless_prefix: Sequence[str] = ()) -> list[str]:
@@ -239,12 +241,24 @@ class Session:
         return granted
 
     def _take_over(self, con: Any, h: Holder, why: str, now: float) -> None:
+        """Log the takeover and mark the dead owner's running ``runs`` rows abandoned."""
         log.warning("taking over %s from %s: %s", h.work_key, h.describe(now), why)
         con.execute(
             "UPDATE runs SET status = 'abandoned', finished_at = now(), message = ? "
             "WHERE owner = ? AND status = 'running'",
             [f"owner {h.describe(now)} died: {why}; its work was taken over", f"{h.owner}"],
         )
+
+    def _reap(self) -> None:
+        """Release every claim of writers that died (and close their running rows), with a log line each."""
+        with self.store.transaction() as con:
+            now = time.time()
+            rows = con.execute(f"SELECT {_COLUMNS} FROM claims WHERE kind = 'writer' AND owner <> ?", [self.owner])
+            for h in (Holder(*r) for r in rows.fetchall()):
+                why = h.dead_because(now)
+                if why is not None:
+                    self._take_over(con, h, why, now)
+                    con.execute("DELETE FROM claims WHERE owner = ?", [h.owner])
 
     def release(self, keys: Iterable[str]) -> None:
         """Drop claims of this session (inside the caller's transaction when there is one)."""
