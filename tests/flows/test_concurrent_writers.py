@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def _writers_round(
     killed: set[int] = set()
     for i in rng.sample(range(writers), kills):
         target = rng.randint(1, 12)
-        if crash._wait_for(procs[i], lambda t=target: crash._chunks(root)[0] >= t) and crash._kill9(
+        if crash._wait_for(procs[i], partial(_chunks_at_least, root, target)) and crash._kill9(
             procs[i], rng.uniform(0.0, 0.5)
         ):
             killed.add(i)
@@ -162,6 +163,10 @@ def _writers_round(
         assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
         errors.append(err.decode(errors="replace"))
     return len(killed), errors
+
+
+def _chunks_at_least(root: Path, n: int) -> bool:
+    return crash._chunks(root)[0] >= n
 
 
 def _writers_loop(
