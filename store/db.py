@@ -364,7 +364,7 @@ _REGISTRY = threading.Lock()
 
 def database(root: Path) -> Database:
     """The one :class:`Database` of this process for the store folder ``root``."""
-    key = os.path.abspath(root)
+    key = os.path.realpath(root)
     with _REGISTRY:
         if key not in _DATABASES:
             _DATABASES[key] = Database(Path(key))
