@@ -404,8 +404,8 @@ class Session:
             except Exception as err:  # a busy or failing store: the next beat tries again
                 log.warning("store %s: heartbeat failed (%s); retrying", self.store.root, err)
 
-    def close(self, status: str = "failed") -> None:
-        """Stop the heartbeat, drop every claim and close running rows (``status``) of this session."""
+    def close(self) -> None:
+        """Stop the heartbeat, drop every claim of this session and mark rows still running ``failed``."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -417,10 +417,10 @@ class Session:
             con.execute("DELETE FROM claims WHERE owner = ?", [self.owner])
             for e in runs:
                 con.execute(
-                    "UPDATE runs SET status = ?, rows = ?, tokens = ?, seconds = ?, finished_at = now(), "
+                    "UPDATE runs SET status = 'failed', rows = ?, tokens = ?, seconds = ?, finished_at = now(), "
                     "message = 'stopped before it finished (an error or an interrupt); rerun to resume' "
                     "WHERE entry_id = ?",
-                    [status, e.rows, e.tokens, time.time() - e.started, e.entry_id],
+                    [e.rows, e.tokens, time.time() - e.started, e.entry_id],
                 )
 
 

@@ -462,11 +462,11 @@ class Store:
         return group
 
     # -- lifecycle ---------------------------------------------------------
-    def close(self, status: str = "failed") -> None:
+    def close(self) -> None:
         """End this handle's writing session: stop its heartbeat, drop its claims, close its running rows."""
         session, self._session = self._session, None
         if session is not None:
-            session.close(status)
+            session.close()
 
     def __enter__(self) -> Store:
         return self
@@ -676,10 +676,9 @@ class Store:
             return existing
         self._require_array(path, (n, dim), (shard_rows, dim))
         with self.transaction() as con:
-            if con.execute("SELECT 1 FROM units WHERE unit_key = ?", [unit_key]).fetchall():
-                info = self.unit(unit_key)
-                if info is not None:
-                    return info
+            raced = self.unit(unit_key)  # recorded by another writer since the check above
+            if raced is not None:
+                return raced
             con.register("_ut", pa.table({"row": np.arange(n, dtype=np.int32), "text_id": list(text_ids)}))
             con.execute("INSERT INTO unit_texts SELECT ?, row, text_id FROM _ut", [unit_key])
             con.unregister("_ut")
@@ -687,10 +686,7 @@ class Store:
                 "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, 'float32', ?, 'running', now(), NULL)",
                 [unit_key, model_key, dataset, dataset_hash, path, n, dim, shard_rows],
             )
-        info = self.unit(unit_key)
-        if info is None:  # pragma: no cover - the transaction above just inserted it
-            raise StoreError(f"unit {unit_key} vanished after creation")
-        return info
+        return UnitInfo(unit_key, model_key, dataset, path, n, dim, shard_rows, "running")
 
     def _require_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
         try:
