@@ -150,7 +150,6 @@ class RunEntry:
 class _State:
     expiry: dict[str, float] = field(default_factory=dict)  # work key -> local monotonic deadline
     runs: dict[str, RunEntry] = field(default_factory=dict)
-    lost: set[str] = field(default_factory=set)
 
 
 def _keys(keys: Iterable[str]) -> pa.Table:
@@ -167,12 +166,10 @@ class Session:
         self.owner = uuid.uuid4().hex[:16]
         self.pid = os.getpid()
         self.proc_start = process_start(self.pid)
-        self.label = f"pid {self.pid} on {HOST}"
         self._state = _State()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.started = time.time()
         with store.transaction():
             self.claim([f"writer:{self.owner}"])  # presence: `safeport status` and `gc` see a running writer
             self._reap()
@@ -236,7 +233,6 @@ class Session:
         with self._lock:
             for k in granted:
                 self._state.expiry[k] = deadline
-                self._state.lost.discard(k)
         self._start_heartbeat()
         return granted
 
@@ -380,7 +376,6 @@ class Session:
             lost = set(self._state.expiry) - kept
             for k in lost:
                 self._state.expiry.pop(k)
-            self._state.lost |= lost
             for k in kept:
                 self._state.expiry[k] = deadline
         if lost:
