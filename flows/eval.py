@@ -294,18 +294,17 @@ def _plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, Gen
 def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
     """Claim ``KIND:key`` for those of ``keys`` nobody else is producing and that are not done yet.
 
-    One transaction claims and re-checks the records, so an output (or score) another writer
-    committed a moment ago is not produced again. ``kind`` ``score:<metric>`` claims scoring.
+    ``kind`` ``output`` claims generation, ``score:<metric>`` scoring (see ``Session.claim_unfinished``).
     """
-    with store.transaction():
-        got = set(store.session.claim([f"{kind}:{k}" for k in keys]))
-        mine = [k for k in keys if f"{kind}:{k}" in got]
-        if kind == "output":
-            finished = done_keys(store, mine)
-        else:
-            finished = set(mine) - set(unscored(store, mine, kind.split(":", 1)[1]))
-        store.session.release(f"{kind}:{k}" for k in finished)
-    return [k for k in mine if k not in finished]
+    metric = kind.split(":", 1)[1] if kind.startswith("score:") else None
+
+    def finished(claims: list[str]) -> set[str]:
+        outs = [c.split(":", 1)[1] if metric is None else c.rsplit(":", 1)[1] for c in claims]
+        done = done_keys(store, outs) if metric is None else set(outs) - set(unscored(store, outs, metric))
+        return {c for c, o in zip(claims, outs, strict=True) if o in done}
+
+    got = store.session.claim_unfinished([f"{kind}:{k}" for k in keys], finished)
+    return [k for k in keys if f"{kind}:{k}" in got]
 
 
 def _commit_outputs(store: Store, written: Sequence[WrittenOutput], run: RunEntry | None) -> int:

@@ -128,19 +128,14 @@ def _claimable(store: Store, unit: UnitInfo) -> list[int]:
 def claim_shard(store: Store, unit: UnitInfo, shard: int) -> bool:
     """Claim an uncommitted shard for this writer; False when another writer has it (or committed it).
 
-    One transaction (the caller's, if it has one) claims and re-checks the commit record, so a
-    shard another writer committed a moment ago is never computed again. No shard is claimed
-    while someone holds the whole unit (``unit:<key>``, e.g. a repair).
+    No shard is claimed while someone holds the whole unit (``unit:<key>``, e.g. a repair).
     """
+
+    def committed(keys: list[str]) -> list[str]:
+        return keys if shard in store.committed_shards(unit.unit_key) else []
+
     key = shard_key(unit.unit_key, shard)
-    with store.transaction() as con:
-        if not store.session.claim([key], unless=[f"unit:{unit.unit_key}"]):
-            return False
-        done = con.execute("SELECT 1 FROM shards WHERE unit_key = ? AND shard = ?", [unit.unit_key, shard]).fetchall()
-        if done:
-            store.session.release([key])
-            return False
-    return True
+    return bool(store.session.claim_unfinished([key], committed, unless=[f"unit:{unit.unit_key}"]))
 
 
 def commit_claimed_shard(

@@ -142,10 +142,8 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
     claim = f"fit:{fit_key}"
     claimed = False
     while not artifacts.fit_done(store, fit_key):
-        if store.session.claim([claim]):
-            claimed = not artifacts.fit_done(store, fit_key)  # or another writer finished it a moment ago
-            if not claimed:
-                store.session.release([claim])
+        if store.session.claim_unfinished([claim], lambda keys: keys if artifacts.fit_done(store, fit_key) else []):
+            claimed = True
             break
         if not wait:
             return FitResult(source, target, fit_key, "waiting", time.time() - started, [], "")

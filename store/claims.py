@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +235,22 @@ class Session:
                 self._state.expiry[k] = deadline
         self._start_heartbeat()
         return granted
+
+    def claim_unfinished(
+        self, keys: Sequence[str], finished: Callable[[list[str]], Iterable[str]], unless: Sequence[str] = ()
+    ) -> list[str]:
+        """Claim those of ``keys`` that nobody alive holds and that are not finished yet.
+
+        ``finished(granted)`` names the granted keys whose result is already committed; it runs in
+        the same transaction as the claim, so work another writer committed a moment ago (and
+        released) is never done again. Those keys are released at once.
+        """
+        with self.store.transaction():
+            granted = self.claim(keys, unless=unless)
+            done = set(finished(granted)) if granted else set()
+            if done:
+                self.release(done)
+        return [k for k in granted if k not in done]
 
     def _take_over(self, con: Any, h: Holder, why: str, now: float) -> None:
         """Log the takeover and mark the dead owner's running ``runs`` rows abandoned."""
