@@ -17,6 +17,7 @@ how long it waited. A file DuckDB cannot read is reported as damaged, never as b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -39,6 +40,11 @@ log = logging.getLogger("safeport.store")
 DB_NAME = "meta.duckdb"
 LOCK_NAME = "writer.lock"
 SNAPSHOT_NAME = "meta.snapshot.duckdb"  # a copy taken at the end of each successful writer run
+WAITING_NAME = "waiting.lock"  # processes waiting for the file hold it shared (see Database)
+LINGER_S = 0.1  # a connection is kept this long after its block for the next one ...
+MAX_HOLD_S = 1.0  # ... but never longer than this in all, nor once another process waits
+YIELD_S = 0.05  # after handing the file to a waiter, this process waits this long before taking it back
+WAITER_POLL_S = 0.02  # how often a waiting process tries again
 WAIT_ENV = "SAFEPORT_STORE_WAIT"
 READ_WAIT_S = 10.0  # a reader waits this long for an in-flight transaction (or SAFEPORT_STORE_WAIT)
 WRITE_WAIT_S = 60.0  # a write transaction waits this long for the file (or SAFEPORT_STORE_WAIT / --wait)
@@ -117,8 +123,24 @@ class _Thread(threading.local):
     write: bool = False
 
 
+@dataclass
+class _Idle:
+    """A connection kept open for a moment after its block, for the next block of this process."""
+
+    con: duckdb.DuckDBPyConnection
+    write: bool  # read-write: this process still holds writer.lock
+    opened: float  # monotonic
+    until: float  # monotonic: closed by then
+
+
 class Database:
-    """Every connection this process makes to one ``meta.duckdb`` goes through here (see module docstring)."""
+    """Every connection this process makes to one ``meta.duckdb`` goes through here (see module docstring).
+
+    Opening DuckDB costs ~20 ms, so a connection is kept for :data:`LINGER_S` after its block in
+    case another block follows (a burst of small reads and commits), but never once another
+    safeport process is waiting for the file (it announces itself in ``waiting.lock``) and never
+    longer than :data:`MAX_HOLD_S` in all; then it is closed and the waiter gets its turn.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -128,6 +150,11 @@ class Database:
         self._local = _Thread()
         self._lock_fd: int | None = None
         self._lock_checked = False
+        self._waiting_fd: int | None = None
+        self._idle: _Idle | None = None
+        self._yield_until = 0.0  # after handing the file to a waiter, do not take it back before this
+        self._closer: threading.Thread | None = None
+        self._wake = threading.Condition(self._mutex)
 
     # -- the connection of the current block -----------------------------------------------------
     def current(self) -> duckdb.DuckDBPyConnection | None:
@@ -139,7 +166,9 @@ class Database:
 
     # -- reading ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def reading(self, wait_s: float, config: Mapping[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reading(
+        self, wait_s: float, config: Mapping[str, Any] | None = None, linger: bool = True
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection for one block (or the enclosing transaction's / reading block's own)."""
         here = self._local
         if here.con is not None and config is None:
@@ -150,20 +179,25 @@ class Database:
         if not self.path.is_file():
             raise StoreError(f"no store at {self.root}; run `safeport extract` (or `safeport run`) first")
         with self._mutex:
-            con = self._open(read_only=True, wait_s=wait_s, config=config)
-            here.con, here.write = con, False
+            idle = self._take_idle(write=False) if config is None else None
+            if idle is None:
+                self._close_idle()  # another configuration cannot open beside it in this process
+                idle = _Idle(self._open(read_only=True, wait_s=wait_s, config=config), False, time.monotonic(), 0.0)
+            here.con, here.write = idle.con, False  # a read block, even on a kept read-write connection
+            ok = False
             try:
-                yield con
+                yield idle.con
+                ok = True
             except duckdb.Error as err:
                 raise (classify(self.path, err) or err) from None
             finally:
                 here.con = None
-                con.close()
+                self._park(idle, keep=ok and linger and config is None)
 
     # -- writing ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
-        """BEGIN … COMMIT on a read-write connection opened for it; a nested call joins the outer one."""
+        """BEGIN … COMMIT on a read-write connection; a nested call joins the outer transaction."""
         here = self._local
         if here.con is not None:
             if not here.write:
@@ -173,9 +207,19 @@ class Database:
                 )
             yield here.con  # joins the enclosing transaction: one COMMIT for both
             return
-        with self._mutex, self.write_lock(wait_s):
-            con = self._open(read_only=False, wait_s=wait_s)
+        with self._mutex:
+            idle = self._take_idle(write=True)
+            if idle is None:
+                self._close_idle()
+                self._acquire(wait_s)
+                try:
+                    idle = _Idle(self._open(read_only=False, wait_s=wait_s), True, time.monotonic(), 0.0)
+                except BaseException:
+                    self._release()
+                    raise
+            con = idle.con
             here.con, here.write = con, True
+            ok = False
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
@@ -197,9 +241,105 @@ class Database:
                         f"committing to {self.path} failed: {err}. Nothing of this step was recorded and earlier "
                         "commits are intact; if the disk is full free some space, then rerun (work resumes)"
                     ) from None
+                ok = True
             finally:
                 here.con = None
-                con.close()
+                self._park(idle, keep=ok)
+
+    # -- lingering connections -------------------------------------------------------------------
+    def _take_idle(self, write: bool) -> _Idle | None:
+        """The idle connection if it serves this block (a read-write one serves reads too)."""
+        idle = self._idle
+        if idle is None or (write and not idle.write):
+            return None
+        self._idle = None
+        return idle
+
+    def _park(self, idle: _Idle, keep: bool) -> None:
+        """Keep a connection for the next block, or close it (a waiter, the hold limit, an error)."""
+        now = time.monotonic()
+        waiters = keep and self._others_waiting()
+        if keep and not waiters and now - idle.opened < MAX_HOLD_S:
+            idle.until = now + LINGER_S
+            self._idle = idle
+            self._start_closer()
+            self._wake.notify_all()
+            return
+        self._close(idle)
+        if waiters:  # handed over: let the waiter in before this process takes the file again
+            self._yield_until = now + YIELD_S
+
+    def _close(self, idle: _Idle) -> None:
+        try:
+            idle.con.close()
+        finally:
+            if idle.write:
+                self._release()
+
+    def _close_idle(self) -> None:
+        with self._mutex:
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                self._close(idle)
+            wait = self._yield_until - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    def close_idle(self) -> None:
+        """Close a lingering connection now (before handing the file to code that opens it directly)."""
+        with self._mutex:
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                self._close(idle)
+
+    def _start_closer(self) -> None:
+        if self._closer is None or not self._closer.is_alive():
+            self._closer = threading.Thread(target=self._close_when_idle, name="safeport-db-closer", daemon=True)
+            self._closer.start()
+
+    def _close_when_idle(self) -> None:
+        with self._mutex:
+            while self._idle is not None:
+                left = self._idle.until - time.monotonic()
+                if left <= 0 or self._others_waiting():
+                    idle, self._idle = self._idle, None
+                    self._close(idle)
+                    break
+                self._wake.wait(min(left, WAITER_POLL_S))
+
+    def _others_waiting(self) -> bool:
+        """Whether another safeport process announced it waits for the file (holds ``waiting.lock`` shared)."""
+        fd = self._waiting_file()
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
+    def _waiting_file(self) -> int | None:
+        if self._waiting_fd is None:
+            with contextlib.suppress(OSError):  # a read-only store folder: nobody can wait for a write there
+                self._waiting_fd = os.open(self.root / WAITING_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._waiting_fd
+
+    @contextlib.contextmanager
+    def _announce(self) -> Iterator[None]:
+        """Tell the process that holds the file that this one waits (so it stops keeping it)."""
+        fd = self._waiting_file()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def check_locking(self) -> None:
         """Refuse a store folder whose filesystem ignores or rejects ``flock`` (some network mounts)."""
@@ -248,48 +388,60 @@ class Database:
                 ) from None
         return self._lock_fd
 
-    @contextlib.contextmanager
-    def write_lock(self, wait_s: float) -> Iterator[None]:
-        """The store's exclusive ``writer.lock`` for one transaction; a dead holder's lock is recovered."""
+    def _acquire(self, wait_s: float) -> None:
+        """Take the store's exclusive ``writer.lock``; a lock a dead process left is recovered with a log line."""
         self.check_locking()
         fd = self._lock_file()
         deadline = time.monotonic() + wait_s
-        pause = 0.002
-        while True:
+        pause = 0.001
+        with self._announce():
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _read_holder(fd) or "another process"
+                        raise StoreBusyError(
+                            f"store {self.root} is busy: {holder} has held its write lock ({self.lock_path.name}) "
+                            f"for longer than this process waited ({wait_s:.0f}s). A transaction takes "
+                            f"milliseconds, so that process is stuck or paused; pass --wait SECONDS or set "
+                            f"{WAIT_ENV} to wait longer"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, WAITER_POLL_S)
+        left = _read_holder(fd)
+        if left:
+            log.warning(
+                "store %s: recovered the write lock left by %s, which died holding it; DuckDB rolled back what it "
+                "had not committed, nothing committed is lost",
+                self.root,
+                left,
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
+
+    def _release(self) -> None:
+        fd = self._lock_file()
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # an empty file means "released cleanly"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def write_lock(self, wait_s: float) -> Iterator[None]:
+        """The store's exclusive ``writer.lock`` held for a block, with no DuckDB connection of this process open."""
+        with self._mutex:
+            self.close_idle()
+            self._acquire(wait_s)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(fd) or "another process"
-                    raise StoreBusyError(
-                        f"store {self.root} is busy: {holder} has held its write lock ({self.lock_path.name}) for "
-                        f"longer than this process waited ({wait_s:.0f}s). A transaction takes milliseconds, so that "
-                        f"process is stuck or paused; pass --wait SECONDS or set {WAIT_ENV} to wait longer"
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-        try:
-            left = _read_holder(fd)
-            if left:
-                log.warning(
-                    "store %s: recovered the write lock left by %s, which ended inside a transaction; "
-                    "DuckDB rolled that transaction back, nothing committed is lost",
-                    self.root,
-                    left,
-                )
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # an empty file means "released cleanly"
-            fcntl.flock(fd, fcntl.LOCK_UN)
+                yield
+            finally:
+                self._release()
 
     def snapshot(self, wait_s: float) -> Path:
         """Copy the committed metadata to :data:`SNAPSHOT_NAME` (atomically), under the write lock."""
         dest = self.root / SNAPSHOT_NAME
-        with self._mutex, self.write_lock(wait_s):
+        with self.write_lock(wait_s):
             if self.path.with_name(self.path.name + ".wal").exists():  # fold a leftover WAL in first
                 con = self._open(read_only=False, wait_s=wait_s)
                 try:
@@ -311,29 +463,39 @@ class Database:
     def _open(
         self, read_only: bool, wait_s: float, config: Mapping[str, Any] | None = None
     ) -> duckdb.DuckDBPyConnection:
-        """Open the file, retrying while another process holds it; damaged files fail at once."""
+        """Open the file, retrying while another process holds it; damaged files fail at once.
+
+        While it retries, this process announces that it waits (``waiting.lock``), so a safeport
+        process keeping the file between its blocks hands it over at once.
+        """
         started = time.monotonic()
-        pause = 0.002
-        while True:
-            try:
-                if config is None:
-                    return duckdb.connect(str(self.path), read_only=read_only)
-                return duckdb.connect(str(self.path), read_only=read_only, config=dict(config))
-            except duckdb.Error as err:
-                damaged = classify(self.path, err)
-                if damaged is not None:
-                    raise damaged from None
-                text = str(err)
-                if not _BUSY.search(text):
-                    raise StoreError(
-                        f"store {self.root}: {self.path} cannot be opened ({text.splitlines()[0]}); is it a safeport "
-                        "store?"
-                    ) from None
-                waited = time.monotonic() - started
-                if waited >= wait_s:
-                    raise StoreBusyError(self._busy(read_only, text, waited, wait_s)) from None
+        pause = 0.001
+        with contextlib.ExitStack() as waiting:
+            while True:
+                try:
+                    if config is None:
+                        return duckdb.connect(str(self.path), read_only=read_only)
+                    return duckdb.connect(str(self.path), read_only=read_only, config=dict(config))
+                except duckdb.Error as err:
+                    self._check_busy(err, read_only, started, wait_s)
+                if pause == 0.001:
+                    waiting.enter_context(self._announce())
                 time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, WAITER_POLL_S)
+
+    def _check_busy(self, err: duckdb.Error, read_only: bool, started: float, wait_s: float) -> None:
+        """Raise for a damaged or foreign file, or once ``wait_s`` is spent; return to retry."""
+        damaged = classify(self.path, err)
+        if damaged is not None:
+            raise damaged from None
+        text = str(err)
+        if not _BUSY.search(text):
+            raise StoreError(
+                f"store {self.root}: {self.path} cannot be opened ({text.splitlines()[0]}); is it a safeport store?"
+            ) from None
+        waited = time.monotonic() - started
+        if waited >= wait_s:
+            raise StoreBusyError(self._busy(read_only, text, waited, wait_s)) from None
 
     def _busy(self, read_only: bool, text: str, waited: float, wait_s: float) -> str:
         who = _holder(text)
@@ -362,6 +524,14 @@ _DATABASES: dict[str, Database] = {}
 _REGISTRY = threading.Lock()
 
 
+@atexit.register
+def _close_all() -> None:
+    """Close lingering connections at exit (DuckDB checkpoints on close; writer.lock is released)."""
+    for db in list(_DATABASES.values()):
+        with contextlib.suppress(Exception):
+            db.close_idle()
+
+
 def database(root: Path) -> Database:
     """The one :class:`Database` of this process for the store folder ``root``."""
     key = os.path.realpath(root)
@@ -387,5 +557,5 @@ def connect(store: Path | str, wait_s: float | None = None) -> Iterator[duckdb.D
     if root.name == DB_NAME:
         root = root.parent
     db = database(root)
-    with db.reading(default_wait(False) if wait_s is None else wait_s) as con:
+    with db.reading(default_wait(False) if wait_s is None else wait_s, linger=False) as con:
         yield con

@@ -37,7 +37,9 @@ class Recovery:
 def probe(root: Path | str) -> None:
     """Raise :class:`StoreDamagedError` if a store's ``meta.duckdb`` cannot be read (no other check)."""
     root = Path(root)
-    with database(root).reading(default_wait(False)) as con:
+    db = database(root)
+    db.close_idle()  # a kept connection would answer from before the file changed
+    with db.reading(default_wait(False), linger=False) as con:
         con.execute("SELECT count(*) FROM meta").fetchall()
 
 

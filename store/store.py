@@ -467,6 +467,7 @@ class Store:
         session, self._session = self._session, None
         if session is not None:
             session.close()
+        self._db.close_idle()  # code that opens meta.duckdb directly next must find it free
 
     def __enter__(self) -> Store:
         return self
