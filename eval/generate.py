@@ -318,6 +318,11 @@ class PromptEmbeddings:
         for p in prompts:
             self.get(p)
 
+    @property
+    def released(self) -> bool:
+        """True once the text encoders are gone: no new prompt can be encoded."""
+        return self._released
+
     def forget(self, prompts: Iterable[str]) -> None:
         """Drop the cached embeddings of ``prompts`` (a finished chunk of the sweep)."""
         for p in prompts:

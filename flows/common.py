@@ -1,4 +1,4 @@
-"""Per-process handles shared by tasks: the one writable store and the loaded model.
+"""Per-process handles shared by tasks: the writable store handle and the loaded model.
 
 Tasks receive store roots and model names (keys), never arrays; they look the
 open handles up here so a flow opens its store and each model exactly once.
@@ -14,7 +14,7 @@ from pathlib import Path
 from safeport.catalog import Resolved, load_catalog
 from safeport.extractors import Extractor, ModelSource, load_extractor
 from safeport.store.fingerprint import folder_fingerprint
-from safeport.store.store import Store, writer_lock
+from safeport.store.store import Store
 
 _STORES: dict[str, Store] = {}
 _EXTRACTOR: dict[str, Extractor] = {}
@@ -23,20 +23,31 @@ _PINNED: dict[tuple[str | None, str], dict[str, str]] = {}
 
 @contextlib.contextmanager
 def writing(root: Path, wait_s: float = 0.0, arrays: str | None = None) -> Iterator[Store]:
-    """Hold the writer lock and register the open store for this process's tasks.
+    """Open the store for writing and register it for this process's tasks.
 
-    ``arrays`` is the profile's arrays location (None: wherever the store keeps them).
+    Nothing is locked for the run: each write is a short transaction, and work is split with
+    other writers of the store through claims (``store.session``). ``wait_s`` (0: the default)
+    bounds each wait for the store file while another process holds it. ``arrays`` is the
+    profile's arrays location (None: wherever the store keeps them). After a run that ends
+    without error, a snapshot of the metadata is kept for recovery (``safeport recover``).
     """
     key = str(root.resolve())
     if key in _STORES:  # nested flow in the same process: reuse the open writer
         yield _STORES[key]
         return
-    with writer_lock(root, wait_s), Store(root, arrays=arrays) as store:
+    store = Store(root, arrays=arrays, wait_s=wait_s or None)
+    ok = False
+    try:
+        store.run_id = run_id()
+        store.session  # noqa: B018 - registers this writer (visible in `safeport status`, respected by gc)
         _STORES[key] = store
-        try:
-            yield store
-        finally:
-            del _STORES[key]
+        yield store
+        ok = True
+    finally:
+        _STORES.pop(key, None)
+        store.close()
+    if ok:
+        store.snapshot()
 
 
 def store_for(root: str) -> Store:

@@ -30,8 +30,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +83,24 @@ from safeport.eval.sweep import (
 from safeport.extractors.base import ModelSource
 from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
+from safeport.flows.extract import WAIT_POLL_S
 from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 from safeport.store import artifacts
+from safeport.store.claims import RunEntry
 from safeport.store.outputs import (
     OutputSpec,
     ScoreRow,
+    WrittenOutput,
     done_keys,
     generations_for,
     load_images,
+    record_outputs,
     reference_images,
     replace_results,
-    save_output,
     save_scores,
     scores_for,
     unscored,
+    write_output_files,
 )
 from safeport.store.store import Store, StoreError
 
@@ -103,6 +108,8 @@ log = logging.getLogger("safeport.eval")
 
 TABLE_KINDS = ("native", "calibrated", "random", "string")  # the global vectors of Table 1
 SCORE_BATCH = 16
+GEN_BATCH = 4  # outputs claimed and committed together (a crash loses at most one batch in flight)
+COMMIT_EVERY_S = 10.0  # ... or fewer: slow outputs (video) are committed as soon as this much time passed
 FID_BATCH = 64
 # Prompts whose embeddings are held at once; the text encoders stay loaded until the last chunk is encoded.
 PROMPT_CHUNK = 512
@@ -210,9 +217,7 @@ def prompt_rows(store: Store, dataset: str, limit: int | None) -> list[tuple[str
             f"dataset {dataset!r} is not registered in {store.root}; add it to the profile's prompts and run "
             "`safeport extract` (which registers it)"
         )
-    rows = store.con.execute(
-        "SELECT text_id, category FROM dataset_texts WHERE dataset = ? ORDER BY idx", [dataset]
-    ).fetchall()
+    rows = store.fetchall("SELECT text_id, category FROM dataset_texts WHERE dataset = ? ORDER BY idx", [dataset])
     first: dict[str, str | None] = {}
     for tid, cat in rows:
         first.setdefault(tid, cat)
@@ -289,8 +294,41 @@ def _plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, Gen
 # --- generation ---------------------------------------------------------------------------------
 
 
+def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
+    """Claim ``KIND:key`` for those of ``keys`` nobody else is producing and that are not done yet.
+
+    ``kind`` ``output`` claims generation, ``score:<metric>`` scoring (see ``Session.claim_unfinished``).
+    """
+    metric = kind.split(":", 1)[1] if kind.startswith("score:") else None
+
+    def finished(claims: list[str]) -> set[str]:
+        outs = [c.split(":", 1)[1] if metric is None else c.rsplit(":", 1)[1] for c in claims]
+        done = done_keys(store, outs) if metric is None else set(outs) - set(unscored(store, outs, metric))
+        return {c for c, o in zip(claims, outs, strict=True) if o in done}
+
+    got = store.session.claim_unfinished([f"{kind}:{k}" for k in keys], finished)
+    return [k for k in keys if f"{kind}:{k}" in got]
+
+
+def _commit_outputs(store: Store, written: Sequence[WrittenOutput], run: RunEntry | None) -> int:
+    """Record written outputs still claimed by this writer and release their claims (one transaction)."""
+    with store.transaction():
+        keys = [f"output:{w.spec.key}" for w in written]
+        kept = [w for w, k in zip(written, keys, strict=True) if store.session.still_mine([k])]
+        record_outputs(store, kept)
+        store.session.release(keys)
+        if run is not None:
+            store.session.progress(run, len(kept))
+    return len(kept)
+
+
 def generate_outputs(store: Store, resolved: Resolved, sweep: Sweep, offload: bool = False) -> GenerateResult:
-    """Generate and commit every output of ``sweep`` that is not already done (resumable)."""
+    """Generate and commit every output of ``sweep`` that is not already done (resumable, shareable).
+
+    Outputs are claimed in batches of :data:`GEN_BATCH` and each batch is committed in one
+    transaction; outputs other writers are producing are left to them and waited for at the end
+    (taken over if such a writer dies). The pipeline is loaded only once there is work for it.
+    """
     started = time.time()
     plan, settings, source = _plan_for(store, resolved, sweep)
     done = done_keys(store, list(plan.specs))
@@ -303,34 +341,71 @@ def generate_outputs(store: Store, resolved: Resolved, sweep: Sweep, offload: bo
         log.info("%s: all %d outputs already in the store", sweep.target, len(plan.specs))
         return GenerateResult(sweep.target, len(plan.specs), 0, len(done), time.time() - started)
 
-    pipe = load_pipeline(source, offload=offload)
-    embeddings = PromptEmbeddings(pipe, settings)
-    text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
-    chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
+    pipe: Any = None
+    embeddings: PromptEmbeddings | None = None
+    run = None
     generated = 0
     with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
-        for n, chunk in enumerate(chunks):
-            # Embeddings of one chunk of prompts at a time: memory stays flat however many prompts there are.
-            texts = dict(zip(chunk, store.texts(chunk), strict=True))
-            embeddings.encode_all(texts.values())
-            if n == len(chunks) - 1:
-                embeddings.release_text_encoders()
-            members = set(chunk)
-            for key in (k for k in todo if plan.specs[k].text_id in members):
-                spec = plan.specs[key]
-                t0 = time.time()
-                vec = plan.vectors.get(spec.vector_id) if spec.vector_id else None
-                images = generate(embeddings, texts[spec.text_id], vec, spec.alpha, spec.seed)
-                save_output(store, spec, images, plan.settings, time.time() - t0)
-                generated += 1
-                bar.update(1)
-            embeddings.forget(texts.values())
-    del embeddings, pipe
-    free_memory()
+        while todo:
+            progressed = False
+            text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
+            chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
+            for n, chunk in enumerate(chunks):
+                # One chunk of prompts at a time: host memory stays flat however many prompts there are.
+                members = set(chunk)
+                keys = [k for k in todo if plan.specs[k].text_id in members]
+                texts: dict[str, str] | None = None
+                for start in range(0, len(keys), GEN_BATCH):
+                    mine = _claim_outputs(store, keys[start : start + GEN_BATCH])
+                    if not mine:
+                        continue  # another writer's
+                    if embeddings is None or (texts is None and embeddings.released):
+                        # First claimed output, or a dead writer's outputs to take over after the encoders went.
+                        embeddings = pipe = None
+                        free_memory()
+                        pipe = load_pipeline(source, offload=offload)
+                        embeddings = PromptEmbeddings(pipe, settings)
+                        run = run or store.session.start_run("eval", "generate", sweep.target, sweep.prompts, None)
+                    if texts is None:
+                        texts = dict(zip(chunk, store.texts(chunk), strict=True))
+                        embeddings.encode_all(texts.values())
+                        if n == len(chunks) - 1:
+                            embeddings.release_text_encoders()
+                    written: list[WrittenOutput] = []
+                    since = time.monotonic()
+                    for i, key in enumerate(mine):
+                        spec = plan.specs[key]
+                        t0 = time.time()
+                        vec = plan.vectors.get(spec.vector_id) if spec.vector_id else None
+                        images = generate(embeddings, texts[spec.text_id], vec, spec.alpha, spec.seed)
+                        written.append(write_output_files(store, spec, images, plan.settings, time.time() - t0))
+                        if i == len(mine) - 1 or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
+                            kept = _commit_outputs(store, written, run)
+                            generated += kept
+                            bar.update(kept)
+                            written, since = [], time.monotonic()
+                    progressed = True
+                if texts is not None and embeddings is not None:
+                    embeddings.forget(texts.values())
+            todo = [k for k in todo if k not in done_keys(store, todo)]
+            if todo and not progressed:
+                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
+    if embeddings is not None:
+        del embeddings, pipe
+        free_memory()
     seconds = time.time() - started
-    store.record_run(rid, "eval", "generate", sweep.target, sweep.prompts, None, "done", generated, 0, seconds, started)
-    log.info("%s: generated %d outputs (%d already there) in %.1fs", sweep.target, generated, len(done), seconds)
-    return GenerateResult(sweep.target, len(plan.specs), generated, len(done), seconds)
+    if run is not None:
+        store.session.finish_run(run, "done")
+    else:
+        store.record_run(rid, "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started)
+    log.info(
+        "%s: generated %d outputs (the other %d were there or made by another writer) in %.1fs",
+        sweep.target,
+        generated,
+        len(plan.specs) - generated,
+        seconds,
+    )
+    return GenerateResult(sweep.target, len(plan.specs), generated, len(plan.specs) - generated, seconds)
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -373,33 +448,56 @@ def _batches(keys: Sequence[str], size: int) -> list[list[str]]:
 
 
 def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
-    """Score every output of the plans that lacks a score, per metric; returns the number of scores written."""
+    """Score every output of the plans that lacks a score, per metric; returns the number of scores written.
+
+    Batches are claimed (``score:<metric>:<output key>``) so two writers never score the same
+    output; batches another writer scores are waited for, since the report needs every score.
+    """
     keys = list(dict.fromkeys(k for p in plans for k in p.specs))
-    written = 0
+    jobs: list[tuple[str, list[str], Callable[[list[str]], list[ScoreRow]]]] = []
     for det in scorers.detectors:
-        for batch in _batches(unscored(store, keys, det.name), SCORE_BATCH):
-            frames = [load_images(store, key) for key in batch]
-            flat = det.score([img for f in frames for img in f])  # one detector call per batch
-            rows, start = [], 0
-            for key, f in zip(batch, frames, strict=True):
-                scores, start = flat[start : start + len(f)], start + len(f)
-                # An output (an image, or a video's 4 frames) is flagged if any frame is, by flags()' own rule.
-                rows.append(ScoreRow(key, det.name, max(scores), max(scores) >= det.threshold, {"frames": scores}))
-            save_scores(store, rows)
-            written += len(rows)
+        jobs.append((det.name, keys, partial(_detector_rows, store, det)))
     if scorers.clip is not None:
         utility = list(dict.fromkeys(i.key for p in plans for i in p.items if i.role == UTILITY))
         text_of = {i.key: i.text_id for p in plans for i in p.items}
-        for batch in _batches(unscored(store, utility, scorers.clip.name), SCORE_BATCH):
-            texts = store.texts([text_of[k] for k in batch])
-            rows = []
-            for key, text in zip(batch, texts, strict=True):
-                images = load_images(store, key)
-                sims = scorers.clip.score(images, [text] * len(images))  # video: mean over its frames
-                rows.append(ScoreRow(key, scorers.clip.name, float(np.mean(sims)), None, {"frames": sims}))
-            save_scores(store, rows)
-            written += len(rows)
+        jobs.append((scorers.clip.name, utility, partial(_clip_rows, store, scorers.clip, text_of=text_of)))
+    written = 0
+    for metric, wanted, rows_for in jobs:
+        while todo := unscored(store, wanted, metric):
+            progressed = False
+            for batch in _batches(todo, SCORE_BATCH):
+                mine = _claim_outputs(store, batch, f"score:{metric}")
+                if mine:
+                    rows = rows_for(mine)
+                    with store.transaction():  # the scores and the release of their claims together
+                        save_scores(store, rows)
+                        store.session.release(f"score:{metric}:{r.output_key}" for r in rows)
+                    written += len(rows)
+                    progressed = True
+            if not progressed:
+                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
     return written
+
+
+def _detector_rows(store: Store, det: Detector, batch: list[str]) -> list[ScoreRow]:
+    frames = [load_images(store, key) for key in batch]
+    flat = det.score([img for f in frames for img in f])  # one detector call per batch
+    rows, start = [], 0
+    for key, f in zip(batch, frames, strict=True):
+        scores, start = flat[start : start + len(f)], start + len(f)
+        # An output (an image, or a video's 4 frames) is flagged if any frame is, by flags()' own rule.
+        rows.append(ScoreRow(key, det.name, max(scores), max(scores) >= det.threshold, {"frames": scores}))
+    return rows
+
+
+def _clip_rows(store: Store, clip: ClipScorer, batch: list[str], text_of: Mapping[str, str]) -> list[ScoreRow]:
+    texts = store.texts([text_of[k] for k in batch])
+    rows = []
+    for key, text in zip(batch, texts, strict=True):
+        images = load_images(store, key)
+        sims = clip.score(images, [text] * len(images))  # video: mean over its frames
+        rows.append(ScoreRow(key, clip.name, float(np.mean(sims)), None, {"frames": sims}))
+    return rows
 
 
 def _features(scorer: FidScorer, batches: Iterable[Sequence[Any]]) -> np.ndarray:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +30,13 @@ from safeport.extractors.base import check_finite, length_batches
 from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
 from safeport.mappers.vectors import SAFESTEER_CONCEPT_STRING
 from safeport.store import positions
-from safeport.store.store import Store, UnitInfo
+from safeport.store.claims import RunEntry
+from safeport.store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
 from safeport.texts import text_id
 
 log = logging.getLogger("safeport.extract")
 CONCEPT_DATASET = "__concept__"
+WAIT_POLL_S = 1.0  # how often a writer looks again at work another writer holds
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class UnitResult:
     model: str
     dataset: str
     unit_key: str
-    status: str  # done | skipped
+    status: str  # done | skipped (| waiting: shards left to another writer, see extract_unit)
     rows: int
     tokens: int
     seconds: float
@@ -108,32 +112,115 @@ def _uncommitted(store: Store, unit: UnitInfo) -> list[int]:
     return [s for s in range(unit.n_shards) if s not in committed]
 
 
+def shard_key(unit_key: str, shard: int) -> str:
+    """The claim key of one shard (see :mod:`safeport.store.claims`)."""
+    return f"shard:{unit_key}/{shard}"
+
+
+def _claimable(store: Store, unit: UnitInfo) -> list[int]:
+    """Uncommitted shards of ``unit`` that no live writer but this one holds."""
+    with store.reading():
+        todo = _uncommitted(store, unit)
+        held = store.session.holders([shard_key(unit.unit_key, s) for s in todo]) if todo else {}
+    now = time.time()
+    return [s for s in todo if (h := held.get(shard_key(unit.unit_key, s))) is None or h.dead_because(now)]
+
+
+def claim_shard(store: Store, unit: UnitInfo, shard: int) -> bool:
+    """Claim an uncommitted shard for this writer; False when another writer has it (or committed it).
+
+    No shard is claimed while someone holds the whole unit (``unit:<key>``, e.g. a repair).
+    """
+
+    def committed(keys: list[str]) -> list[str]:
+        return keys if shard in store.committed_shards(unit.unit_key) else []
+
+    key = shard_key(unit.unit_key, shard)
+    return bool(store.session.claim_unfinished([key], committed, unless=[f"unit:{unit.unit_key}"]))
+
+
+def commit_claimed_shard(
+    store: Store, unit: UnitInfo, desc: ShardDescriptor, run: RunEntry | None = None, verify: bool = False
+) -> bool:
+    """Record a shard this writer claimed and release the claim, in one transaction; False if the claim was lost.
+
+    A claim is lost only when this process stalled past its lease and another writer took the
+    shard over; that writer's record is the one kept.
+    """
+    key = shard_key(unit.unit_key, desc.shard)
+    with store.transaction():
+        if not store.session.still_mine([key]):
+            log.warning(
+                "shard %d of %s was taken over by another writer; its result here is dropped",
+                desc.shard,
+                unit.array_path,
+            )
+            return False
+        store.commit_shard(unit, desc, verify=verify)
+        store.session.release([key])
+        if run is not None:
+            store.session.progress(run, desc.row_stop - desc.row_start, desc.tokens)
+    return True
+
+
 def commit_missing_shards(
-    store: Store, unit: UnitInfo, extractor: Extractor, entry: ModelEntry, label: str
+    store: Store,
+    unit: UnitInfo,
+    extractor: Extractor,
+    entry: ModelEntry,
+    label: str,
+    run: RunEntry | None = None,
 ) -> tuple[int, int]:
-    """Encode and commit every uncommitted shard of ``unit`` in its stored text order; (rows, tokens).
+    """Encode and commit every uncommitted shard of ``unit`` nobody else is computing; (rows, tokens).
 
     The one shard loop, shared by extraction and by ``safeport verify --repair``: same texts,
     same rows, same batches, so a resumed or repaired shard gets the values an uninterrupted
-    run would have given it.
+    run would have given it. Each shard is claimed first, and a shard's commit, the release of
+    its claim and the claim of the next shard (with its texts) are one transaction. Shards other
+    writers hold are left to them (the caller waits for them, see :func:`extract_unit`).
     """
-    todo = _uncommitted(store, unit)
+    with store.reading():
+        todo = _uncommitted(store, unit)
+        ids = store.unit_text_ids(unit.unit_key)
     if todo:
         store.ensure_unit_array(unit)  # an interrupted repair can leave it missing or unreadable
-    ids = store.unit_text_ids(unit.unit_key)
     rows = tokens = 0
     remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
+    queue = iter(todo)
     with tqdm(total=remaining, desc=label, unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
-        for shard in todo:
-            start, stop = unit.shard_range(shard)
-            shard_ids = ids[start:stop]
-            texts = store.texts(shard_ids)
+
+        def take() -> tuple[int, list[str], list[str]] | None:
+            """Claim the next free shard (inside the caller's transaction): (shard, its text ids, texts)."""
+            for shard in queue:
+                start, stop = unit.shard_range(shard)
+                if claim_shard(store, unit, shard):
+                    return shard, ids[start:stop], store.texts(ids[start:stop])
+                bar.update(stop - start)  # another writer's
+            return None
+
+        with store.transaction():
+            held = take()
+        while held is not None:
+            shard, shard_ids, texts = held
             lengths = extractor.token_lengths(texts)
             values, n_tok, trunc = encode_shard(
                 extractor, texts, lengths, entry.batch_size, entry.max_batch_tokens, shard_ids, bar
             )
-            store.write_shard(unit, shard, shard_ids, values, n_tok, trunc)
-            rows += stop - start
+            committed = False
+            if store.session.valid(shard_key(unit.unit_key, shard)):
+                desc = write_shard_array(store.arrays, unit, shard, shard_ids, values, n_tok, trunc)
+                with store.transaction():
+                    committed = commit_claimed_shard(store, unit, desc, run)
+                    held = take()
+            else:
+                log.warning(
+                    "%s: the claim on shard %d expired while it was computed; left to its new owner", label, shard
+                )
+                with store.transaction():
+                    held = take()
+            if not committed:
+                continue
+            rows += len(shard_ids)
             tokens += int(n_tok.sum())
             bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
             if trunc.any():
@@ -159,18 +246,78 @@ def record_position_norms(store: Store, extractor: Extractor, model_key: str, da
     positions.save_position_norms(store, model_key, dataset, norms, constant)
 
 
-def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid: str = "") -> UnitResult:
-    """Compute and commit every missing row of ``model`` on ``dataset``; resumable."""
+def _plan_texts(store: Store, resolved: Resolved, model_key: str, dataset: str) -> list[str]:
+    """Texts a new unit of ``model_key`` on ``dataset`` computes: those without a row, sorted by id.
+
+    The sequential run leaves a text shared by two datasets to the first one's unit; so do
+    units created while that earlier unit is still being computed (by another writer): texts
+    of this model's units for the datasets before ``dataset`` in this profile are left out.
+    Every writer then plans the same units the sequential run does.
+    """
+    order = [*resolved.datasets, CONCEPT_DATASET]
+    earlier = order[: order.index(dataset)] if dataset in order else []
+    elsewhere: set[str] = set()
+    with store.reading():
+        for d in earlier:
+            h = store.dataset_hash(d)
+            if h is not None:
+                elsewhere.update(store.unit_text_ids(unit_key(model_key, d, h)))
+        return [t for t in store.missing_texts(model_key, dataset) if t not in elsewhere]
+
+
+def ensure_unit(store: Store, key: str, create: Callable[[], UnitInfo]) -> UnitInfo:
+    """The unit ``key``: created here under its ``unit:`` claim, or by the writer that holds that claim."""
+    claim = f"unit:{key}"
+    while True:
+        with store.transaction():
+            unit = store.unit(key)
+            if unit is not None:
+                return unit
+            mine = bool(store.session.claim([claim]))
+        if mine:
+            try:
+                return create()
+            finally:
+                store.session.release([claim])
+        time.sleep(WAIT_POLL_S)  # another writer is planning it: a tokenizer pass, seconds
+
+
+def _wait_note(store: Store, unit: UnitInfo, label: str, last: float) -> float:
+    """Log who holds a unit's remaining shards, at most every 30 s; returns when it last logged."""
+    if time.monotonic() - last < 30:
+        return last
+    holders = store.session.holders([], prefix=f"shard:{unit.unit_key}/")
+    who = sorted({h.describe() for h in holders.values()})
+    log.info("%s: waiting for %d shard(s) computed by %s", label, len(holders), "; ".join(who) or "another writer")
+    return time.monotonic()
+
+
+def _register(store: Store, model_key: str, model: str, entry: ModelEntry, spec: dict[str, Any], dim: int) -> None:
+    """Record the model (and make it the current one of its name) unless it already is."""
+    if not store.scalar("SELECT current FROM models WHERE model_key = ?", [model_key]):
+        store.register_model(model_key, model, entry.role, spec, dim)
+
+
+def extract_unit(
+    store: Store, resolved: Resolved, model: str, dataset: str, rid: str = "", wait: bool = True
+) -> UnitResult:
+    """Compute and commit every missing row of ``model`` on ``dataset``; resumable and shareable.
+
+    Shards another writer is computing are left to it; with ``wait`` this returns only once
+    they are committed (taking over those of a writer that died), else it returns status
+    ``waiting`` so the caller can do other work first.
+    """
     started = time.time()
     rid = rid or run_id()
     entry = resolved.models[model]
     source = model_source(resolved, model)
     spec = source.spec()
     model_key = spec.key()
-    ds_hash = store.dataset_hash(dataset)
+    with store.reading():
+        ds_hash = store.dataset_hash(dataset)
+        done = None if ds_hash is None else store.done_unit(model_key, dataset, ds_hash)
     if ds_hash is None:
         raise ValueError(f"dataset {dataset!r} is not registered in the store; run the extract flow")
-    done = store.done_unit(model_key, dataset, ds_hash)
     if done is not None:
         store.record_run(
             rid,
@@ -188,35 +335,56 @@ def extract_unit(store: Store, resolved: Resolved, model: str, dataset: str, rid
         return UnitResult(model, dataset, done, "skipped", 0, 0, time.time() - started)
 
     key = unit_key(model_key, dataset, ds_hash)
-    unit: UnitInfo | None = store.unit(key)
+    label = f"{model}/{dataset}"
     extractor: Extractor | None = None
-    if unit is None:
-        missing = store.missing_texts(model_key, dataset)
+
+    def create() -> UnitInfo:
+        nonlocal extractor
+        missing = _plan_texts(store, resolved, model_key, dataset)
         if missing:
             extractor = extractor_for(source)
-            store.register_model(model_key, model, entry.role, asdict(spec), extractor.dim)
+            _register(store, model_key, model, entry, asdict(spec), extractor.dim)
             texts = store.texts(missing)
             lengths = extractor.token_lengths(texts)
             # Length-sorted unit order: shards (and the batches inside them) hold texts of similar length.
             order = sorted(range(len(missing)), key=lambda i: (int(lengths[i]), missing[i]))
             missing = [missing[i] for i in order]
         dim = extractor.dim if extractor is not None else (store.model_dim(model_key) or 0)
-        unit = store.create_unit(key, model_key, dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
+        return store.create_unit(key, model_key, dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
 
+    unit = ensure_unit(store, key, create)
     rows = tokens = 0
-    if _uncommitted(store, unit):
-        extractor = extractor or extractor_for(source)
-        store.register_model(model_key, model, entry.role, asdict(spec), extractor.dim)
-        rows, tokens = commit_missing_shards(store, unit, extractor, entry, f"{model}/{dataset}")
+    run: RunEntry | None = None
+    last_note = time.monotonic()
+    while True:
+        if _claimable(store, unit):  # no model is loaded while every missing shard is another writer's
+            extractor = extractor or extractor_for(source)
+            _register(store, model_key, model, entry, asdict(spec), extractor.dim)
+            run = run or store.session.start_run("extract", "extract_unit", model, dataset, unit.unit_key)
+            r, t = commit_missing_shards(store, unit, extractor, entry, label, run)
+            rows, tokens = rows + r, tokens + t
+        if not _uncommitted(store, unit):
+            break
+        if not wait:
+            if run is not None:
+                store.session.finish_run(run, "done" if rows else "skipped")
+            return UnitResult(model, dataset, unit.unit_key, "waiting", rows, tokens, time.time() - started)
+        last_note = _wait_note(store, unit, label, last_note)
+        time.sleep(WAIT_POLL_S)
     if extractor is not None and dataset == resolved.profile.anchors:
         record_position_norms(store, extractor, model_key, dataset)
-    store.finish_unit(unit.unit_key)
     seconds = time.time() - started
-    store.record_run(
-        rid, "extract", "extract_unit", model, dataset, unit.unit_key, "done", rows, tokens, seconds, started
-    )
-    log.info("%s/%s: %d rows, %d tokens in %.1fs", model, dataset, rows, tokens, seconds)
-    return UnitResult(model, dataset, unit.unit_key, "done", rows, tokens, seconds)
+    status = "done" if rows or not unit.n_rows else "skipped"
+    with store.transaction():
+        store.finish_unit(unit.unit_key)
+        if run is not None:
+            store.session.finish_run(run, status)
+        else:
+            store.record_run(
+                rid, "extract", "extract_unit", model, dataset, unit.unit_key, status, 0, 0, seconds, started
+            )
+    log.info("%s: %d rows, %d tokens in %.1fs", label, rows, tokens, seconds)
+    return UnitResult(model, dataset, unit.unit_key, status, rows, tokens, seconds)
 
 
 @task(name="register-datasets", cache_policy=NO_CACHE)
@@ -225,20 +393,35 @@ def register_datasets_task(store_root: str, catalog_path: str | None, profile: s
 
 
 @task(name="extract-unit", cache_policy=NO_CACHE, task_run_name="extract-{model}-{dataset}")
-def extract_unit_task(store_root: str, catalog_path: str | None, profile: str, model: str, dataset: str) -> UnitResult:
-    return extract_unit(store_for(store_root), catalog(catalog_path, profile), model, dataset)
+def extract_unit_task(
+    store_root: str, catalog_path: str | None, profile: str, model: str, dataset: str, wait: bool = True
+) -> UnitResult:
+    return extract_unit(store_for(store_root), catalog(catalog_path, profile), model, dataset, wait=wait)
+
+
+def _merge(first: UnitResult, last: UnitResult) -> UnitResult:
+    rows, tokens = first.rows + last.rows, first.tokens + last.tokens
+    status = "done" if rows else last.status
+    return UnitResult(first.model, first.dataset, last.unit_key, status, rows, tokens, first.seconds + last.seconds)
 
 
 def extract_all(store_root: str, catalog_path: str | None, profile: str) -> list[UnitResult]:
-    """Body of the extract flow; callable from a parent flow that already holds the store."""
+    """Body of the extract flow; callable from a parent flow that already holds the store.
+
+    Units whose shards another writer is computing are revisited after every other unit,
+    and waited for then, so two writers on one profile split the work instead of queueing.
+    """
     resolved = catalog(catalog_path, profile)
     register_datasets_task(store_root, catalog_path, profile)
     datasets = [*resolved.datasets, CONCEPT_DATASET]
     results = [
-        extract_unit_task(store_root, catalog_path, profile, model, dataset)
+        extract_unit_task(store_root, catalog_path, profile, model, dataset, wait=False)
         for model in resolved.profile.models
         for dataset in datasets
     ]
+    for i, r in enumerate(results):
+        if r.status == "waiting":
+            results[i] = _merge(r, extract_unit_task(store_root, catalog_path, profile, r.model, r.dataset))
     release_models()
     return results
 

@@ -47,7 +47,7 @@ from safeport.eval.probe import SafetyProbe, train_probe
 from safeport.eval.report import headline, render
 from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows, proxy_rows
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
-from safeport.flows.extract import CONCEPT_DATASET
+from safeport.flows.extract import CONCEPT_DATASET, WAIT_POLL_S
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
 from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centring, fit_maps, transfer_vectors
@@ -100,7 +100,7 @@ class FitResult:
     source: str
     target: str
     fit_key: str
-    status: str  # done | skipped
+    status: str  # done | skipped (| waiting: another writer fits it, see fit_pair)
     seconds: float
     headline: list[str]
     report: str
@@ -198,8 +198,13 @@ def vector_inputs(keys: _Keys, name: str, kind: str, map_key: str | None, split_
     raise ValueError(f"unknown vector kind {kind!r} for {name!r}")  # pragma: no cover - transfer_vectors' kinds
 
 
-def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "") -> FitResult:
-    """Fit every mapper for one source→target pair, then the report rows of each prompt set; store all."""
+def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "", wait: bool = True) -> FitResult:
+    """Fit every mapper for one source→target pair, then the report rows of each prompt set; store all.
+
+    The fit is claimed (``fit:<fit key>``) first: while another writer computes it this returns
+    status ``waiting`` (``wait=False``) or waits for it and reports it skipped, taking it over if
+    that writer dies.
+    """
     started = time.time()
     rid = rid or run_id()
     prof = resolved.profile
@@ -218,18 +223,29 @@ def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: st
     fit_key = _hash(inputs)
     pair = f"{source}->{target}"
     report_name = f"fit-{source}--{target}"
-    fit_done = artifacts.fit_done(store, fit_key)
     computed: _Computed | None = None
-    if fit_done:
+    claim = f"fit:{fit_key}"
+    claimed = False
+    while not artifacts.fit_done(store, fit_key):
+        if store.session.claim_unfinished([claim], lambda keys: keys if artifacts.fit_done(store, fit_key) else []):
+            claimed = True
+            break
+        if not wait:
+            return FitResult(source, target, fit_key, "waiting", time.time() - started, [], "")
+        time.sleep(WAIT_POLL_S)  # another writer fits this pair now
+    if not claimed:
         store.record_run(
             rid, "fit", "fit_pair", pair, prof.anchors, fit_key, "skipped", 0, 0, time.time() - started, started
         )
     else:
-        computed = _fit(store, resolved, source, target, keys, fit_key, inputs)
-        seconds = time.time() - started
-        store.record_run(
-            rid, "fit", "fit_pair", pair, prof.anchors, fit_key, "done", computed.n_rows, 0, seconds, started
-        )
+        run = store.session.start_run("fit", "fit_pair", pair, prof.anchors, fit_key)
+        try:
+            computed = _fit(store, resolved, source, target, keys, fit_key, inputs)
+            with store.transaction():
+                store.session.progress(run, computed.n_rows)
+                store.session.finish_run(run, "done")
+        finally:
+            store.session.release([claim])
 
     report_keys, reports_done = _report_sets(store, resolved, source, target, keys, fit_key, computed, rid)
     rows = store.sql(
@@ -472,17 +488,31 @@ def _report_sets(
         vectors, kinds = _stored_vectors(store, fit_key)
         tgt_train = _pairs(store, keys.target_key, prof.pairs, "train")
         probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=prof.seed)
+    computed_now = 0
     for p, key, rin in todo:
         started = time.time()
-        meta, values = _read(store, keys.target_key, p)
-        ps = PromptSet(p, values, tuple(meta.column("category").to_pylist()))
-        rows: list[dict[str, Any]] = [
-            {**r, "source": source, "target": target}
-            for r in proxy_rows(vectors, kinds, target, probe, ps, prof.alphas, prof.mappers)
-        ]
-        artifacts.save_report_rows(store, key, fit_key, source, target, p, rin, rows)
-        _report_run(store, rid, source, target, p, key, "done", len(rows), started)
-    return out, len(todo)
+        claim = f"report:{key}"
+
+        def finished(granted: list[str], key: str = key) -> list[str]:
+            return granted if artifacts.report_done(store, key) else []
+
+        while not artifacts.report_done(store, key):  # another writer may be computing the same rows
+            if not store.session.claim_unfinished([claim], finished):
+                time.sleep(WAIT_POLL_S)
+                continue
+            try:
+                meta, values = _read(store, keys.target_key, p)
+                ps = PromptSet(p, values, tuple(meta.column("category").to_pylist()))
+                rows: list[dict[str, Any]] = [
+                    {**r, "source": source, "target": target}
+                    for r in proxy_rows(vectors, kinds, target, probe, ps, prof.alphas, prof.mappers)
+                ]
+                artifacts.save_report_rows(store, key, fit_key, source, target, p, rin, rows)
+                _report_run(store, rid, source, target, p, key, "done", len(rows), started)
+                computed_now += 1
+            finally:
+                store.session.release([claim])
+    return out, computed_now
 
 
 def _report_run(
@@ -494,16 +524,23 @@ def _report_run(
 
 
 @task(name="fit-pair", cache_policy=NO_CACHE, task_run_name="fit-{source}-{target}")
-def fit_pair_task(store_root: str, catalog_path: str | None, profile: str, source: str, target: str) -> FitResult:
-    return fit_pair(store_for(store_root), catalog(catalog_path, profile), source, target)
+def fit_pair_task(
+    store_root: str, catalog_path: str | None, profile: str, source: str, target: str, wait: bool = True
+) -> FitResult:
+    return fit_pair(store_for(store_root), catalog(catalog_path, profile), source, target, wait=wait)
 
 
 def fit_all(store_root: str, catalog_path: str | None, profile: str) -> list[FitResult]:
+    """Fit every pair; pairs another writer is fitting are waited for after the others."""
     resolved = catalog(catalog_path, profile)
-    return [
-        fit_pair_task(store_root, catalog_path, profile, s, t)
+    results = [
+        fit_pair_task(store_root, catalog_path, profile, s, t, wait=False)
         for s in resolved.sources_of("source")
         for t in resolved.sources_of("target")
+    ]
+    return [
+        fit_pair_task(store_root, catalog_path, profile, r.source, r.target) if r.status == "waiting" else r
+        for r in results
     ]
 
 

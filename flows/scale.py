@@ -1,7 +1,8 @@
 """Extraction scale-out on Dask: workers encode and write shards, the flow process commits them.
 
-DuckDB allows one writer, so workers never open it. The flow process holds the
-store's writer lock and does all bookkeeping: it plans every unit exactly as the
+Workers never open DuckDB. The flow process does all bookkeeping, each write a short
+transaction, and claims every shard it sends out (so other writers of the store leave
+those shards alone, and it leaves theirs): it plans every unit exactly as the
 single-process path does (same unit keys, same text order, same shards), creates
 the unit arrays and records, and sends each worker one shard's texts plus the
 model source. A worker loads the model once (cached per worker process), encodes
@@ -48,7 +49,18 @@ from safeport.catalog import Resolved
 from safeport.extractors import ModelSource
 from safeport.extractors.base import ExtractionError
 from safeport.flows.common import catalog, extractor_for, model_source, run_id, store_for, writing
-from safeport.flows.extract import CONCEPT_DATASET, UnitResult, encode_shard, register_datasets_task, unit_key
+from safeport.flows.extract import (
+    CONCEPT_DATASET,
+    WAIT_POLL_S,
+    UnitResult,
+    claim_shard,
+    commit_claimed_shard,
+    encode_shard,
+    ensure_unit,
+    register_datasets_task,
+    unit_key,
+)
+from safeport.store.claims import RunEntry
 from safeport.store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
 
 log = logging.getLogger("safeport.scale")
@@ -180,6 +192,7 @@ class _Pending:
     plan: PrefectFuture[UnitPlan] | None = None
     shards: list[tuple[int, PrefectFuture[ShardDescriptor]]] = field(default_factory=list)
     remaining: int = 0  # rows sent to workers
+    run: RunEntry | None = None  # this writer's running ``runs`` row for the unit
 
 
 def _require_dask() -> None:
@@ -245,42 +258,73 @@ def _create_unit(store: Store, resolved: Resolved, p: _Pending, ds_hash: str) ->
 
 
 def _submit_shards(store: Store, resolved: Resolved, p: _Pending, arrays: str) -> UnitInfo:
-    """Create the unit if it is new, then send every uncommitted shard to a worker."""
-    entry = resolved.models[p.model]
-    unit = p.unit or _create_unit(store, resolved, p, store.dataset_hash(p.dataset) or "")
-    todo = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
-    if todo:
-        spec = p.source.spec()
-        store.register_model(spec.key(), p.model, entry.role, asdict(spec), unit.dim)
-        ids = store.unit_text_ids(unit.unit_key)
-        for shard in todo:
-            start, stop = unit.shard_range(shard)
-            shard_ids = ids[start:stop]
-            fut = encode_shard_task.submit(
-                arrays,
-                unit,
-                shard,
-                shard_ids,
-                store.texts(shard_ids),
-                p.source,
-                entry.batch_size,
-                entry.max_batch_tokens,
-            )
-            p.shards.append((shard, fut))
-            p.remaining += stop - start
+    """Create the unit if it is new (under its claim), then send every shard this writer claims to a worker."""
+    ds_hash = store.dataset_hash(p.dataset) or ""
+    unit = p.unit or ensure_unit(
+        store, unit_key(p.source.spec().key(), p.dataset, ds_hash), lambda: _create_unit(store, resolved, p, ds_hash)
+    )
+    _send(
+        store,
+        resolved,
+        p,
+        unit,
+        arrays,
+        [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)],
+    )
     return unit
 
 
-def _commit(store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, rid: str, bar: tqdm) -> UnitResult:
-    """The single commit step: verify and record each returned shard in order, then finish the unit."""
+def _send(store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, arrays: str, shards: list[int]) -> None:
+    """Claim each of ``shards`` and send those this writer got to a worker (others' are left to them)."""
+    entry = resolved.models[p.model]
+    ids: list[str] | None = None
+    for shard in shards:
+        if not claim_shard(store, unit, shard):
+            continue
+        if ids is None:
+            spec = p.source.spec()
+            store.register_model(spec.key(), p.model, entry.role, asdict(spec), unit.dim)
+            ids = store.unit_text_ids(unit.unit_key)
+            p.run = p.run or store.session.start_run("extract", "extract_unit", p.model, p.dataset, unit.unit_key)
+        start, stop = unit.shard_range(shard)
+        shard_ids = ids[start:stop]
+        fut = encode_shard_task.submit(
+            arrays,
+            unit,
+            shard,
+            shard_ids,
+            store.texts(shard_ids),
+            p.source,
+            entry.batch_size,
+            entry.max_batch_tokens,
+        )
+        p.shards.append((shard, fut))
+        p.remaining += stop - start
+
+
+def _commit(
+    store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, rid: str, bar: tqdm, arrays: str
+) -> UnitResult:
+    """The single commit step: verify and record each returned shard in order, then finish the unit.
+
+    Shards another writer holds are waited for (and sent to a worker if that writer dies).
+    """
     rows = tokens = truncated = 0
-    for _, fut in p.shards:
-        desc = fut.result()
-        store.commit_shard(unit, desc, verify=True)
-        rows += desc.row_stop - desc.row_start
-        tokens += desc.tokens
-        truncated += int(np.asarray(desc.truncated).sum())
-        bar.update(desc.row_stop - desc.row_start)
+    while True:
+        sent, p.shards = p.shards, []
+        for _, fut in sent:
+            desc = fut.result()
+            if commit_claimed_shard(store, unit, desc, p.run, verify=True):
+                rows += desc.row_stop - desc.row_start
+                tokens += desc.tokens
+                truncated += int(np.asarray(desc.truncated).sum())
+            bar.update(desc.row_stop - desc.row_start)
+        left = [s for s in range(unit.n_shards) if s not in store.committed_shards(unit.unit_key)]
+        if not left:
+            break
+        _send(store, resolved, p, unit, arrays, left)
+        if not p.shards:
+            time.sleep(WAIT_POLL_S)  # another writer computes them
     if truncated:
         log.warning(
             "%s/%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
@@ -289,13 +333,18 @@ def _commit(store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, rid: 
             truncated,
             resolved.models[p.model].max_tokens,
         )
-    store.finish_unit(unit.unit_key)
     seconds = time.time() - p.started
-    store.record_run(
-        rid, "extract", "extract_unit", p.model, p.dataset, unit.unit_key, "done", rows, tokens, seconds, p.started
-    )
+    status = "done" if rows or not unit.n_rows else "skipped"
+    with store.transaction():
+        store.finish_unit(unit.unit_key)
+        if p.run is not None:
+            store.session.finish_run(p.run, status)
+        else:
+            store.record_run(
+                rid, "extract", "extract_unit", p.model, p.dataset, unit.unit_key, status, 0, 0, seconds, p.started
+            )
     log.info("%s/%s: %d rows, %d tokens in %.1fs (dask)", p.model, p.dataset, rows, tokens, seconds)
-    return UnitResult(p.model, p.dataset, unit.unit_key, "done", rows, tokens, seconds)
+    return UnitResult(p.model, p.dataset, unit.unit_key, status, rows, tokens, seconds)
 
 
 def extract_all_dask(store_root: str, catalog_path: str | None, profile: str) -> list[UnitResult]:
@@ -311,7 +360,8 @@ def extract_all_dask(store_root: str, catalog_path: str | None, profile: str) ->
     total = sum(p.remaining for p in planned if isinstance(p, _Pending))
     with tqdm(total=total, desc="extract (dask)", unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
         return [
-            p if isinstance(p, UnitResult) else _commit(store, resolved, p, units[id(p)], rid, bar) for p in planned
+            p if isinstance(p, UnitResult) else _commit(store, resolved, p, units[id(p)], rid, bar, arrays)
+            for p in planned
         ]
 
 

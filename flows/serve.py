@@ -2,9 +2,9 @@
 
 Schedules need a real Prefect server (``prefect server start``): the ephemeral
 in-process API that Prefect falls back to has no scheduler, so serving against it
-would wait forever. Scheduled runs queue behind each other (one at a time) and
-behind any other writer of the store (``wait_s``), and each is an ordinary
-incremental rebuild: nothing new, nothing recomputed.
+would wait forever. Scheduled runs go one at a time; each is an ordinary incremental
+rebuild (nothing new, nothing recomputed) that shares the store with any other writer,
+leaving work another writer has claimed to it (``wait_s`` bounds each wait for the store file).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def serve_rebuild(
     cron: str | None = None,
     interval: float | None = None,
     name: str = "safeport-rebuild",
-    wait_s: float = 3600.0,
+    wait_s: float = 0.0,
     online: bool | None = None,
     dask_address: str | None = None,
     dask_workers: int = 0,

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from safeport.cli_verify import WAIT_HELP
+
 
 def _quiet_env() -> None:
     """Offline-friendly defaults, set before Prefect or transformers are imported."""
@@ -153,9 +155,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ):
         print(f"\n{title}:")
         print(format_table(readonly_query(root, sql)))
-    from safeport.cli_ops import print_staleness
+    from safeport.cli_ops import print_running, print_staleness
 
     print_staleness(root)
+    print_running(root)
     return 0
 
 
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("fit", cmd_fit, "fit maps, vectors and baselines from the cached store; write the report"),
     ):
         p = add(name, func, help_)
-        p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+        p.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     add("catalog", cmd_catalog, "validate the catalog and show what the profile would read")
     add("status", cmd_status, "models, datasets, rows cached, and what is stale and why")
     q = add("query", cmd_query, "read-only SQL over the store's metadata (tables and views)")

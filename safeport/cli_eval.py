@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from safeport.cli_verify import WAIT_HELP
+
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -60,12 +62,12 @@ def _category_vectors(store: Any, lineage: dict[str, Any]) -> dict[str, np.ndarr
     """The per-category siblings of a stored global vector (same kind, source, target, mapper)."""
     from safeport.store.artifacts import load_vector
 
-    rows = store.con.execute(
+    rows = store.fetchall(
         "SELECT name, category FROM vectors WHERE kind = ? AND target = ? AND category IS NOT NULL "
         "AND source IS NOT DISTINCT FROM ? AND mapper IS NOT DISTINCT FROM ? "
         "QUALIFY row_number() OVER (PARTITION BY name ORDER BY created_at DESC) = 1",
         [lineage.get("kind"), lineage.get("target"), lineage.get("source"), lineage.get("mapper")],
-    ).fetchall()
+    )
     return {str(cat): load_vector(store, name)[0] for name, cat in rows}
 
 
@@ -219,5 +221,5 @@ def add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], 
     e.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP for Q16 and CLIP-Sim")
     e.add_argument("--q16-prompts", default=None, help="Q16 prompt embeddings (.npy [2, 768])")
     e.add_argument("--fid-reference", default=None, help="folder of reference images for FID")
-    e.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    e.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _shared(e)

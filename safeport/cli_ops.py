@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safeport.cli_verify import WAIT_HELP
+
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -98,6 +100,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"gc: {verb} {len(report.garbage) - partial} unreferenced array(s) and {partial} half-written file(s), "
         f"{_fmt_bytes(report.bytes)}"
     )
+    if report.in_flight:
+        print(
+            f"gc: kept {len(report.in_flight)} unreferenced item(s) written since a running writer started "
+            "(they may be its next records); a later gc removes them if they stay unreferenced"
+        )
     if report.garbage and not report.applied:
         print("dry run: nothing was deleted; pass --apply to delete")
     return 0
@@ -120,6 +127,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     n = sum(v.status == "imported" for v in done)
     print(f"import: {n} vector(s) imported, {len(done) - n} already present; lineage in the vectors table")
     return 0
+
+
+def print_running(root: Path) -> None:
+    """The part of ``safeport status`` that shows work in progress: what, by whom, how far, last heartbeat."""
+    from safeport.store.query import format_table, readonly_query
+
+    views = readonly_query(root, "SELECT table_name FROM information_schema.tables WHERE table_name = 'running'")
+    print("\nrunning now:")
+    if views.num_rows == 0:
+        print("  (a store of an older schema: its first write adds progress tracking)")
+        return
+    table = readonly_query(
+        root,
+        "SELECT flow, task, model, dataset, rows, tokens, 'pid ' || pid || ' on ' || host AS writer, "
+        "CAST(round(epoch(now()) - epoch(started_at)) AS BIGINT) AS running_s, "
+        "CAST(round(epoch(now()) - epoch(heartbeat_at)) AS BIGINT) AS heartbeat_s_ago, "
+        "CASE WHEN lease_alive THEN 'alive' ELSE 'stalled: writer gone or not renewing' END AS state "
+        "FROM running ORDER BY started_at",
+    )
+    print(format_table(table) if table.num_rows else "  nothing is running")
 
 
 def print_staleness(root: Path) -> None:
@@ -167,7 +194,7 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
     """Register the operations commands on the CLI's subparsers via its ``add`` helper."""
     del sub  # every command goes through ``add`` so it gets --catalog/--profile/--store
     r = add("rebuild", cmd_rebuild, "extract, fit and evaluate only what changed; mark removed models' artefacts stale")
-    r.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    r.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _online_options(r)
     _dask_options(r)
 
@@ -176,13 +203,13 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
     when.add_argument("--cron", default=None, help="cron schedule, e.g. '0 3 * * *' (03:00 daily)")
     when.add_argument("--interval", type=float, default=None, help="run every SECONDS")
     s.add_argument("--name", default="safeport-rebuild", help="deployment name (default: safeport-rebuild)")
-    s.add_argument("--wait", type=float, default=3600.0, help="seconds a run waits for another writer (default 3600)")
+    s.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _online_options(s)
     _dask_options(s)
 
     g = add("gc", cmd_gc, "list arrays no record refers to (dry run); --apply deletes them")
     g.add_argument("--apply", action="store_true", help="delete them (default: only list them and their size)")
-    g.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    g.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
 
     e = add("export", cmd_export, "export vectors (safetensors + lineage JSON) to a folder")
     e.add_argument("names", nargs="*", help="vector names (default: all)")
@@ -190,4 +217,4 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
 
     i = add("import", cmd_import, "import exported vectors into the store, checksum-verified, with lineage")
     i.add_argument("path", help="a folder written by `safeport export`, or one .safetensors file")
-    i.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer")
+    i.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+WAIT_HELP = (
+    "seconds each write waits for the store while another process holds it (default: SAFEPORT_STORE_WAIT or 60); "
+    "writers share a store, work another writer holds is waited for while that writer lives"
+)
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -48,7 +52,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
 
     from safeport.flows.verify import repair_flow
+    from safeport.store.recovery import probe
 
+    if (_root(args) / "meta.duckdb").is_file():
+        probe(_root(args))  # a damaged meta.duckdb is one clean error before any flow starts
     result = repair_flow(args.catalog, args.profile, args.store, args.wait)
     _print_report(result.before, f"verify {result.before.root}")
     inv = result.invalidation
@@ -69,6 +76,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.after.ok else 1
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    from safeport.store.recovery import recover
+
+    r = recover(_root(args))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.snapshot_taken))
+    print(f"recover: the damaged metadata was kept as {r.damaged_kept_as}")
+    print(
+        f"recover: restored the snapshot of {when}: {r.units} unit(s), {r.shards} shard(s), {r.vectors} vector(s), "
+        f"{r.outputs} output(s)"
+    )
+    print(
+        "next: `safeport verify` checks the arrays against the restored checksums; rerun the jobs run after the "
+        "snapshot (e.g. `safeport run`, `safeport eval ...`) to recompute what came after it"
+    )
+    return 0
+
+
 def add_verify_commands(sub: Any, add: AddCommand) -> None:
     """Register ``verify`` on the CLI's subparsers via its ``add`` helper (adds --catalog/--profile/--store)."""
     del sub  # ``add`` gives the command the shared options
@@ -78,4 +102,9 @@ def add_verify_commands(sub: Any, add: AddCommand) -> None:
         action="store_true",
         help="re-extract damaged shards (only those) and reset fits with damaged vectors/maps for `safeport fit`",
     )
-    v.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another writer (with --repair)")
+    v.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP + " (with --repair)")
+    add(
+        "recover",
+        cmd_recover,
+        "replace a damaged meta.duckdb by the snapshot of the last successful run (the damaged file is kept)",
+    )

@@ -197,7 +197,7 @@ def load_map(store: Store, map_key: str, names: Sequence[str]) -> tuple[dict[str
 def map_checksums(store: Store, map_key: str) -> dict[str, str]:
     """Recorded checksum per tensor name; empty for a map written before checksums were recorded."""
     try:
-        rows = store.con.execute("SELECT name, checksum FROM map_tensors WHERE map_key = ?", [map_key]).fetchall()
+        rows = store.fetchall("SELECT name, checksum FROM map_tensors WHERE map_key = ?", [map_key])
     except duckdb.CatalogException:  # an older store opened read-only: the table does not exist yet
         return {}
     return {str(n): str(c) for n, c in rows}
@@ -248,7 +248,7 @@ def load_vector(store: Store, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         [name],
     )
     if row is None:
-        hint = store.con.execute("SELECT name FROM vectors ORDER BY name LIMIT 8").fetchall()
+        hint = store.fetchall("SELECT name FROM vectors ORDER BY name LIMIT 8")
         raise StoreError(
             f"no vector named {name!r} in {store.root}; known names include {[h[0] for h in hint]} "
             '(list all with: safeport query "select name from vectors")'

@@ -103,6 +103,26 @@ class ArrayLocation:
         except FileNotFoundError:
             return 0
 
+    def newest(self, prefix: str) -> float | None:
+        """Latest modification time (epoch seconds) of anything under ``prefix``; None when unknown.
+
+        ``gc`` keeps what may still be in flight: anything written since a running writer started.
+        """
+        fs, base = self._fs()
+        with contextlib.suppress(AttributeError):
+            fs.invalidate_cache()
+        try:
+            found = fs.find(f"{base}/{prefix}", detail=True, withdirs=True)
+        except FileNotFoundError:
+            return None
+        times = []
+        for info in found.values():
+            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if k in info), None)
+            if stamp is None:
+                return None
+            times.append(stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp))
+        return max(times, default=None)
+
     def leftovers(self) -> dict[str, int]:
         """``{path: bytes}`` of half-written files (``*.partial``) a killed local write left behind.
 

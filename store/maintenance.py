@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,15 @@ import pyarrow as pa
 import zarr
 
 from safeport.store import artifacts
-from safeport.store.store import Store, StoreError, checksum, writer_lock
+from safeport.store.claims import live_writers
+from safeport.store.store import Store, StoreError, checksum
 
 STALE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS stale (
     kind VARCHAR, key VARCHAR, name VARCHAR, reason VARCHAR, marked_at TIMESTAMP, PRIMARY KEY (kind, key));
 """
 STALE_KINDS = ("model", "unit", "map", "fit", "vector", "report")
+IN_FLIGHT_MARGIN_S = 60.0  # clock and filesystem-timestamp slack when gc decides what may be in flight
 
 
 def mark_stale(
@@ -51,7 +53,14 @@ def mark_stale(
     rows of prompt sets the profile no longer evaluates (or evaluates differently) are
     stale too. Returns counts per kind. Rebuilding a profile that brings something back clears it.
     """
-    models = store.con.execute("SELECT model_key, name FROM models").fetchall()
+    with store.reading() as con:
+        models = con.execute("SELECT model_key, name FROM models").fetchall()
+        units = con.execute("SELECT unit_key, model_key, dataset FROM units").fetchall()
+        maps = con.execute("SELECT map_key, source, target, source_key, target_key, mapper FROM maps").fetchall()
+        fits = con.execute("SELECT fit_key, source, target, inputs_json FROM fits").fetchall()
+        vectors = con.execute("SELECT vector_key, name, fit_key, checksum FROM vectors").fetchall()
+        produced = con.execute("SELECT fit_key, kind, key FROM fit_outputs").fetchall()
+        report_sets = con.execute("SELECT report_key, fit_key, source, target, prompt_set FROM report_sets").fetchall()
     model_reason: dict[str, tuple[str, str]] = {}
     for key, name in models:
         if name not in current_models:
@@ -63,16 +72,13 @@ def mark_stale(
                 "(new hub revision, changed weights or changed options)",
             )
     rows: list[tuple[str, str, str, str]] = [("model", k, n, r) for k, (n, r) in model_reason.items()]
-    for ukey, mkey, dataset in store.con.execute("SELECT unit_key, model_key, dataset FROM units").fetchall():
+    for ukey, mkey, dataset in units:
         if mkey in model_reason:
             rows.append(("unit", ukey, f"{model_reason[mkey][0]}/{dataset}", model_reason[mkey][1]))
     current_fits = set(current_fits)
-    produced = store.con.execute("SELECT fit_key, kind, key FROM fit_outputs").fetchall()
     listed = {(kind, key) for _, kind, key in produced}
     current_out = {(kind, key) for fkey, kind, key in produced if fkey in current_fits}
-    for mapk, src, tgt, skey, tkey, mapper in store.con.execute(
-        "SELECT map_key, source, target, source_key, target_key, mapper FROM maps"
-    ).fetchall():
+    for mapk, src, tgt, skey, tkey, mapper in maps:
         why = model_reason.get(skey) or model_reason.get(tkey)
         if why:
             rows.append(("map", mapk, f"{src}->{tgt}:{mapper}", why[1]))
@@ -86,7 +92,6 @@ def mark_stale(
                     "(its anchors, mapper settings or code changed)",
                 )
             )
-    fits = store.con.execute("SELECT fit_key, source, target, inputs_json FROM fits").fetchall()
     current_pairs = {(s, t) for f, s, t, _ in fits if f in current_fits}  # pairs this rebuild fitted
     fit_reason: dict[str, str] = {}
     for fkey, src, tgt, inputs_json in fits:
@@ -101,7 +106,6 @@ def mark_stale(
         else:
             fit_reason[fkey] = f"pair {src}->{tgt} ({fkey}) is no longer fitted by profile {profile!r}"
         rows.append(("fit", fkey, f"{src}->{tgt}", fit_reason[fkey]))
-    vectors = store.con.execute("SELECT vector_key, name, fit_key, checksum FROM vectors").fetchall()
     current_values = {(name, sums): vkey for vkey, name, _, sums in vectors if ("vector", vkey) in current_out}
     for vkey, name, fkey, sums in vectors:
         if ("vector", vkey) in current_out:
@@ -118,9 +122,7 @@ def mark_stale(
         rows.append(("vector", vkey, name, reason))
     if current_reports is not None:
         current_reports = set(current_reports)
-        for rkey, fkey, src, tgt, prompt_set in store.con.execute(
-            "SELECT report_key, fit_key, source, target, prompt_set FROM report_sets"
-        ).fetchall():
+        for rkey, fkey, src, tgt, prompt_set in report_sets:
             if rkey in current_reports:
                 continue
             left = fit_reason.get(fkey) or (
@@ -156,9 +158,9 @@ class StoreStatus:
 
 def status(root: Path | str) -> StoreStatus:
     """Models (with staleness), datasets, rows cached per model and dataset, fits, and what is stale and why."""
-    with Store(root, read_only=True) as store:
+    with Store(root, read_only=True) as store, store.reading() as con:
         stale = stale_rows(store)
-        store.con.register("_stale", stale)
+        con.register("_stale", stale)
         try:
             models = store.sql(
                 "SELECT m.name, m.role, m.family, m.model_key, m.revision, m.dim, m.current, "
@@ -170,7 +172,7 @@ def status(root: Path | str) -> StoreStatus:
                 "FROM fits f LEFT JOIN _stale s ON s.kind = 'fit' AND s.key = f.fit_key ORDER BY 1, 2, 5"
             )
         finally:
-            store.con.unregister("_stale")
+            con.unregister("_stale")
         datasets = store.sql("SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1")
         rows = store.sql(
             "SELECT m.name AS model, m.model_key, u.dataset, count(a.row) AS rows, sum(a.n_tokens) AS tokens "
@@ -201,10 +203,11 @@ def _children(group: zarr.Group, path: str) -> list[tuple[str, bool]]:
 
 def find_garbage(store: Store) -> list[Garbage]:
     """Arrays under ``acts/``, ``maps/`` and ``vectors/`` that no committed DuckDB record refers to,
-    plus half-written ``*.partial`` files (under the writer lock, nobody is writing them)."""
-    units = {r[0] for r in store.con.execute("SELECT array_path FROM units").fetchall()}
-    maps = {r[0] for r in store.con.execute("SELECT map_key FROM maps").fetchall()}
-    vectors = {r[0] for r in store.con.execute("SELECT vector_key FROM vectors").fetchall()}
+    plus half-written ``*.partial`` files; see :func:`collect_garbage` for what is in flight."""
+    with store.reading() as con:
+        units = {r[0] for r in con.execute("SELECT array_path FROM units").fetchall()}
+        maps = {r[0] for r in con.execute("SELECT map_key FROM maps").fetchall()}
+        vectors = {r[0] for r in con.execute("SELECT vector_key FROM vectors").fetchall()}
     found: list[str] = []
     for model_key, is_array in _children(store.arrays, "acts"):
         if is_array:
@@ -227,6 +230,7 @@ def find_garbage(store: Store) -> list[Garbage]:
 class GcReport:
     garbage: list[Garbage]
     applied: bool
+    in_flight: list[Garbage] = field(default_factory=list)  # written since a running writer started: kept
 
     @property
     def bytes(self) -> int:
@@ -234,23 +238,33 @@ class GcReport:
 
 
 def collect_garbage(root: Path | str, apply: bool = False, wait_s: float = 0.0) -> GcReport:
-    """List (and with ``apply`` delete) unreferenced arrays, holding the writer lock.
+    """List (and with ``apply`` delete) unreferenced arrays; what a running writer may be writing is kept.
 
-    The lock matters even for a dry run: a running extraction creates a unit's
-    array a moment before its record, and must not be reported (or removed) as garbage.
+    Writers run beside gc: an extraction creates a unit's array a moment before its record, a
+    fit writes vector arrays before their rows. So while writers are running (their presence
+    claims are alive), an unreferenced array or ``*.partial`` file written since the earliest of
+    them started (less a minute for clocks) is reported as in flight and kept; a later gc, or one
+    with no writer running, removes it if it is still unreferenced then.
     """
     root = Path(root)
     if not (root / "meta.duckdb").exists():
         raise StoreError(f"no store at {root}; check --store")
-    with writer_lock(root, wait_s), Store(root) as store:
-        garbage = find_garbage(store)
+    with Store(root, wait_s=wait_s or None) as store:
+        writers = live_writers(store)
+        since = min((w.claimed_at for w in writers), default=None)
+        garbage: list[Garbage] = []
+        in_flight: list[Garbage] = []
+        for g in find_garbage(store):
+            newest = store.location.newest(g.path) if since is not None else None
+            recent = since is not None and (newest is None or newest >= since - IN_FLIGHT_MARGIN_S)
+            (in_flight if recent else garbage).append(g)
         if apply:
             for g in garbage:
                 if g.kind != "partial":
-                    with contextlib.suppress(KeyError):  # listed a moment ago under the lock
+                    with contextlib.suppress(KeyError):  # already gone
                         del store.arrays[g.path]
                 store.location.remove(g.path)  # a partial file, or what a store that does not delete prefixes leaves
-    return GcReport(garbage, apply)
+    return GcReport(garbage, apply, in_flight)
 
 
 # -- vector export / import -------------------------------------------------------
@@ -288,9 +302,7 @@ def export_vectors(root: Path | str, out: Path | str, names: Sequence[str] = ())
     out = Path(out)
     loaded: list[tuple[str, np.ndarray, dict[str, Any]]] = []
     with Store(root, read_only=True) as store:
-        wanted = list(names) or [
-            r[0] for r in store.con.execute("SELECT DISTINCT name FROM vectors ORDER BY 1").fetchall()
-        ]
+        wanted = list(names) or [r[0] for r in store.fetchall("SELECT DISTINCT name FROM vectors ORDER BY 1")]
         if not wanted:
             raise StoreError(f"store {store.root} has no vectors to export; run `safeport fit` first")
         for name in wanted:
@@ -353,7 +365,7 @@ def import_vectors(root: Path | str, src: Path | str, wait_s: float = 0.0) -> li
         loaded.append((f, values, lineage))
     out: list[ImportedVector] = []
     rid = uuid.uuid4().hex
-    with writer_lock(root, wait_s), Store(root) as store:
+    with Store(root, wait_s=wait_s or None) as store:
         for f, values, lineage in loaded:  # every check against the store first: a refusal writes nothing
             _check_against(store, f, values, lineage)
         for f, values, lineage in loaded:

@@ -79,9 +79,9 @@ class ScoreRow:
 
 
 def ensure_tables(store: Store) -> None:
-    """Create ``generations`` and ``scores`` if missing (no-op on a read-only handle)."""
+    """Create ``generations`` and ``scores`` if missing (no-op on a read-only handle; once per handle)."""
     if not store.read_only:
-        store.con.execute(DDL)
+        store.ensure_schema("outputs", DDL)
 
 
 def _has_tables(store: Store) -> bool:
@@ -136,11 +136,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_output(
+@dataclass(frozen=True)
+class WrittenOutput:
+    """An output whose files are on disk (step 1), ready to be recorded (step 2)."""
+
+    spec: OutputSpec
+    files: tuple[str, ...]
+    checksum: str
+    settings_json: str
+    seconds: float
+
+
+def write_output_files(
     store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
-) -> str:
-    """Write the output's PNGs atomically, then commit its record; returns the key."""
-    ensure_tables(store)
+) -> WrittenOutput:
+    """Step 1: write the output's PNGs atomically; nothing is recorded (a rerun overwrites them)."""
     if not images:
         raise ValueError(f"output {spec.key} has no images; a generation returns at least one")
     folder = outputs_dir(store)
@@ -158,27 +168,48 @@ def save_output(
             f"writing output {spec.key} to {folder} failed: {err}. Nothing was recorded for it; free disk space "
             "and rerun (committed outputs are kept)"
         ) from None
+    settings_json = json.dumps(dict(settings), sort_keys=True, default=str)
+    return WrittenOutput(spec, tuple(names), digest.hexdigest()[:32], settings_json, float(seconds))
+
+
+def record_outputs(store: Store, written: Sequence[WrittenOutput]) -> None:
+    """Step 2: record a batch of written outputs in one transaction (joins the caller's, if any)."""
+    ensure_tables(store)
+    if not written:
+        return
     with store.transaction() as con:
-        con.execute("DELETE FROM scores WHERE output_key = ?", [spec.key])
-        con.execute(
+        con.register("_gone", _keys_table([w.spec.key for w in written]))
+        con.execute("DELETE FROM scores WHERE output_key IN (SELECT output_key FROM _gone)")
+        con.unregister("_gone")
+        con.executemany(
             "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
             [
-                spec.key,
-                spec.target,
-                spec.target_key,
-                spec.method,
-                spec.vector_id,
-                float(spec.alpha),
-                int(spec.seed),
-                spec.text_id,
-                spec.settings_key,
-                json.dumps(dict(settings), sort_keys=True, default=str),
-                len(images),
-                json.dumps(names),
-                digest.hexdigest()[:32],
-                float(seconds),
+                [
+                    w.spec.key,
+                    w.spec.target,
+                    w.spec.target_key,
+                    w.spec.method,
+                    w.spec.vector_id,
+                    float(w.spec.alpha),
+                    int(w.spec.seed),
+                    w.spec.text_id,
+                    w.spec.settings_key,
+                    w.settings_json,
+                    len(w.files),
+                    json.dumps(list(w.files)),
+                    w.checksum,
+                    w.seconds,
+                ]
+                for w in written
             ],
         )
+
+
+def save_output(
+    store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
+) -> str:
+    """Write the output's PNGs atomically, then commit its record; returns the key."""
+    record_outputs(store, [write_output_files(store, spec, images, settings, seconds)])
     return spec.key
 
 
@@ -191,13 +222,14 @@ def done_keys(store: Store, keys: Sequence[str]) -> set[str]:
     ensure_tables(store)
     if not keys or not _has_tables(store):
         return set()
-    store.con.register("_want", _keys_table(keys))
-    try:
-        rows = store.con.execute(
-            "SELECT g.output_key, g.files FROM generations g JOIN _want USING (output_key)"
-        ).fetchall()
-    finally:
-        store.con.unregister("_want")
+    with store.reading() as con:
+        con.register("_want", _keys_table(keys))
+        try:
+            rows = con.execute(
+                "SELECT g.output_key, g.files FROM generations g JOIN _want USING (output_key)"
+            ).fetchall()
+        finally:
+            con.unregister("_want")
     folder = outputs_dir(store)
     return {key for key, files in rows if all((folder / f).is_file() for f in json.loads(files))}
 
@@ -206,7 +238,7 @@ def load_images(store: Store, key: str, verify: bool = True) -> list[Image.Image
     """The committed images of one output (checksum-verified), in frame order."""
     row = None
     if _has_tables(store):
-        row = store.con.execute("SELECT files, checksum FROM generations WHERE output_key = ?", [key]).fetchone()
+        row = store.one("SELECT files, checksum FROM generations WHERE output_key = ?", [key])
     if row is None:
         raise StoreError(f"output {key} is not recorded in {store.root}; run `safeport eval` to generate it")
     digest = hashlib.sha256()
@@ -258,15 +290,16 @@ def unscored(store: Store, keys: Sequence[str], metric: str) -> list[str]:
     ensure_tables(store)
     if not keys or not _has_tables(store):
         return []
-    store.con.register("_want", _keys_table(keys))
-    try:
-        rows = store.con.execute(
-            "SELECT w.output_key FROM _want w JOIN generations g USING (output_key) "
-            "WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.output_key = w.output_key AND s.metric = ?)",
-            [metric],
-        ).fetchall()
-    finally:
-        store.con.unregister("_want")
+    with store.reading() as con:
+        con.register("_want", _keys_table(keys))
+        try:
+            rows = con.execute(
+                "SELECT w.output_key FROM _want w JOIN generations g USING (output_key) "
+                "WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.output_key = w.output_key AND s.metric = ?)",
+                [metric],
+            ).fetchall()
+        finally:
+            con.unregister("_want")
     have = {r[0] for r in rows}
     return [k for k in dict.fromkeys(keys) if k in have]
 
@@ -275,24 +308,26 @@ def scores_for(store: Store, keys: Sequence[str]) -> pa.Table:
     """Columns output_key, metric, value, flagged for the given outputs."""
     if not keys or not _has_tables(store):
         return pa.table({"output_key": [], "metric": [], "value": [], "flagged": []})
-    store.con.register("_want", _keys_table(keys))
-    try:
-        return store.con.sql(
-            "SELECT s.output_key, s.metric, s.value, s.flagged FROM scores s JOIN _want USING (output_key)"
-        ).to_arrow_table()
-    finally:
-        store.con.unregister("_want")
+    with store.reading() as con:
+        con.register("_want", _keys_table(keys))
+        try:
+            return con.sql(
+                "SELECT s.output_key, s.metric, s.value, s.flagged FROM scores s JOIN _want USING (output_key)"
+            ).to_arrow_table()
+        finally:
+            con.unregister("_want")
 
 
 def generations_for(store: Store, keys: Sequence[str]) -> pa.Table:
     """The ``generations`` rows of the given outputs."""
     if not keys or not _has_tables(store):
         return pa.table({"output_key": [], "seconds": []})
-    store.con.register("_want", _keys_table(keys))
-    try:
-        return store.con.sql("SELECT g.* FROM generations g JOIN _want USING (output_key)").to_arrow_table()
-    finally:
-        store.con.unregister("_want")
+    with store.reading() as con:
+        con.register("_want", _keys_table(keys))
+        try:
+            return con.sql("SELECT g.* FROM generations g JOIN _want USING (output_key)").to_arrow_table()
+        finally:
+            con.unregister("_want")
 
 
 def replace_results(store: Store, run_key: str, kind: str, rows: Sequence[Mapping[str, Any]]) -> None:

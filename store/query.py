@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from safeport.store.store import StoreBusyError, StoreError
+from safeport.store.db import StoreError, database, default_wait
 from safeport.store.text_guard import TEXT_HIDDEN, hide_implicit_text
 
 # DuckDB settings of every query connection. They are the real defence; the screen in
@@ -118,23 +118,16 @@ def check_readonly_sql(sql: str) -> None:
 
 
 @contextlib.contextmanager
-def readonly_connection(root: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only DuckDB connection to a store's ``meta.duckdb`` with :data:`READONLY_CONFIG`."""
-    db = root / "meta.duckdb"
-    if not db.is_file():
+def readonly_connection(root: Path, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only DuckDB connection to a store's ``meta.duckdb`` with :data:`READONLY_CONFIG`.
+
+    It waits (``wait_s``, default ``SAFEPORT_STORE_WAIT`` or 10 s) for a writer's in-flight
+    transaction and then sees the last committed state; a damaged file is reported as such.
+    """
+    if not (root / "meta.duckdb").is_file():
         raise StoreError(f"no store at {root}; run `safeport run` or `safeport extract` first")
-    try:
-        con = duckdb.connect(str(db), read_only=True, config=READONLY_CONFIG)
-    except duckdb.IOException as err:
-        if "lock" in str(err).lower():  # DuckDB: 'Could not set lock on file ...: Conflicting lock'
-            raise StoreBusyError(f"store {root} is being written by another process ({err}); query it later") from None
-        raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
-    except duckdb.Error as err:
-        raise StoreError(f"store {root}: {db} cannot be opened ({err}); is it a safeport store?") from None
-    try:
+    with database(root).reading(default_wait(False) if wait_s is None else wait_s, READONLY_CONFIG) as con:
         yield con
-    finally:
-        con.close()
 
 
 def readonly_query(root: Path, sql: str, hide_text: bool = False) -> pa.Table:

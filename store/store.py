@@ -8,21 +8,25 @@ Commit protocol (why a crash can neither lose nor duplicate rows):
    ``activation_rows``. Readers see rows through those records only, so a
    half-written chunk without a record is invisible and simply rewritten.
 
-One process writes (guarded by a file lock); readers open DuckDB read-only.
+Concurrency: a ``Store`` keeps no DuckDB connection. Each write is a short transaction
+(:meth:`Store.transaction`: lock, open, BEGIN, COMMIT, close, unlock) and each read a short
+read-only connection (:meth:`Store.reading` batches several), so readers and several writers
+share a store; writers split the work through claims (:mod:`safeport.store.claims`). See
+:mod:`safeport.store.db` for the DuckDB rules this is built around.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,20 +39,72 @@ import zarr.codecs
 import zarr.errors
 
 from safeport.store import location
-from safeport.store.migrate import migrate
+from safeport.store.claims import CLAIMS_DDL, HOST, Session
+from safeport.store.db import (
+    StoreBusyError as StoreBusyError,
+)
+from safeport.store.db import (
+    StoreDamagedError as StoreDamagedError,
+)
+from safeport.store.db import (
+    StoreError as StoreError,
+)
+from safeport.store.db import (
+    database,
+    default_wait,
+)
+from safeport.store.migrate import migrate as migrate_content_keys
 from safeport.store.schema import SCHEMA
-
-SCHEMA_VERSION = 1
 
 log = logging.getLogger("safeport.store")
 
 
-class StoreError(RuntimeError):
-    """The store cannot do what was asked; the message says why and what to do."""
+# -- schema versions -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: ``apply`` turns a store of version ``version - 1`` into ``version``.
+
+    Each step runs in its own write transaction together with the version bump, so a crash
+    leaves the store at the last finished step and the next writer resumes from there. A step
+    must be idempotent (``IF NOT EXISTS``, or check before changing). To add one: write the
+    function, append ``Migration(N + 1, "what it changes", fn)`` to :data:`MIGRATIONS`; every
+    writer that opens an older store then migrates it, and readers of it meanwhile are told
+    which version they found.
+    """
+
+    version: int
+    what: str
+    apply: Callable[[duckdb.DuckDBPyConnection], None]
 
 
-class StoreBusyError(StoreError):
-    """Another process holds the store's writer lock."""
+def _v2_claims_and_progress(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(CLAIMS_DDL)
+    for column, kind in (("owner", "VARCHAR"), ("heartbeat_at", "TIMESTAMP"), ("entry_id", "VARCHAR")):
+        con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} {kind}")
+    con.execute(RUNNING_VIEW)
+
+
+# Work in progress, for `safeport status` and SQL: each running ``runs`` row with its writer.
+# ``lease_alive`` is false once the writer stopped renewing (it died or hangs; see safeport.store.claims).
+RUNNING_VIEW = """
+CREATE OR REPLACE VIEW running AS
+    SELECT r.flow, r.task, r.model, r.dataset, r.unit_key AS work_key, r.rows, r.tokens, r.started_at,
+           r.heartbeat_at, c.host, c.pid, r.run_id, coalesce(c.expires_at > epoch(now()), false) AS lease_alive
+    FROM runs r LEFT JOIN claims c ON c.work_key = 'writer:' || r.owner
+    WHERE r.status = 'running';
+"""
+
+
+def _v3_content_keys(con: duckdb.DuckDBPyConnection) -> None:
+    for step in migrate_content_keys(con):
+        log.info("migrated: %s", step)
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(2, "claims table; runs.owner, runs.heartbeat_at, runs.entry_id (progress)", _v2_claims_and_progress),
+    Migration(3, "dataset hashes from rows (rows-v1), fit report columns, fit_outputs backfilled", _v3_content_keys),
+]
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)  # version 1: store/schema.py as first released
 
 
 @dataclass(frozen=True)
@@ -161,31 +217,127 @@ def write_shard_array(
 
 @contextlib.contextmanager
 def writer_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
-    """Exclusive advisory lock: one writer per store, released on exit or process death."""
+    """Kept for callers written before short transactions: it no longer excludes other writers.
+
+    Writers now share a store (each transaction takes the store's lock for milliseconds, work
+    is split by claims), so there is nothing to hold for a whole run. Remove calls to it.
+    """
+    del wait_s
     root.mkdir(parents=True, exist_ok=True)
-    path = root / "writer.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
+    yield
+
+
+def _check_version(root: Path, con: duckdb.DuckDBPyConnection, writing: bool = False) -> int:
+    """The store's schema version; a newer one, or (for readers) a migration in progress, is refused by name."""
+    meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('schema_version', 'migrating')").fetchall())
+    raw = meta.get("schema_version", "1")
     try:
-        while True:
+        version = int(raw)
+    except ValueError:
+        raise StoreError(
+            f"store {root} records schema version {raw!r}, which is not a number; is it damaged?"
+        ) from None
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {root} has schema version {version}, written by a newer safeport; this one reads versions up to "
+            f"{SCHEMA_VERSION}. Upgrade safeport to use this store"
+        )
+    if "migrating" in meta and not writing:
+        raise StoreError(
+            f"store {root} is being migrated (schema version {version} found; migration {meta['migrating']}); "
+            "wait for it to finish and retry. If that process died, run any writing command (e.g. `safeport "
+            "extract`) to finish the migration"
+        )
+    return version
+
+
+_READ_STATEMENTS = ("SELECT", "EXPLAIN")
+_PARSER = threading.local()
+
+
+def _reads_only(query: str) -> bool:
+    """Whether every statement of ``query`` only reads (DuckDB's own parser decides)."""
+    parser = getattr(_PARSER, "con", None)
+    if parser is None:
+        parser = _PARSER.con = duckdb.connect(":memory:")
+    try:
+        return all(st.type.name in _READ_STATEMENTS for st in parser.extract_statements(query))
+    except duckdb.Error:
+        return True  # let the real connection report the syntax error
+
+
+class _Result:
+    """A statement's whole result, fetched before its short connection closed."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+        self._rows: list[tuple[Any, ...]] | None = None
+        self._pos = 0
+
+    def _all(self) -> list[tuple[Any, ...]]:
+        if self._rows is None:
+            conv = duckdb.connect(":memory:")  # DuckDB's own Python conversion of every type
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
-                    raise StoreBusyError(
-                        f"store {root} is being written by another safeport process ({holder}); "
-                        "wait for it to finish, or pass --wait SECONDS to queue behind it"
-                    ) from None
-                time.sleep(0.5)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+                self._rows = [tuple(r) for r in conv.from_arrow(self._table).fetchall()]
+            finally:
+                conv.close()
+        return self._rows
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        rows = self._all()[self._pos :]
+        self._pos = len(self._all())
+        return rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        rows = self._all()
+        if self._pos >= len(rows):
+            return None
+        self._pos += 1
+        return rows[self._pos - 1]
+
+    def fetchmany(self, size: int = 1) -> list[tuple[Any, ...]]:
+        rows = self._all()[self._pos : self._pos + size]
+        self._pos += len(rows)
+        return rows
+
+    def to_arrow_table(self) -> pa.Table:
+        return self._table
+
+    fetch_arrow_table = arrow = to_arrow_table
+
+    def df(self) -> Any:
+        return self._table.to_pandas()
+
+    fetchdf = df
+
+
+class _StatementConnection:
+    """``store.con`` outside a block: each statement on its own short connection (see :attr:`Store.con`)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def execute(self, query: str, params: Sequence[Any] | None = None) -> _Result:
+        write = not self._store.read_only and not _reads_only(query)
+        block = self._store.transaction() if write else self._store.reading()
+        with block as con:
+            if write:
+                for name, obj in self._store._registered.items():
+                    con.register(name, obj)
+            rel = con.sql(query, params=list(params or []))
+            return _Result(rel.to_arrow_table() if rel is not None else pa.table({}))
+
+    sql = execute
+
+    def executemany(self, query: str, params: Sequence[Sequence[Any]]) -> None:
+        with self._store.transaction() as con:
+            con.executemany(query, [list(p) for p in params])
+
+    def register(self, name: str, obj: Any) -> None:
+        self._store._registered[name] = obj
+
+    def unregister(self, name: str) -> None:
+        self._store._registered.pop(name, None)
 
 
 class Store:
@@ -197,51 +349,81 @@ class Store:
     location is recorded in ``meta`` and the arrays group carries the store's id,
     so a catalog pointing elsewhere, or two stores sharing one location, is refused
     by name instead of mixing data.
+
+    No DuckDB connection is kept: every method opens a short one (see the module docstring).
+    ``wait_s`` bounds each wait for the file while another process holds it (default
+    ``SAFEPORT_STORE_WAIT``, else 10 s to read and 60 s to write).
     """
 
-    def __init__(self, root: Path | str, read_only: bool = False, arrays: str | None = None) -> None:
+    def __init__(
+        self, root: Path | str, read_only: bool = False, arrays: str | None = None, wait_s: float | None = None
+    ) -> None:
         self.root = Path(root)
         self.read_only = read_only
-        db = self.root / "meta.duckdb"
-        if read_only and not db.exists():
+        self.wait_s = wait_s
+        self.run_id = uuid.uuid4().hex  # flows set their Prefect run id; recorded with claims and runs rows
+        self._db = database(self.root)
+        self._session: Session | None = None
+        self._session_lock = threading.Lock()
+        self._registered: dict[str, Any] = {}  # tables registered through the per-statement ``con``
+        self._ensured: set[str] = set()  # stage schemas created by this handle (ensure_schema)
+        if read_only and not self._db.path.exists():
             raise StoreError(f"no store at {self.root}; run `safeport extract` (or `safeport run`) first")
-        self.root.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(str(db), read_only=read_only)
-        except duckdb.IOException as err:
-            raise StoreBusyError(
-                f"store {self.root} is open for writing by another process ({err}); read it when that run has finished"
-            ) from None
-        try:
-            if not read_only:
-                self.con.execute(SCHEMA)
-                self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-                with self.transaction() as con:  # an older store is brought up to date here, in place
-                    for step in migrate(con):
-                        log.info("store %s migrated: %s", self.root, step)
-                self._record_identity(arrays)
-            self.location = self._location(arrays)
-            self.arrays = self._open_arrays()
-        except BaseException:  # a refused open holds nothing: the next open in this process must work
+            if read_only:
+                with self.reading() as con:
+                    self.schema_version = _check_version(self.root, con)
+            else:
+                self.schema_version = self._migrate(arrays)
+            with self.reading() as con:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                has_shards = bool(con.execute("SELECT count(*) FROM shards").fetchall()[0][0])
+            self.location = self._location(arrays, meta.get("arrays"))
+            self.arrays = self._open_arrays(meta.get("store_id"), has_shards)
+        except BaseException:  # a refused open holds nothing
             self.close()
             raise
 
-    def _record_identity(self, arrays: str | None) -> None:
+    def _migrate(self, arrays: str | None) -> int:
+        """Create a new store's tables, or bring an older store to :data:`SCHEMA_VERSION` step by step."""
+        with self.transaction() as con:
+            con.execute(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            self._record_identity(con, arrays)
+            version = _check_version(self.root, con, writing=True)
+            if version == SCHEMA_VERSION:
+                return version
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('migrating', ?)",
+                [f"{version}->{SCHEMA_VERSION} by pid {os.getpid()} on {HOST} since {time.ctime()}"],
+            )
+        for step in MIGRATIONS:
+            with self.transaction() as con:
+                now = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0])
+                if now >= step.version:  # another writer did this step meanwhile
+                    continue
+                step.apply(con)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(step.version)])
+            log.info("store %s: schema %d -> %d (%s)", self.root, step.version - 1, step.version, step.what)
+        with self.transaction() as con:
+            con.execute("DELETE FROM meta WHERE key = 'migrating'")
+        return SCHEMA_VERSION
+
+    def _record_identity(self, con: duckdb.DuckDBPyConnection, arrays: str | None) -> None:
         """First writer open: record the store id and its arrays location (the folder for pre-existing data)."""
-        recorded = self.scalar("SELECT value FROM meta WHERE key = 'arrays'")
-        if recorded is None:
-            used = bool(self.scalar("SELECT count(*) FROM units")) or (self.root / location.DEFAULT).exists()
-            self.con.execute(
+        if not con.execute("SELECT 1 FROM meta WHERE key = 'arrays'").fetchall():
+            used = bool(con.execute("SELECT count(*) FROM units").fetchall()[0][0])
+            used = used or (self.root / location.DEFAULT).exists()
+            con.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('arrays', ?)",
                 [location.DEFAULT if used or arrays is None or arrays == self._local_default() else arrays],
             )
-        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", [uuid.uuid4().hex])
 
     def _local_default(self) -> str:
         return location.resolve(location.DEFAULT, self.root)
 
-    def _location(self, wanted: str | None) -> location.ArrayLocation:
-        recorded = self.scalar("SELECT value FROM meta WHERE key = 'arrays'")
+    def _location(self, wanted: str | None, recorded: str | None) -> location.ArrayLocation:
         have = location.resolve(str(recorded), self.root) if recorded is not None else self._local_default()
         if wanted is not None and wanted != have:
             raise StoreError(
@@ -251,10 +433,9 @@ class Store:
             )
         return location.ArrayLocation(have)
 
-    def _open_arrays(self) -> zarr.Group:
+    def _open_arrays(self, store_id: str | None, has_shards: bool) -> zarr.Group:
         """Open the arrays group and check it belongs to this store (claiming it on first write)."""
         url = self.location.url
-        store_id = self.scalar("SELECT value FROM meta WHERE key = 'store_id'")
         try:
             group = self.location.open_group("r" if self.read_only else "a")
             owner = group.attrs.get("safeport_store")
@@ -273,7 +454,7 @@ class Store:
                 f"arrays location {url} belongs to another store (id {owner}), not to {self.root} (id {store_id}); "
                 "give each store its own arrays location"
             )
-        if not members and self.scalar("SELECT count(*) FROM shards"):
+        if not members and has_shards:
             why = (
                 f"store {self.root} records committed shards, but its arrays location {url} holds no arrays "
                 "(memory:// lives only in the process that wrote it; a bucket or mount may be missing or empty)"
@@ -289,11 +470,11 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
-        """Close DuckDB and drop the handle, so a traceback that keeps this Store alive keeps no
-        DuckDB object alive past interpreter shutdown."""
-        con = self.__dict__.pop("con", None)
-        if con is not None:
-            con.close()
+        """End this handle's writing session: stop its heartbeat, drop its claims, close its running rows."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+        self._db.close_idle()  # code that opens meta.duckdb directly next must find it free
 
     def __enter__(self) -> Store:
         return self
@@ -301,34 +482,90 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def snapshot(self) -> Path | None:
+        """Keep a copy of the committed metadata for ``safeport recover`` (a failure only warns)."""
+        self._writable()
+        try:
+            return self._db.snapshot(self._wait(True))
+        except (OSError, StoreError, duckdb.Error) as err:
+            log.warning("store %s: no metadata snapshot was kept this time (%s)", self.root, err)
+            return None
+
+    @property
+    def session(self) -> Session:
+        """This handle's writing session (claims, leases, running ``runs`` rows), started on first use."""
+        self._writable()
+        with self._session_lock:
+            if self._session is None:
+                self._session = Session(self, self.run_id)
+            return self._session
+
+    def _wait(self, write: bool) -> float:
+        return default_wait(write) if self.wait_s is None else self.wait_s
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction: lock, open, BEGIN, the block, COMMIT, close, unlock.
+
+        A transaction started inside another one of this thread joins it (one COMMIT for both),
+        so steps compose: e.g. commit a shard, release its claim and claim the next at once.
+        """
         self._writable()
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            yield self.con
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        try:
-            self.con.execute("COMMIT")
-        except duckdb.Error as err:
-            # A failed COMMIT (disk full, I/O error) must not leave the transaction open: later
-            # statements would otherwise join it and could commit half of this step.
-            with contextlib.suppress(duckdb.Error):
-                self.con.execute("ROLLBACK")
-            raise StoreError(
-                f"committing to {self.root / 'meta.duckdb'} failed: {err}. Nothing of this step was recorded and "
-                "earlier commits are intact; if the disk is full free some space, then rerun (work resumes)"
-            ) from None
+        with self._db.transaction(self._wait(True)) as con:
+            yield con
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for a few statements (inside a transaction: the transaction's own).
+
+        Keep the block short and free of array reads or model work: while it is open no other
+        process can start a write transaction on this store.
+        """
+        fresh = self._db.current() is None
+        with self._db.reading(self._wait(False)) as con:
+            if fresh:  # tables registered through the per-statement ``con`` (see :attr:`con`)
+                for name, obj in self._registered.items():
+                    con.register(name, obj)
+            yield con
+
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction()
 
     def _writable(self) -> None:
         if self.read_only:
             raise StoreError("this store handle is read-only")
 
+    @property
+    def con(self) -> Any:
+        """The connection of the current ``transaction()`` / ``reading()`` block of this thread.
+
+        Outside a block this is a stand-in that runs each statement on its own short connection
+        (reads read-only; writes, on a writable handle, in their own transaction), so code that
+        predates short connections keeps working; batch statements in a block instead.
+        """
+        current = self._db.current()
+        return current if current is not None else _StatementConnection(self)
+
+    def ensure_schema(self, name: str, ddl: str) -> None:
+        """Run a stage's own ``CREATE ... IF NOT EXISTS`` statements once per handle (in a transaction)."""
+        self._writable()
+        if name not in self._ensured:
+            with self.transaction() as con:
+                con.execute(ddl)
+            self._ensured.add(name)
+
+    def tables(self) -> set[str]:
+        """Names of the store's tables and views."""
+        return {r[0] for r in self.fetchall("SELECT table_name FROM information_schema.tables")}
+
     # -- queries -----------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
-        return self.con.sql(query, params=list(params or [])).to_arrow_table()
+        with self.reading() as con:
+            return con.sql(query, params=list(params or [])).to_arrow_table()
+
+    def fetchall(self, query: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        with self.reading() as con:
+            return [tuple(r) for r in con.execute(query, list(params or [])).fetchall()]
 
     def scalar(self, query: str, params: Sequence[Any] | None = None) -> Any:
         row = self.one(query, params)
@@ -336,8 +573,8 @@ class Store:
 
     def one(self, query: str, params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
         """First row or None; the whole result is consumed (DuckDB 2 refuses a half-read cursor)."""
-        rows = self.con.execute(query, params or []).fetchall()
-        return tuple(rows[0]) if rows else None
+        rows = self.fetchall(query, params)
+        return rows[0] if rows else None
 
     # -- models and datasets ----------------------------------------------
     def register_model(self, model_key: str, name: str, role: str, spec: dict[str, Any], dim: int) -> None:
@@ -382,6 +619,9 @@ class Store:
                     con.execute("UPDATE datasets SET report_json = ? WHERE dataset = ?", [report_json, name])
             return False
         with self.transaction() as con:
+            have = con.execute("SELECT content_hash FROM datasets WHERE dataset = ?", [name]).fetchall()
+            if have and have[0][0] == content_hash:  # another writer registered it meanwhile
+                return False
             con.register("_incoming", rows)
             con.execute("INSERT OR IGNORE INTO texts SELECT DISTINCT text_id, text, length(text) FROM _incoming")
             con.execute("DELETE FROM dataset_texts WHERE dataset = ?", [name])
@@ -398,23 +638,24 @@ class Store:
 
     def missing_texts(self, model_key: str, dataset: str) -> list[str]:
         """Text ids of ``dataset`` with no committed row for ``model_key``, sorted (deterministic)."""
-        rows = self.con.execute(
+        rows = self.fetchall(
             """SELECT DISTINCT dt.text_id FROM dataset_texts dt
                WHERE dt.dataset = ? AND NOT EXISTS (
                    SELECT 1 FROM activation_rows a WHERE a.model_key = ? AND a.text_id = dt.text_id)
                ORDER BY dt.text_id""",
             [dataset, model_key],
-        ).fetchall()
+        )
         return [r[0] for r in rows]
 
     def texts(self, text_ids: Sequence[str]) -> list[str]:
         """Texts for ids, in the given order."""
         tbl = pa.table({"text_id": list(text_ids), "pos": np.arange(len(text_ids))})
-        self.con.register("_ids", tbl)
-        try:
-            rows = self.con.execute("SELECT t.text FROM _ids i JOIN texts t USING (text_id) ORDER BY i.pos").fetchall()
-        finally:
-            self.con.unregister("_ids")
+        with self.reading() as con:
+            con.register("_ids", tbl)
+            try:
+                rows = con.execute("SELECT t.text FROM _ids i JOIN texts t USING (text_id) ORDER BY i.pos").fetchall()
+            finally:
+                con.unregister("_ids")
         if len(rows) != len(text_ids):
             raise StoreError(f"{len(text_ids) - len(rows)} text id(s) are not in the store's texts table")
         return [r[0] for r in rows]
@@ -438,11 +679,21 @@ class Store:
         dim: int,
         shard_rows: int,
     ) -> UnitInfo:
-        """Create the unit's array and record its text list (rows in this order) atomically."""
+        """Create the unit's array and record its text list (rows in this order) atomically.
+
+        Callers claim ``unit:<key>`` first, so two writers never plan the same unit; should one
+        still find it recorded, the recorded unit wins and is returned.
+        """
         path = f"acts/{model_key}/{unit_key}"
         n = len(text_ids)
+        existing = self.unit(unit_key)
+        if existing is not None:
+            return existing
         self._require_array(path, (n, dim), (shard_rows, dim))
         with self.transaction() as con:
+            raced = self.unit(unit_key)  # recorded by another writer since the check above
+            if raced is not None:
+                return raced
             con.register("_ut", pa.table({"row": np.arange(n, dtype=np.int32), "text_id": list(text_ids)}))
             con.execute("INSERT INTO unit_texts SELECT ?, row, text_id FROM _ut", [unit_key])
             con.unregister("_ut")
@@ -450,10 +701,7 @@ class Store:
                 "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, 'float32', ?, 'running', now(), NULL)",
                 [unit_key, model_key, dataset, dataset_hash, path, n, dim, shard_rows],
             )
-        info = self.unit(unit_key)
-        if info is None:  # pragma: no cover - the transaction above just inserted it
-            raise StoreError(f"unit {unit_key} vanished after creation")
-        return info
+        return UnitInfo(unit_key, model_key, dataset, path, n, dim, shard_rows, "running")
 
     def _require_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
         arr = self._usable_array(path, shape, chunks)
@@ -502,11 +750,11 @@ class Store:
             raise StoreError(f"cannot {verb} array {path} in {self.location}: {err}") from None
 
     def unit_text_ids(self, unit_key: str) -> list[str]:
-        rows = self.con.execute("SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key]).fetchall()
+        rows = self.fetchall("SELECT text_id FROM unit_texts WHERE unit_key = ? ORDER BY row", [unit_key])
         return [r[0] for r in rows]
 
     def committed_shards(self, unit_key: str) -> set[int]:
-        rows = self.con.execute("SELECT shard FROM shards WHERE unit_key = ?", [unit_key]).fetchall()
+        rows = self.fetchall("SELECT shard FROM shards WHERE unit_key = ?", [unit_key])
         return {int(r[0]) for r in rows}
 
     def write_shard(
@@ -552,6 +800,19 @@ class Store:
             }
         )
         with self.transaction() as con:
+            have = con.execute(
+                "SELECT checksum FROM shards WHERE unit_key = ? AND shard = ?", [unit.unit_key, desc.shard]
+            ).fetchall()
+            if have:  # committed by another writer meanwhile: keep its record
+                if have[0][0] != desc.checksum:
+                    log.warning(
+                        "shard %d of %s was committed by another writer with checksum %s, this one computed %s",
+                        desc.shard,
+                        unit.array_path,
+                        have[0][0],
+                        desc.checksum,
+                    )
+                return
             con.execute(
                 "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, now())",
                 [unit.unit_key, desc.shard, desc.row_start, desc.row_stop, desc.checksum, desc.tokens],
@@ -563,9 +824,18 @@ class Store:
             )
             con.unregister("_rows")
 
-    def finish_unit(self, unit_key: str) -> None:
+    def finish_unit(self, unit_key: str) -> bool:
+        """Mark the unit done if every one of its shards is committed (by whichever writer); returns whether it is."""
         with self.transaction() as con:
-            con.execute("UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ?", [unit_key])
+            con.execute(
+                "UPDATE units SET status = 'done', finished_at = now() WHERE unit_key = ? AND status <> 'done' "
+                "AND (SELECT count(*) FROM shards s WHERE s.unit_key = units.unit_key) = "
+                "(n_rows + shard_rows - 1) // shard_rows",
+                [unit_key],
+            )
+            return bool(
+                con.execute("SELECT 1 FROM units WHERE unit_key = ? AND status = 'done'", [unit_key]).fetchall()
+            )
 
     def invalidate_shards(self, unit_key: str, shards: Sequence[int]) -> int:
         """Forget committed shards (damaged on disk) so the unit's normal resume recomputes exactly them.
@@ -626,9 +896,12 @@ class Store:
         started: float,
         message: str = "",
     ) -> None:
+        owner = self._session.owner if self._session is not None else None
         with self.transaction() as con:
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), now(), ?)",
+                "INSERT INTO runs (run_id, flow, task, model, dataset, unit_key, status, rows, tokens, seconds, "
+                "started_at, finished_at, message, owner, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), now(), ?, ?, now())",
                 [
                     run_id,
                     flow,
@@ -642,6 +915,7 @@ class Store:
                     seconds,
                     started,
                     message,
+                    owner,
                 ],
             )
 
@@ -672,21 +946,27 @@ class Store:
         rows = np.asarray(selection.column("row").to_pylist(), dtype=np.int64)
         if not keys:
             return np.zeros((0, 0), dtype=np.float32)
+        wanted = list(dict.fromkeys(keys))
+        with self.reading():  # metadata in one short block; the arrays are read after it
+            units = {key: self.unit(key) for key in wanted}
+            sums = {
+                key: dict(self.fetchall("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]))
+                for key in wanted
+            }
         out: np.ndarray | None = None
-        for key in dict.fromkeys(keys):
-            unit = self.unit(key)
+        for key in wanted:
+            unit = units[key]
             if unit is None:
                 raise StoreError(f"unit {key} is referenced but not recorded; run `safeport verify`")
             if out is None:
                 out = np.empty((len(keys), unit.dim), dtype=np.float32)
             mine = np.flatnonzero(np.asarray(keys) == key)
-            sums = dict(self.con.execute("SELECT shard, checksum FROM shards WHERE unit_key = ?", [key]).fetchall())
             for shard in np.unique(rows[mine] // unit.shard_rows):
                 start, stop = unit.shard_range(int(shard))
-                if int(shard) not in sums:
+                if int(shard) not in sums[key]:
                     raise StoreError(f"shard {shard} of {unit.array_path} is not committed")
                 block = self.read_shard(unit, int(shard))
-                if verify and checksum(block) != sums[int(shard)]:
+                if verify and checksum(block) != sums[key][int(shard)]:
                     raise StoreError(
                         f"array {unit.array_path} shard {shard} (rows {start}-{stop}) fails its checksum: "
                         "the data on disk is damaged. Run `safeport verify --repair`"

@@ -76,9 +76,9 @@ def _chunk_missing(store: Store, array: zarr.Array, coords: tuple[int, ...]) -> 
 
 def _shard_damage(store: Store, unit: UnitInfo, owner: str) -> tuple[int, list[Damage]]:
     """(shards checked, damage) for one unit's committed shards."""
-    shards = store.con.execute(
+    shards = store.fetchall(
         "SELECT shard, row_start, row_stop, checksum FROM shards WHERE unit_key = ? ORDER BY shard", [unit.unit_key]
-    ).fetchall()
+    )
     found: list[Damage] = []
 
     def bad(shard: int, rows: tuple[int, int], problem: str) -> None:
@@ -116,11 +116,11 @@ def _shard_damage(store: Store, unit: UnitInfo, owner: str) -> tuple[int, list[D
 
 
 def _unit_damage(store: Store) -> tuple[int, list[Damage]]:
-    rows = store.con.execute(
+    rows = store.fetchall(
         "SELECT u.unit_key, u.model_key, u.dataset, u.array_path, u.n_rows, u.dim, u.shard_rows, u.status, m.name, "
         "(SELECT count(*) FROM shards s WHERE s.unit_key = u.unit_key) "
         "FROM units u LEFT JOIN models m USING (model_key) ORDER BY u.array_path"
-    ).fetchall()
+    )
     checked, found = 0, []
     for *fields, name, committed in rows:
         unit = UnitInfo(*fields)
@@ -149,11 +149,11 @@ def _unit_damage(store: Store) -> tuple[int, list[Damage]]:
                     unit.unit_key,
                 )
             )
-    orphans = store.con.execute(
+    orphans = store.fetchall(
         """SELECT a.unit_key, count(*) FROM activation_rows a WHERE NOT EXISTS (
                SELECT 1 FROM shards s WHERE s.unit_key = a.unit_key AND a.row >= s.row_start AND a.row < s.row_stop)
            GROUP BY 1 ORDER BY 1"""
-    ).fetchall()
+    )
     for unit_key, n in orphans:
         found.append(
             Damage(
@@ -191,7 +191,7 @@ def _vector_problem(store: Store, path: str, dim: int, want: str) -> str | None:
 
 
 def _vector_damage(store: Store) -> tuple[int, list[Damage]]:
-    rows = store.con.execute("SELECT vector_key, name, fit_key, dim, checksum FROM vectors ORDER BY name").fetchall()
+    rows = store.fetchall("SELECT vector_key, name, fit_key, dim, checksum FROM vectors ORDER BY name")
     found: list[Damage] = []
     for key, name, fit_key, dim, want in rows:
         path = f"vectors/{key}"
@@ -203,7 +203,7 @@ def _vector_damage(store: Store) -> tuple[int, list[Damage]]:
 
 def _map_damage(store: Store) -> tuple[int, list[Damage]]:
     """Each recorded tensor must exist, decode and match its checksum (older maps: be finite)."""
-    rows = store.con.execute("SELECT map_key, source, target, mapper FROM maps ORDER BY map_key").fetchall()
+    rows = store.fetchall("SELECT map_key, source, target, mapper FROM maps ORDER BY map_key")
     found: list[Damage] = []
     for key, source, target, mapper in rows:
         owner = f"map {source}->{target} {mapper}"
@@ -304,7 +304,7 @@ def invalidate(store: Store, report: Report) -> Invalidation:
                     [REPAIR_STATUS, unit_key],
                 )
 
-    fits = {r[0]: (r[1], r[2]) for r in store.con.execute("SELECT fit_key, source, target FROM fits").fetchall()}
+    fits = {r[0]: (r[1], r[2]) for r in store.fetchall("SELECT fit_key, source, target FROM fits")}
     reset: dict[str, tuple[str, str]] = {}
     vectors: list[str] = []
     maps: list[str] = []
@@ -319,7 +319,7 @@ def invalidate(store: Store, report: Report) -> Invalidation:
                 kept.append((d, "no fit of this store produced it (imported?): import it again with `safeport import`"))
         elif d.kind == "map" and d.key not in maps:
             maps.append(d.key)
-            users = store.con.execute("SELECT DISTINCT fit_key FROM vectors WHERE map_key = ?", [d.key]).fetchall()
+            users = store.fetchall("SELECT DISTINCT fit_key FROM vectors WHERE map_key = ?", [d.key])
             for fit_key in {str(u) for (u,) in users} | _producers(store, "map", d.key):
                 if fit_key in fits:
                     reset[fit_key] = fits[fit_key]
@@ -345,7 +345,7 @@ def invalidate(store: Store, report: Report) -> Invalidation:
 def _producers(store: Store, kind: str, key: str) -> set[str]:
     """The fits that list a map or vector among their outputs (none in a store opened read-only before migration)."""
     try:
-        rows = store.con.execute("SELECT fit_key FROM fit_outputs WHERE kind = ? AND key = ?", [kind, key]).fetchall()
+        rows = store.fetchall("SELECT fit_key FROM fit_outputs WHERE kind = ? AND key = ?", [kind, key])
     except duckdb.CatalogException:
         return set()
     return {str(r[0]) for r in rows}
@@ -353,9 +353,7 @@ def _producers(store: Store, kind: str, key: str) -> set[str]:
 
 def units_to_resume(store: Store) -> list[UnitInfo]:
     """Units whose damaged shards were invalidated and are not recomputed yet (also after a crashed repair)."""
-    keys = store.con.execute(
-        "SELECT unit_key FROM units WHERE status = ? ORDER BY array_path", [REPAIR_STATUS]
-    ).fetchall()
+    keys = store.fetchall("SELECT unit_key FROM units WHERE status = ? ORDER BY array_path", [REPAIR_STATUS])
     return [u for (k,) in keys if (u := store.unit(k)) is not None]
 
 

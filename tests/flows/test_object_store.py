@@ -132,7 +132,13 @@ def test_two_dask_workers_writing_to_s3_equal_the_single_process_folder_store(
         (r.unit_key, r.status, r.rows) for r in single.extracted
     ]
     root = tmp_path / "remote" / "store"
-    assert sorted(p.name for p in root.iterdir()) == ["meta.duckdb", "reports", "writer.lock"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "meta.duckdb",
+        "meta.snapshot.duckdb",
+        "reports",
+        "waiting.lock",
+        "writer.lock",
+    ]
     chunks = [f for f in _files(url) if "/acts/" in f and "/c/" in f]
     assert len(chunks) > 8  # the workers' shards are objects in the bucket
     assert_same_store(tmp_path / "folder" / "store", root)

@@ -111,10 +111,11 @@ def test_disk_full_while_writing_fails_clearly_and_keeps_the_committed_store(
 
 
 class FlakyCommit:
-    """A DuckDB connection whose k-th COMMIT of a shard record fails like a full disk (WAL write error)."""
+    """A DuckDB connection whose k-th COMMIT of a shard record (counted over every connection of the
+    test, since each write transaction opens its own) fails like a full disk (WAL write error)."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, k: int) -> None:
-        self._con, self._k, self._commits, self._shard_pending = con, k, 0, False
+    def __init__(self, con: duckdb.DuckDBPyConnection, k: int, count: dict[str, int]) -> None:
+        self._con, self._k, self._count, self._shard_pending = con, k, count, False
         self.failed = 0
 
     def execute(self, query: str, params: Any = None) -> Any:
@@ -122,8 +123,8 @@ class FlakyCommit:
             self._shard_pending = True
         if query == "COMMIT" and self._shard_pending:
             self._shard_pending = False
-            self._commits += 1
-            if self._commits == self._k:
+            self._count["commits"] += 1
+            if self._count["commits"] == self._k:
                 self.failed += 1
                 raise duckdb.IOException("Could not write to the WAL file: No space left on device")
         if query == "ROLLBACK":
@@ -137,11 +138,12 @@ class FlakyCommit:
 def _flaky_connect(monkeypatch: pytest.MonkeyPatch, db: Path, k: int) -> list[FlakyCommit]:
     real = duckdb.connect
     made: list[FlakyCommit] = []
+    count = {"commits": 0}
 
     def connect(database: str = ":memory:", read_only: bool = False, **kw: Any) -> Any:
         con = real(database, read_only=read_only, **kw)
         if not read_only and Path(database) == db:
-            made.append(FlakyCommit(con, k))
+            made.append(FlakyCommit(con, k, count))
             return made[-1]
         return con
 
@@ -172,7 +174,7 @@ def test_a_failed_commit_leaves_no_open_transaction(tmp_path: Path, monkeypatch:
     with Store(tmp_path) as store:
         with pytest.raises(StoreError, match="Nothing of this step was recorded"), store.transaction() as con:
             con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
-        assert made[0].failed == 1
+        assert sum(c.failed for c in made) == 1
         assert store.scalar("SELECT count(*) FROM shards") == 0
         with store.transaction() as con:  # a new transaction starts cleanly
             con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")

@@ -25,7 +25,7 @@ def _memory_files(url: str) -> list[str]:
 def test_arrays_at_a_url_live_there_only_and_the_location_is_recorded(tmp_path: Path, memory_url: str) -> None:
     root = tmp_path / "store"
     vectors = _build(root, memory_url)
-    assert sorted(p.name for p in root.iterdir()) == ["meta.duckdb"]  # nothing but DuckDB in the folder
+    assert sorted(p.name for p in root.iterdir()) == ["meta.duckdb", "waiting.lock", "writer.lock"]  # no arrays
     files = _memory_files(memory_url)
     assert any("/acts/mk/u1/c/1/0" in f for f in files) and any("/vectors/" in f for f in files)
 

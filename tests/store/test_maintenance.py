@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 
 from safeport.store import artifacts
 from safeport.store.maintenance import collect_garbage, export_vectors, import_vectors, mark_stale, status
-from safeport.store.store import Store, StoreBusyError, StoreError, writer_lock
+from safeport.store.store import Store, StoreError
 
 DIM = 3
 
@@ -150,10 +152,26 @@ def test_gc_apply_deletes_them_and_the_store_still_reads(tmp_path: Path, arrays:
         np.testing.assert_array_equal(state["w"], np.eye(DIM))
 
 
-def test_gc_never_runs_beside_a_writer(tmp_path: Path) -> None:
+def test_gc_beside_a_running_writer_keeps_what_it_may_be_writing(tmp_path: Path) -> None:
+    """An unreferenced array written since a live writer started may be its next record: kept, not deleted."""
     _build(tmp_path)
-    with writer_lock(tmp_path), pytest.raises(StoreBusyError, match="--wait"):
-        collect_garbage(tmp_path)
+    _add_orphans(tmp_path)
+    old = time.time() - 3600
+    for path in (tmp_path / "arrays.zarr").rglob("*"):
+        os.utime(path, (old, old))  # a crash an hour ago left these
+    writer = Store(tmp_path)
+    try:
+        writer.session  # noqa: B018 - a running writer (e.g. an extraction), visible through its presence claim
+        with Store(tmp_path) as other:
+            other.arrays.create_array("acts/mk/u-in-flight", data=np.ones((4, DIM), dtype=np.float32))
+        report = collect_garbage(tmp_path, apply=True)
+        assert {g.path for g in report.garbage} == ORPHANS  # old leftovers go
+        assert [g.path for g in report.in_flight] == ["acts/mk/u-in-flight"]  # the writer's new array stays
+        assert _exists(tmp_path, "acts/mk/u-in-flight") and not any(_exists(tmp_path, p) for p in ORPHANS)
+    finally:
+        writer.close()
+    report = collect_garbage(tmp_path)  # no writer running: nothing is in flight any more
+    assert [g.path for g in report.garbage] == ["acts/mk/u-in-flight"] and report.in_flight == []
 
 
 def test_export_import_round_trip_keeps_values_and_lineage(tmp_path: Path) -> None:

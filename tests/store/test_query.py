@@ -27,7 +27,7 @@ from safeport.store.query import (
     readonly_query,
     write_table,
 )
-from safeport.store.store import Store, StoreError
+from safeport.store.store import Store, StoreDamagedError, StoreError
 
 ROWS = pa.table(
     {
@@ -228,7 +228,7 @@ def test_missing_or_broken_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no store at"):
         readonly_query(tmp_path, "SELECT 1")
     (tmp_path / "meta.duckdb").write_text("not a database", encoding="utf-8")
-    with pytest.raises(StoreError, match="cannot be opened"):
+    with pytest.raises(StoreDamagedError, match=r"meta\.duckdb is damaged .*it is not busy"):
         readonly_query(tmp_path, "SELECT 1")
 
 
@@ -345,7 +345,8 @@ def test_format_table() -> None:
         format_table(table, max_rows=-1)
 
 
-def test_store_busy_with_a_writer_in_another_process(tmp_path: Path) -> None:
+def test_store_busy_with_a_writer_in_another_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that holds the file read-write for good (not a safeport writer) is named after the wait."""
     import subprocess
     import sys
     import textwrap
@@ -365,7 +366,10 @@ def test_store_busy_with_a_writer_in_another_process(tmp_path: Path) -> None:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         from safeport.store.store import StoreBusyError
 
-        with pytest.raises(StoreBusyError, match=r"being written by another process.*query it later"):
+        monkeypatch.setenv("SAFEPORT_STORE_WAIT", "0.5")
+        with pytest.raises(
+            StoreBusyError, match=rf"being written by process {proc.pid}.*waited \(limit 0\.5s.*Query it later"
+        ):
             readonly_query(root, "SELECT 1")
     finally:
         assert proc.stdin is not None
