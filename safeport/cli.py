@@ -194,6 +194,7 @@ EXAMPLES: dict[str, str] = {
     "export": 'safeport export -o vectors/ "calibrated:smollm2-135m->minilm-l6:ridge"',
     "import": "safeport import vectors/ --store other-store",
     "verify": "safeport verify --repair",
+    "recover": "safeport recover --store safeport-store",
 }
 
 

@@ -103,6 +103,16 @@ def damaged_message(path: Path, why: str) -> str:
     )
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether DuckDB stopped a statement because of Ctrl-C.
+
+    DuckDB runs Python's signal handlers while a statement executes and turns the
+    KeyboardInterrupt they raise into "Query interrupted" (an InterruptException, or a plain
+    RuntimeError from some calls); the blocks below hand it back as the KeyboardInterrupt it was.
+    """
+    return isinstance(err, duckdb.InterruptException) or (type(err) is RuntimeError and str(err) == "Query interrupted")
+
+
 def classify(path: Path, err: duckdb.Error) -> StoreError | None:
     """A damaged-file error for a DuckDB error that means the file cannot be read; None for any other error."""
     text = str(err)
@@ -188,8 +198,12 @@ class Database:
             try:
                 yield idle.con
                 ok = True
-            except duckdb.Error as err:
-                raise (classify(self.path, err) or err) from None
+            except (duckdb.Error, RuntimeError) as err:
+                if interrupted(err):
+                    raise KeyboardInterrupt from None
+                if isinstance(err, duckdb.Error):
+                    raise (classify(self.path, err) or err) from None
+                raise
             finally:
                 here.con = None
                 self._park(idle, keep=ok and linger and config is None)
@@ -227,6 +241,8 @@ class Database:
                 except BaseException as err:
                     with contextlib.suppress(duckdb.Error):
                         con.execute("ROLLBACK")
+                    if interrupted(err):
+                        raise KeyboardInterrupt from None
                     if isinstance(err, duckdb.Error):
                         raise (classify(self.path, err) or err) from None
                     raise

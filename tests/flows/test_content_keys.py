@@ -223,6 +223,7 @@ def test_store_with_old_dataset_hashes_is_migrated_and_extracts_nothing(
             store.con.execute("UPDATE datasets SET content_hash = ? WHERE dataset = ?", [old, name])
             store.con.execute("UPDATE units SET dataset_hash = ? WHERE dataset_hash = ?", [old, new])
         store.con.execute("DELETE FROM meta WHERE key = 'dataset_hash'")
+        store.con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")  # before content keys
         for table in ("fit_outputs", "report_sets"):
             store.con.execute(f"DROP TABLE {table}")
         store.con.execute("DELETE FROM eval_results WHERE kind = 'proxy'")

@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
+from safeport.store.db import WAIT_ENV
 from safeport.store.store import Store
 from tests.conftest import REPO
 from tests.test_catalog import base_catalog, write_catalog
 
 MISSING_HUB_ID = "safeport-tests/not-a-cached-model"
+BUSY_WAIT_S = 2  # how long a writer waits for the held store here (the default is a minute)
 
 HOLDER = "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('ready', flush=True); sys.stdin.read()"
 DRIVER = textwrap.dedent(
@@ -61,6 +63,7 @@ def _catalog_variant(root: Path, name: str, model: str, entry: dict[str, Any]) -
 
 def _run_cases(cases: list[tuple[str, list[str]]], api: str) -> dict[str, tuple[int, str]]:
     env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env[WAIT_ENV] = str(BUSY_WAIT_S)
     env.pop("SAFEPORT_DEBUG", None)
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(cases)], env=env, capture_output=True, text=True, timeout=600
@@ -111,8 +114,8 @@ def flow_errors(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> d
 
 CASES = {
     # case: what the one line must name
-    "busy-extract": ["busy-store", "another process"],
-    "busy-fit": ["busy-store", "another process"],
+    "busy-extract": ["busy-store", "held open by process", f"all {BUSY_WAIT_S:.1f}s", "--wait SECONDS"],
+    "busy-fit": ["busy-store", "held open by process", f"all {BUSY_WAIT_S:.1f}s", "--wait SECONDS"],
     "offline-hub": ["'src'", MISSING_HUB_ID, "offline", "HF_HUB_OFFLINE", "path:", "hf download"],
     "missing-folder": ["models.src.path", "gone"],
     "incomplete-folder": ["'src'", "could not be loaded", "path:"],

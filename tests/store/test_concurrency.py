@@ -392,3 +392,37 @@ def test_damaged_metadata_without_a_snapshot_names_the_manual_procedure(store: P
         Store(store, read_only=True)
     with pytest.raises(StoreError, match=r"has no metadata snapshot.*Move .*meta\.duckdb aside"):
         recover(store)
+
+
+# --- Ctrl-C during a statement ------------------------------------------------------------------
+LONG_QUERY = "SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3"
+
+
+@pytest.mark.parametrize("block", ["transaction", "reading"])
+def test_ctrl_c_during_a_statement_is_a_keyboard_interrupt_and_commits_nothing(tmp_path: Path, block: str) -> None:
+    """DuckDB turns Ctrl-C into "Query interrupted"; the store's blocks hand it back as KeyboardInterrupt.
+
+    (Before, the CLI saw a RuntimeError and printed a traceback instead of "safeport: interrupted".)
+    """
+    with Store(tmp_path) as store:
+        store.register_model(
+            "mk", "m", "source", {"family": "text_encoder", "model_id": "m", "revision": "main", "weights": "w"}, 3
+        )
+        con_box: list[duckdb.DuckDBPyConnection] = []
+        timer = threading.Timer(0.3, lambda: con_box[0].interrupt())
+        with pytest.raises(KeyboardInterrupt), getattr(store, block)() as con:
+            con_box.append(con)
+            if block == "transaction":
+                con.execute("DELETE FROM models")
+            timer.start()
+            con.execute(LONG_QUERY).fetchall()
+        timer.join()
+        assert store.scalar("SELECT count(*) FROM models") == 1  # the interrupted transaction was rolled back
+        with store.transaction() as con:  # and the store takes the next one
+            con.execute("UPDATE models SET dim = 4")
+        assert store.scalar("SELECT dim FROM models") == 4
+
+
+def test_other_runtime_errors_in_a_block_stay_what_they_are(tmp_path: Path) -> None:
+    with Store(tmp_path) as store, pytest.raises(RuntimeError, match="not an interrupt"), store.transaction():
+        raise RuntimeError("not an interrupt")

@@ -48,6 +48,7 @@ def _old_store(root: Path) -> None:
         artifacts.finish_fit(store, "fit1", "")
         con = store.con
         con.execute("DELETE FROM meta WHERE key = 'dataset_hash'")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")  # before content keys
         con.execute("DROP TABLE fit_outputs")
         con.execute("ALTER TABLE fits DROP COLUMN report_key")
         con.execute("ALTER TABLE fits DROP COLUMN summary_json")
