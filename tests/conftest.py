@@ -9,14 +9,24 @@ from pathlib import Path
 
 import pytest
 
+# Parallel runs (pytest-xdist, `-n 2` in pyproject): each worker process gets its own Prefect
+# home and server, and splits the cores with the others instead of oversubscribing them
+# (torch and its subprocesses read OMP_NUM_THREADS when they start).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="safeport-prefect-")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
 # Before anything imports Prefect: its home, database and settings live in a temp dir.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="safeport-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Converted GGUF checkpoints (extractors/gguf_cache.py): one conversion per session, never in ~/.cache.
-os.environ["SAFEPORT_CACHE_DIR"] = tempfile.mkdtemp(prefix="safeport-cache-")
+# Converted GGUF checkpoints (extractors/gguf_cache.py): one conversion per test run (xdist workers
+# share the controller's folder; the cache's atomic rename makes that safe), never in ~/.cache.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["SAFEPORT_CACHE_DIR"] = tempfile.mkdtemp(prefix="safeport-cache-")
 
 REPO = Path(__file__).resolve().parent.parent
 
