@@ -393,3 +393,16 @@ def reference_images(folder: Path, batch: int = 64) -> Iterator[list[Image.Image
             with Image.open(p) as img:
                 out.append(img.convert("RGB"))
         yield out
+
+
+def measured_seconds(store: Store, target_key: str, settings_key: str) -> tuple[float | None, int]:
+    """Median seconds per committed output of one target and settings, and how many outputs it is from."""
+    if not _has_tables(store):
+        return None, 0
+    row = store.one(
+        "SELECT median(seconds), count(*) FROM generations WHERE target_key = ? AND settings_key = ?",
+        [target_key, settings_key],
+    )
+    if row is None or not row[1]:
+        return None, 0
+    return float(row[0]), int(row[1])

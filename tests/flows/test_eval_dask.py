@@ -1,0 +1,178 @@
+"""Generation on 2 local Dask workers equals the single-process run; a worker killed mid-chunk loses nothing;
+``--plan`` counts what the sweep then makes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import safeport.flows.eval_dask
+import tests.flows.test_eval_flow as setup
+from safeport.flows.eval_dask import eval_on_dask
+from safeport.flows.eval_plan import gpu_hours, plan_eval
+from safeport.flows.scale import dask_task_runner
+from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.store import Store
+
+SEEDS = [1, 2]
+BATCH = 2  # two outputs per pipeline call on both sides
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """The local cluster ``--dask-workers 2`` starts (two single-threaded processes on loopback); its address."""
+    from distributed import LocalCluster
+
+    with LocalCluster(**dask_task_runner(workers=2).cluster_kwargs) as c:
+        yield str(c.scheduler_address)
+
+
+def _state(root: Path) -> dict[str, Any]:
+    with Store(root, read_only=True) as store:
+        return {
+            "generations": store.con.execute(
+                "SELECT output_key, checksum, files FROM generations ORDER BY 1"
+            ).fetchall(),
+            "distinct": store.scalar("SELECT count(DISTINCT output_key) FROM generations"),
+            "scores": store.con.execute(
+                "SELECT output_key, metric, value, flagged FROM scores ORDER BY 1, 2"
+            ).fetchall(),
+            "results": store.con.execute(
+                "SELECT kind, method, category, metric, alpha, value, n FROM eval_results ORDER BY ALL"
+            ).fetchall(),
+        }
+
+
+def _timeless(report: str) -> str:
+    """The report without its measured seconds per output (wall time is the one thing that may differ)."""
+    return re.sub(r"[0-9.]+ s per output", "- s per output", report)
+
+
+def _new_store(tmp: Path) -> Path:
+    tmp.mkdir(parents=True)
+    catalog = setup._catalog(tmp)
+    setup._fill_store(tmp / "store")
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def single(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The single-process run (one torch thread, as a Dask worker computes) and its store's state."""
+    import torch
+
+    catalog = _new_store(tmp_path_factory.mktemp("single") / "s")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = setup._run(catalog, seeds=SEEDS, batch=BATCH)
+    finally:
+        torch.set_num_threads(before)
+    state = _state(catalog.parent / "store")
+    assert len(state["generations"]) == state["distinct"] == 14 * len(SEEDS)
+    return {"state": state, "report": Path(result.report).read_text(encoding="utf-8")}
+
+
+def test_two_dask_workers_make_exactly_the_single_process_outputs(
+    single: dict[str, Any], cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = _new_store(tmp_path / "d")
+    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)  # several chunks: both workers get some
+    result = eval_on_dask(cluster, **_args(catalog))
+    state = _state(catalog.parent / "store")
+    assert state == single["state"]  # same keys, PNG checksums, scores and aggregates
+    assert _timeless(Path(result.report).read_text(encoding="utf-8")) == _timeless(single["report"])
+    with Store(catalog.parent / "store", read_only=True) as store:
+        tasks = {r[0] for r in store.con.execute("SELECT task FROM runs WHERE flow = 'eval'").fetchall()}
+    assert len({t for t in tasks if t.startswith("generate@")}) == 2  # progress rows of both workers
+
+
+def _args(catalog: Path) -> dict[str, Any]:
+    return {
+        "catalog_path": str(catalog),
+        "target": setup.TGT,
+        "vectors": [setup.NATIVE, setup.CALIBRATED],
+        "alphas": [0.0, 1.5],
+        "prompts": "tiny-prompts",
+        "settings": setup.SETTINGS,
+        "seeds": SEEDS,
+        "batch": BATCH,
+    }
+
+
+def test_a_worker_killed_mid_chunk_loses_and_repeats_nothing(
+    single: dict[str, Any], cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client
+
+    catalog = _new_store(tmp_path / "k")
+    outputs = catalog.parent / "store" / OUTPUTS_DIR
+    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)
+    with Client(cluster) as client:
+        pids = sorted(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_when_writing() -> None:
+        """kill -9 one worker as soon as the first PNG is on disk: both workers are inside a chunk then."""
+        while not killed:
+            if outputs.is_dir() and any(p.suffix == ".png" for p in outputs.iterdir()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            threading.Event().wait(0.005)
+
+    watcher = threading.Thread(target=kill_when_writing, daemon=True)
+    watcher.start()
+    eval_on_dask(cluster, **_args(catalog))
+    watcher.join(timeout=5)
+    assert killed
+    state = _state(catalog.parent / "store")
+    assert state["distinct"] == len(state["generations"])  # no duplicate
+    assert state == single["state"]  # nothing missing, nothing different
+
+
+def test_plan_counts_what_the_sweep_then_makes(prefect_api: str, tmp_path: Path) -> None:
+    catalog = _new_store(tmp_path / "p")
+    root = catalog.parent / "store"
+    kw = {k: v for k, v in _args(catalog).items() if k != "batch"}
+    setup._run(catalog, limit=1, seeds=SEEDS)  # part of the sweep exists already
+    before = plan_eval(**kw)[0]
+    assert before.done == 5 * len(SEEDS) and before.seconds_per_output is not None
+    assert before.seconds_from == f"measured on {before.done} outputs"
+    setup._run(catalog, seeds=SEEDS)
+    with Store(root, read_only=True) as store:
+        made = dict(
+            ((m, a), n)
+            for m, a, n in store.con.execute("SELECT method, alpha, count(*) FROM generations GROUP BY 1, 2").fetchall()
+        )
+    assert {(r.method, r.alpha): r.total for r in before.rows} == made
+    assert before.total == sum(made.values()) == 14 * len(SEEDS)
+    after = plan_eval(**kw)[0]
+    assert (after.total, after.done) == (before.total, before.total)
+    assert gpu_hours(3600, 2.0, 8) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="--gpus 0"):
+        gpu_hours(1, 1.0, 0)
+
+
+def test_the_flow_process_killed_mid_commit_then_a_rerun_completes(
+    single: dict[str, Any], cluster: str, tmp_path: Path, prefect_api: str
+) -> None:
+    """kill -9 of `safeport eval --dask-address` (its commits widened so the kill lands in one), then rerun."""
+    from tests.flows import test_crash_loop as crash
+
+    catalog = _new_store(tmp_path / "f")
+    (tmp_path / "stretch.py").write_text(crash.STRETCH, encoding="utf-8")
+    argv = [*crash._eval_args(catalog), "--batch", str(BATCH), "--dask-address", cluster]
+    assert crash.SEEDS == [str(s) for s in SEEDS]
+    proc = crash._cli(prefect_api, *argv, stretch=tmp_path)
+    reached = crash._wait_for(proc, crash._outputs_at_least(catalog.parent / "store" / OUTPUTS_DIR, 4))
+    assert reached and crash._kill9(proc, 0.01), "the eval finished before the kill"
+    eval_on_dask(cluster, **_args(catalog))
+    state = _state(catalog.parent / "store")
+    assert state["distinct"] == len(state["generations"])
+    assert state == single["state"]
