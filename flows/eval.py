@@ -317,7 +317,7 @@ def work_batches(plan: Plan, keys: Sequence[str], size: int) -> list[list[str]]:
     return [ks[i : i + size] for ks in by_text.values() for i in range(0, len(ks), size)]
 
 
-def gather(items: Sequence[T], at_least: int, size: Callable[[T], int] = len) -> list[list[T]]:
+def gather(items: Sequence[T], at_least: int, size: Callable[[T], int]) -> list[list[T]]:
     """Consecutive items gathered until each group's total ``size`` is ``at_least`` (the last may be smaller)."""
     groups: list[list[T]] = [[]]
     for item in items:
@@ -477,7 +477,7 @@ def generate_outputs(
                 members = set(chunk)
                 keys = [k for k in todo if plan.specs[k].text_id in members]
                 texts: dict[str, str] | None = None
-                for group in gather(work_batches(plan, keys, opts.batch_size), GEN_BATCH):
+                for group in gather(work_batches(plan, keys, opts.batch_size), GEN_BATCH, len):
                     mine = set(_claim_outputs(store, [k for b in group for k in b]))
                     if not mine:
                         continue  # another writer's

@@ -156,7 +156,7 @@ class _Committer:
     store: Store
     sweep: Sweep
     run: RunEntry
-    bar: tqdm  # type: ignore[type-arg]
+    bar: tqdm[Any]
     workers: dict[str, RunEntry]
     generated: int = 0
 

@@ -168,7 +168,7 @@ def test_the_flow_process_killed_mid_commit_then_a_rerun_completes(
     catalog = _new_store(tmp_path / "f")
     (tmp_path / "stretch.py").write_text(crash.STRETCH, encoding="utf-8")
     argv = [*crash._eval_args(catalog), "--batch", str(BATCH), "--dask-address", cluster]
-    assert crash.SEEDS == [str(s) for s in SEEDS]
+    assert [str(s) for s in SEEDS] == crash.SEEDS
     proc = crash._cli(prefect_api, *argv, stretch=tmp_path)
     reached = crash._wait_for(proc, crash._outputs_at_least(catalog.parent / "store" / OUTPUTS_DIR, 4))
     assert reached and crash._kill9(proc, 0.01), "the eval finished before the kill"
