@@ -176,3 +176,23 @@ def test_the_flow_process_killed_mid_commit_then_a_rerun_completes(
     state = _state(catalog.parent / "store")
     assert state["distinct"] == len(state["generations"])
     assert state == single["state"]
+
+
+def test_status_shows_the_rate_and_eta_of_a_running_generation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safeport.cli_ops import print_running
+    from safeport.flows.eval import todo_work_key
+
+    with Store(tmp_path / "st") as store:
+        run = store.session.start_run("eval", "generate", "tflux", "tiny-prompts", todo_work_key(10))
+        with store.transaction() as con:
+            store.session.progress(run, 4)
+            con.execute("UPDATE runs SET started_at = heartbeat_at - INTERVAL 8 SECOND")  # 4 outputs in 8 s
+        print_running(tmp_path / "st")
+        store.session.finish_run(run, "done")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "rows_per_s" in line)
+    cells = {h.strip(): v.strip() for h, v in zip(lines[at].split("|"), lines[at + 2].split("|"), strict=True)}
+    assert cells["rows_per_s"] == "0.5" and cells["eta_s"] == "12"  # 6 left at 0.5/s
