@@ -72,17 +72,17 @@ def _catalog(tmp: Path) -> Path:
     return path
 
 
-def _fill_store(root: Path) -> None:
+def _fill_store(root: Path, prompts: list[tuple[str, str | None]] = PROMPTS) -> None:
     """Prompts registered as a dataset and vectors saved as the fit stage would (no extraction)."""
     rows = pa.table(
         {
-            "idx": list(range(len(PROMPTS))),
-            "text_id": [text_id(t) for t, _ in PROMPTS],
-            "text": [t for t, _ in PROMPTS],
-            "split": pa.array([None] * len(PROMPTS), pa.string()),
-            "category": pa.array([c for _, c in PROMPTS], pa.string()),
-            "pair_id": pa.array([None] * len(PROMPTS), pa.int32()),
-            "side": pa.array([None] * len(PROMPTS), pa.string()),
+            "idx": list(range(len(prompts))),
+            "text_id": [text_id(t) for t, _ in prompts],
+            "text": [t for t, _ in prompts],
+            "split": pa.array([None] * len(prompts), pa.string()),
+            "category": pa.array([c for _, c in prompts], pa.string()),
+            "pair_id": pa.array([None] * len(prompts), pa.int32()),
+            "side": pa.array([None] * len(prompts), pa.string()),
         }
     )
     rng = np.random.default_rng(0)
