@@ -899,7 +899,9 @@ def eval_flow(
         if on_dask():
             from safeport.flows.eval_dask import generate_on_dask
 
-            generated = [generate_on_dask(st, catalog(catalog_path, profile), s, batch, scoring) for s in sweeps]
+            generated = [
+                generate_on_dask(st, catalog(catalog_path, profile), s, batch, scoring, offload) for s in sweeps
+            ]
         else:
             generated = [generate_task(str(root), catalog_path, profile, s, offload, batch, scoring) for s in sweeps]
         notices = score_task(str(root), catalog_path, profile, sweeps, clip_model, q16_prompts)

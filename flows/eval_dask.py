@@ -101,13 +101,14 @@ def _worker_name() -> str:
         return "local"
 
 
-def _batcher(source: ModelSource, settings: GenerationSettings, batch_size: int) -> Batcher:
+def _batcher(source: ModelSource, settings: GenerationSettings, batch_size: int, offload: bool) -> Batcher:
     """This process's batcher for the target, loading the pipeline on first use (and on a new target)."""
-    key = (source.spec().key(), settings.key)
+    key = (source.spec().key(), settings.key, offload)
     if _CACHE.get("generator") != key:
         _CACHE.pop("batcher", None)
         free_memory()
-        _CACHE["batcher"] = Batcher(PromptEmbeddings(load_pipeline(source), settings), batch_size)
+        pipe = load_pipeline(source, offload=offload)
+        _CACHE["batcher"] = Batcher(PromptEmbeddings(pipe, settings), batch_size)
         _CACHE["generator"] = key
     batcher: Batcher = _CACHE["batcher"]
     return batcher
@@ -131,6 +132,7 @@ def generate_chunk_task(
     chunk: Chunk,
     vectors: dict[str, np.ndarray],
     batch_size: int,
+    offload: bool,
     scoring: ScoringOptions,
     index: int,
 ) -> ChunkResult:
@@ -138,7 +140,7 @@ def generate_chunk_task(
     _pin_worker_gpu()
     _check_key(source, model_key)
     started = time.time()
-    batcher = _batcher(source, settings, batch_size)
+    batcher = _batcher(source, settings, batch_size, offload)
     batcher.embeddings.encode_all(chunk.prompts.values())  # each prompt of the chunk encoded once
     made = []
     for call in chunk.calls:
@@ -187,7 +189,7 @@ def _chunk(store: Store, plan: Plan, calls: list[list[str]], mine: set[str], uti
 
 
 def generate_on_dask(
-    store: Store, resolved: Resolved, sweep: Sweep, batch: int | None, scoring: ScoringOptions
+    store: Store, resolved: Resolved, sweep: Sweep, batch: int | None, scoring: ScoringOptions, offload: bool = False
 ) -> GenerateResult:
     """:func:`safeport.flows.eval.generate_outputs` with the pipeline calls on Dask workers (same outputs)."""
     started = time.time()
@@ -212,7 +214,7 @@ def generate_on_dask(
                 chunk = _chunk(store, plan, calls, mine, utility)
                 vectors = {s.vector_id: plan.vectors[s.vector_id] for c in chunk.calls for s in c if s.vector_id}
                 args = (folder, source, plan.target_key, settings, plan.settings, chunk, vectors, opts.batch_size)
-                pending.append(generate_chunk_task.submit(*args, scoring, index))
+                pending.append(generate_chunk_task.submit(*args, offload, scoring, index))
                 index += 1
                 while len(pending) >= IN_FLIGHT:
                     committer.commit(pending.popleft())
