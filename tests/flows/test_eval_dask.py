@@ -20,6 +20,7 @@ from safeport.flows.eval_plan import gpu_hours, plan_eval
 from safeport.flows.scale import dask_task_runner
 from safeport.store.outputs import OUTPUTS_DIR
 from safeport.store.store import Store
+from tests.flows import test_crash_loop as crash
 
 SEEDS = [1, 2]
 BATCH = 2  # two outputs per pipeline call on both sides
@@ -34,32 +35,13 @@ def cluster() -> Iterator[str]:
         yield str(c.scheduler_address)
 
 
-def _state(root: Path) -> dict[str, Any]:
-    with Store(root, read_only=True) as store:
-        return {
-            "generations": store.con.execute(
-                "SELECT output_key, checksum, files FROM generations ORDER BY 1"
-            ).fetchall(),
-            "distinct": store.scalar("SELECT count(DISTINCT output_key) FROM generations"),
-            "scores": store.con.execute(
-                "SELECT output_key, metric, value, flagged FROM scores ORDER BY 1, 2"
-            ).fetchall(),
-            "results": store.con.execute(
-                "SELECT kind, method, category, metric, alpha, value, n FROM eval_results ORDER BY ALL"
-            ).fetchall(),
-        }
+_state = crash._eval_state  # generations (key, PNG checksum, files), distinct keys, scores, aggregates
+_new_store = crash._eval_store  # the tiny Flux catalog and a store with prompts and vectors
 
 
 def _timeless(report: str) -> str:
     """The report without its measured seconds per output (wall time is the one thing that may differ)."""
     return re.sub(r"[0-9.]+ s per output", "- s per output", report)
-
-
-def _new_store(tmp: Path) -> Path:
-    tmp.mkdir(parents=True)
-    catalog = setup._catalog(tmp)
-    setup._fill_store(tmp / "store")
-    return catalog
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +145,6 @@ def test_the_flow_process_killed_mid_commit_then_a_rerun_completes(
     single: dict[str, Any], cluster: str, tmp_path: Path, prefect_api: str
 ) -> None:
     """kill -9 of `safeport eval --dask-address` (its commits widened so the kill lands in one), then rerun."""
-    from tests.flows import test_crash_loop as crash
-
     catalog = _new_store(tmp_path / "f")
     (tmp_path / "stretch.py").write_text(crash.STRETCH, encoding="utf-8")
     argv = [*crash._eval_args(catalog), "--batch", str(BATCH), "--dask-address", cluster]
