@@ -66,8 +66,8 @@ from safeport.store.store import Store
 
 log = logging.getLogger("safeport.eval")
 
-CHUNK_OUTPUTS = 16  # outputs per worker task (whole prompts): a dead worker loses at most about this many
-IN_FLIGHT = 8  # chunks sent out before the first is committed (enough to keep 8 workers busy)
+CHUNK_OUTPUTS = 16  # outputs per worker task, or one whole prompt if it has more: what a dead worker loses
+IN_FLIGHT = 32  # chunks sent out ahead of the oldest uncommitted one (keeps a few workers per GPU machine busy)
 
 
 @dataclass(frozen=True)
