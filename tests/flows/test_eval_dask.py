@@ -58,7 +58,10 @@ def single(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         torch.set_num_threads(before)
     state = _state(catalog.parent / "store")
     assert len(state["generations"]) == state["distinct"] == 14 * len(SEEDS)
-    return {"state": state, "report": Path(result.report).read_text(encoding="utf-8")}
+    with Store(catalog.parent / "store", read_only=True) as store:
+        cells = store.con.execute("SELECT method, alpha FROM generations").fetchall()
+    report = Path(result.report).read_text(encoding="utf-8")
+    return {"state": state, "report": report, "cells": cells, "catalog": str(catalog)}
 
 
 def test_two_dask_workers_make_exactly_the_single_process_outputs(
@@ -118,24 +121,30 @@ def test_a_worker_killed_mid_chunk_loses_and_repeats_nothing(
     assert state == single["state"]  # nothing missing, nothing different
 
 
-def test_plan_counts_what_the_sweep_then_makes(prefect_api: str, tmp_path: Path) -> None:
-    catalog = _new_store(tmp_path / "p")
-    root = catalog.parent / "store"
-    kw = {k: v for k, v in _args(catalog).items() if k != "batch"}
-    setup._run(catalog, limit=1, seeds=SEEDS)  # part of the sweep exists already
+def test_plan_counts_what_the_sweep_then_makes(
+    single: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan of a fresh store (no model loaded) counts, per method and α, what the single run made."""
+    kw = {k: v for k, v in _args(_new_store(tmp_path / "p")).items() if k != "batch"}
     before = plan_eval(**kw)[0]
-    assert before.done == 5 * len(SEEDS) and before.seconds_per_output is not None
-    assert before.seconds_from == f"measured on {before.done} outputs"
-    setup._run(catalog, seeds=SEEDS)
-    with Store(root, read_only=True) as store:
-        made = dict(
-            ((m, a), n)
-            for m, a, n in store.con.execute("SELECT method, alpha, count(*) FROM generations GROUP BY 1, 2").fetchall()
-        )
+    assert (before.done, before.seconds_per_output, before.seconds_from) == (0, None, "unknown")
+    made: dict[tuple[str, float], int] = {}
+    for method, alpha in single["cells"]:
+        made[(method, alpha)] = made.get((method, alpha), 0) + 1
     assert {(r.method, r.alpha): r.total for r in before.rows} == made
-    assert before.total == sum(made.values()) == 14 * len(SEEDS)
-    after = plan_eval(**kw)[0]
+    assert before.total == 14 * len(SEEDS)
+    after = plan_eval(**{**kw, "catalog_path": single["catalog"]})[0]  # the store the sweep filled
     assert (after.total, after.done) == (before.total, before.total)
+    assert after.seconds_per_output is not None and after.seconds_from == f"measured on {after.total} outputs"
+    from safeport.cli import main
+
+    sets = [f"--set={k}={v}" for k, v in setup.SETTINGS.items()]
+    argv = ["eval", "--catalog", single["catalog"], "--target", setup.TGT, "--prompts", "tiny-prompts"]
+    argv += ["--vectors", setup.NATIVE, setup.CALIBRATED, "--alphas", "0", "1.5", "--seeds", "1", "2", *sets]
+    assert main([*argv, "--plan", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {'all':<48} {'':>6} {28:>8} {28:>8} {0:>8}" in out and "on 1 GPU" in out and "on 2" in out
+    assert not any(text in out for text, _ in setup.PROMPTS)  # prompts are data: never printed
     assert gpu_hours(3600, 2.0, 8) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="--gpus 0"):
         gpu_hours(1, 1.0, 0)
