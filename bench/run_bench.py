@@ -564,10 +564,9 @@ def replace_section(path: Path, header: str, lines: list[str]) -> None:
 
 def run_eval_section(out: str) -> None:
     """Section 9 (issue 15) alone: generation batching, Dask scale-out, scoring, paper-scale plan."""
+    from bench_eval import eval_section
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-
-    from bench.bench_eval import eval_section
 
     with tempfile.TemporaryDirectory() as d, prefect_test_harness(server_startup_timeout=60):
         os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
@@ -652,7 +651,7 @@ def main() -> None:
         body += paper_estimate()
         body += bench_dask(tmp, n_anchors // 5 * 2)
         body += bench_concurrency(tmp, n_anchors)
-        from bench.bench_eval import eval_section
+        from bench_eval import eval_section
 
         body += eval_section(tmp)
     Path(args.out).write_text("\n".join(header + body) + "\n", encoding="utf-8")
