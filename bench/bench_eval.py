@@ -25,6 +25,7 @@ from tests.tiny_pipelines import build
 SIZE, STEPS = 64, 4  # tiny Flux at a size where the denoiser's compute matters
 PROMPT = "a watercolor of mountains at dawn"
 N_PROMPTS, N_OUTPUTS = 8, 32  # generation benchmark: outputs per configuration
+ROUNDS = 3  # interleaved repetitions; the best is reported (the machine is shared)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -44,12 +45,16 @@ def bench_batching() -> tuple[list[str], float]:
     emb = PromptEmbeddings(pipe, settings)
     vec = np.random.default_rng(0).standard_normal(32).astype(np.float32)
     jobs = [Job(vec, 0.5 * (i % 6), 42 + i // 6) for i in range(N_OUTPUTS)]
-    Batcher(emb, 1).run(PROMPT, jobs[:2])  # warm-up (first-call allocations)
-    times = {b: _timed(partial(Batcher(emb, b).run, PROMPT, jobs)) for b in (1, 4, 8)}
+    sizes = (1, 4, 8)
+    for b in sizes:  # warm-up: the first call of each batch shape builds its CPU kernels
+        Batcher(emb, b).run(PROMPT, jobs[:b])
+    rounds = [{b: _timed(partial(Batcher(emb, b).run, PROMPT, jobs)) for b in sizes} for _ in range(ROUNDS)]
+    times = {b: min(r[b] for r in rounds) for b in sizes}  # best of the interleaved rounds
     rows = [f"| {b} | {t:.2f} | {N_OUTPUTS / t:.1f} | {times[1] / t:.2f}x |" for b, t in times.items()]
     return [
         f"Tiny Flux, {SIZE}x{SIZE}, {STEPS} steps, {N_OUTPUTS} outputs of one prompt (α and seeds differ), "
-        f"{torch.get_num_threads()} torch threads; prompt encoding excluded.",
+        f"{torch.get_num_threads()} torch threads; prompt encoding excluded; each batch shape warmed up once, "
+        f"then the best of {ROUNDS} interleaved rounds.",
         "",
         "| outputs per call | seconds | outputs/s | vs one per call |",
         "|---|---|---|---|",
@@ -109,11 +114,19 @@ def bench_nudenet(n: int = 48) -> list[str]:
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)) for _ in range(n)]
     det = NudeNetDetector()
-    det.score(images[:2])  # warm-up
-    one = _timed(lambda: [det.score([img]) for img in images])
-    batched = _timed(lambda: [det.score(images[i : i + 16]) for i in range(0, n, 16)])
+    det.score(images[:1])  # warm-up of both input shapes
+    det.score(images[:16])
+    rounds = [
+        (
+            _timed(lambda: [det.score([img]) for img in images]),
+            _timed(lambda: [det.score(images[i : i + 16]) for i in range(0, n, 16)]),
+        )
+        for _ in range(ROUNDS)
+    ]
+    one, batched = min(r[0] for r in rounds), min(r[1] for r in rounds)
     return [
-        f"NudeNet (bundled ONNX, onnxruntime CPU), {n} images of {SIZE}x{SIZE} (NudeNet resizes to 320x320):",
+        f"NudeNet (bundled ONNX, onnxruntime CPU), {n} images of {SIZE}x{SIZE} (NudeNet resizes to 320x320), "
+        f"best of {ROUNDS} interleaved rounds:",
         "",
         "| scoring | seconds | images/s |",
         "|---|---|---|",
@@ -161,6 +174,7 @@ def paper_plan() -> list[str]:
 
 def eval_section(tmp: Path) -> list[str]:
     batching, speedup = bench_batching()
+    scoring = bench_nudenet()  # before the flows, so every run below finds NudeNet's modules imported
     return [
         "## 9. Generation evaluation: batched calls, Dask workers, scoring",
         "",
@@ -174,7 +188,7 @@ def eval_section(tmp: Path) -> list[str]:
         *bench_scale_out(tmp),
         "### Scoring",
         "",
-        *bench_nudenet(),
+        *scoring,
         "### Paper scale (from the plan's count)",
         "",
         *paper_plan(),
