@@ -178,31 +178,28 @@ def _sweep_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _hours(plan: Any, outputs: int, gpus: int) -> str:
-    from safeport.flows.eval_plan import gpu_hours
-
-    if plan.seconds_per_output is None:
-        return "unknown (set generation: seconds_per_output, or generate a few outputs first)"
-    return f"{gpu_hours(outputs, plan.seconds_per_output, gpus):.2f} h"
-
-
 def print_plan(args: argparse.Namespace) -> int:
     """``--plan``: outputs per target × method × α (total, done, to do) and GPU time; no model is loaded."""
-    from safeport.flows.eval_plan import plan_eval
+    from safeport.flows.eval_plan import gpu_hours, plan_eval
 
     gpus = args.gpus or args.dask_workers or 1
     for plan in plan_eval(**_sweep_args(args)):
+        width = max([len("method"), *(len(r.method) for r in plan.rows)])
         print(f"{plan.target}:")
-        print(f"  {'method':<48} {'alpha':>6} {'total':>8} {'done':>8} {'to do':>8}")
+        print(f"  {'method':<{width}} {'alpha':>6} {'total':>8} {'done':>8} {'to do':>8}")
         for r in plan.rows:
-            print(f"  {r.method:<48} {r.alpha:>6g} {r.total:>8} {r.done:>8} {r.todo:>8}")
+            print(f"  {r.method:<{width}} {r.alpha:>6g} {r.total:>8} {r.done:>8} {r.todo:>8}")
         todo = plan.total - plan.done
-        print(f"  {'all':<48} {'':>6} {plan.total:>8} {plan.done:>8} {todo:>8}")
-        per = "unknown" if plan.seconds_per_output is None else f"{plan.seconds_per_output:.3g} s"
-        print(f"  per output: {per} ({plan.seconds_from})")
-        print(
-            f"  GPU time for the {todo} to do: {_hours(plan, todo, 1)} on 1 GPU, {_hours(plan, todo, gpus)} on {gpus}"
-        )
+        print(f"  {'all':<{width}} {'':>6} {plan.total:>8} {plan.done:>8} {todo:>8}")
+        if plan.seconds_per_output is None:
+            print(
+                "  GPU time: unknown: set the target's generation: seconds_per_output, "
+                "or generate a few outputs (e.g. --limit 1) and plan again"
+            )
+            continue
+        hours = [gpu_hours(todo, plan.seconds_per_output, n) for n in (1, gpus)]
+        print(f"  per output: {plan.seconds_per_output:.3g} s ({plan.seconds_from})")
+        print(f"  GPU time for the {todo} to do: {hours[0]:.2f} h on 1 GPU, {hours[1]:.2f} h on {gpus} GPU(s)")
     return 0
 
 
