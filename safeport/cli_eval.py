@@ -178,6 +178,12 @@ def _sweep_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+
+
 def print_plan(args: argparse.Namespace) -> int:
     """``--plan``: outputs per target × method × α (total, done, to do) and GPU time; no model is loaded."""
     from safeport.flows.eval_plan import gpu_hours, plan_eval
@@ -197,9 +203,9 @@ def print_plan(args: argparse.Namespace) -> int:
                 "or generate a few outputs (e.g. --limit 1) and plan again"
             )
             continue
-        hours = [gpu_hours(todo, plan.seconds_per_output, n) for n in (1, gpus)]
+        one, many = (_duration(gpu_hours(todo, plan.seconds_per_output, n)) for n in (1, gpus))
         print(f"  per output: {plan.seconds_per_output:.3g} s ({plan.seconds_from})")
-        print(f"  GPU time for the {todo} to do: {hours[0]:.2f} h on 1 GPU, {hours[1]:.2f} h on {gpus} GPU(s)")
+        print(f"  GPU time for the {todo} to do: {one} on 1 GPU, {many} on {gpus} GPU(s)")
     return 0
 
 

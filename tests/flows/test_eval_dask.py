@@ -143,7 +143,7 @@ def test_plan_counts_what_the_sweep_then_makes(
     argv += ["--vectors", setup.NATIVE, setup.CALIBRATED, "--alphas", "0", "1.5", "--seeds", "1", "2", *sets]
     assert main([*argv, "--plan", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\n  all +28 +28 +0\n", out) and "h on 1 GPU" in out and "h on 2 GPU(s)" in out
+    assert re.search(r"\n  all +28 +28 +0\n", out) and " on 1 GPU, " in out and " on 2 GPU(s)" in out
     assert not any(text in out for text, _ in setup.PROMPTS)  # prompts are data: never printed
     assert gpu_hours(3600, 2.0, 8) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="--gpus 0"):
