@@ -7,6 +7,7 @@ is measured is the pipeline's compute and the per-call overhead batching removes
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +27,13 @@ SIZE, STEPS = 64, 4  # tiny Flux at a size where the denoiser's compute matters
 PROMPT = "a watercolor of mountains at dawn"
 N_PROMPTS, N_OUTPUTS = 8, 32  # generation benchmark: outputs per configuration
 ROUNDS = 3  # interleaved repetitions; the best is reported (the machine is shared)
+BATCH_LIMITS = (
+    "Goal not met on this CPU: with 2 torch threads the tiny denoiser's matmuls and the VAE's convolutions "
+    "already keep both cores busy at one output per call, so a batch removes only the per-call overhead "
+    "(scheduler set-up, prompt tensors, Python dispatch), about a fifth of the time here. A batch pays where "
+    "one output leaves the device idle: a GPU with small images, few steps or a small denoiser. Not measured "
+    "here (no GPU); a 1024x1024 FLUX.1 call already fills a large GPU, so expect the gain there to be small."
+)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -178,11 +186,15 @@ def eval_section(tmp: Path) -> list[str]:
     return [
         "## 9. Generation evaluation: batched calls, Dask workers, scoring",
         "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores shared with other work (hence best-of "
+        "rounds where a ratio is taken), torch CPU, no GPU.",
+        "",
         "### Batched pipeline calls",
         "",
         *batching,
         f"Batch 8 vs one call per output: **{speedup:.2f}x** (goal >= 2x).",
         "",
+        *([] if speedup >= 2 else [BATCH_LIMITS, ""]),
         "### 1 vs 2 Dask workers",
         "",
         *bench_scale_out(tmp),
