@@ -291,7 +291,7 @@ def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, s
     return plan
 
 
-def _plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
+def plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
     source = model_source(resolved, sweep.target)
     settings = resolve_settings(source, {**resolved.models[sweep.target].generation, **dict(sweep.settings)})
     return build_plan(store, sweep, source.spec().key(), settings.key, settings.record()), settings, source
@@ -362,7 +362,7 @@ def make_outputs(
 # --- generation ---------------------------------------------------------------------------------
 
 
-def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
+def claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
     """Claim ``KIND:key`` for those of ``keys`` nobody else is producing and that are not done yet.
 
     ``kind`` ``output`` claims generation, ``score:<metric>`` scoring (see ``Session.claim_unfinished``).
@@ -378,7 +378,7 @@ def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> l
     return [k for k in keys if f"{kind}:{k}" in got]
 
 
-def _commit_outputs(
+def commit_outputs(
     store: Store,
     written: Sequence[WrittenOutput],
     runs: Sequence[RunEntry | None],
@@ -398,7 +398,7 @@ def _commit_outputs(
     return len(kept)
 
 
-def _skipped(store: Store, sweep: Sweep, plan: Plan, started: float) -> GenerateResult:
+def skipped_generation(store: Store, sweep: Sweep, plan: Plan, started: float) -> GenerateResult:
     """Every output is there: record a skipped run and load nothing."""
     seconds = time.time() - started
     store.record_run(run_id(), "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started)
@@ -406,7 +406,7 @@ def _skipped(store: Store, sweep: Sweep, plan: Plan, started: float) -> Generate
     return GenerateResult(sweep.target, len(plan.specs), 0, len(plan.specs), seconds)
 
 
-def _finished(
+def finished_generation(
     store: Store, sweep: Sweep, plan: Plan, run: RunEntry | None, generated: int, started: float
 ) -> GenerateResult:
     seconds = time.time() - started
@@ -456,13 +456,13 @@ def generate_outputs(
     such a writer dies). The pipeline is loaded only once there is work for it.
     """
     started = time.time()
-    plan, settings, source = _plan_for(store, resolved, sweep)
+    plan, settings, source = plan_for(store, resolved, sweep)
     opts = run_options(resolved, sweep, batch)
     done = done_keys(store, list(plan.specs))
     todo = [k for k in plan.specs if k not in done]
     if not todo:
-        return _skipped(store, sweep, plan, started)
-    utility = _utility_keys(plan)
+        return skipped_generation(store, sweep, plan, started)
+    utility = utility_keys(plan)
     loaded: _Loaded | None = None
     run = None
     generated = 0
@@ -478,7 +478,7 @@ def generate_outputs(
                 keys = [k for k in todo if plan.specs[k].text_id in members]
                 texts: dict[str, str] | None = None
                 for group in gather(work_batches(plan, keys, opts.batch_size), GEN_BATCH, len):
-                    mine = set(_claim_outputs(store, [k for b in group for k in b]))
+                    mine = set(claim_outputs(store, [k for b in group for k in b]))
                     if not mine:
                         continue  # another writer's
                     if loaded is None or (texts is None and loaded.embeddings.released):
@@ -505,7 +505,7 @@ def generate_outputs(
                         if b is group[-1] or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
                             captions = {w.spec.key: texts[w.spec.text_id] for w, _ in made if w.spec.key in utility}
                             rows = score_images(scorers, [(w.spec.key, imgs) for w, imgs in made], captions)
-                            kept = _commit_outputs(store, [w for w, _ in made], [run], rows)
+                            kept = commit_outputs(store, [w for w, _ in made], [run], rows)
                             generated += kept
                             bar.update(kept)
                             made, since = [], time.monotonic()
@@ -518,7 +518,7 @@ def generate_outputs(
     if loaded is not None:
         del loaded
         free_memory()
-    return _finished(store, sweep, plan, run, generated, started)
+    return finished_generation(store, sweep, plan, run, generated, started)
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
     for det in scorers.detectors:
         jobs.append((det.name, keys, partial(_detector_rows, store, det)))
     if scorers.clip is not None:
-        utility = list(dict.fromkeys(k for p in plans for k in _utility_keys(p)))
+        utility = list(dict.fromkeys(k for p in plans for k in utility_keys(p)))
         text_of = {i.key: i.text_id for p in plans for i in p.items}
         jobs.append((scorers.clip.name, utility, partial(_clip_rows, store, scorers.clip, text_of=text_of)))
     written = 0
@@ -587,7 +587,7 @@ def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
         while todo := unscored(store, wanted, metric):
             progressed = False
             for batch in _batches(todo, SCORE_BATCH):
-                mine = _claim_outputs(store, batch, f"score:{metric}")
+                mine = claim_outputs(store, batch, f"score:{metric}")
                 if mine:
                     rows = rows_for(mine)
                     with store.transaction():  # the scores and the release of their claims together
@@ -642,7 +642,7 @@ def score_images(
     return rows + (clip_rows(scorers.clip, outputs, captions) if scorers.clip is not None else [])
 
 
-def _utility_keys(plan: Plan) -> frozenset[str]:
+def utility_keys(plan: Plan) -> frozenset[str]:
     return frozenset(i.key for i in plan.items if i.role == UTILITY)
 
 
@@ -703,7 +703,7 @@ def report(
     fid_ctx = _fid_context(fid_reference, notes) if "fid" not in notes else _FidContext()
     results = []
     for sweep in sweeps:
-        plan = _plan_for(store, resolved, sweep)[0]
+        plan = plan_for(store, resolved, sweep)[0]
         keys = list(plan.specs)
         cells = aggregate(plan.items, scores_for(store, keys).to_pylist())
         gens = generations_for(store, keys).to_pylist()
@@ -770,7 +770,7 @@ def score_task(
 ) -> dict[str, str]:
     store, resolved = store_for(store_root), catalog(catalog_path, profile)
     scorers = build_scorers(clip_model, q16)
-    written = score_outputs(store, [_plan_for(store, resolved, s)[0] for s in sweeps], scorers)
+    written = score_outputs(store, [plan_for(store, resolved, s)[0] for s in sweeps], scorers)
     log.info("scored %d outputs", written)
     return scorers.notices
 

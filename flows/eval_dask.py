@@ -44,19 +44,19 @@ from safeport.flows.eval import (
     Plan,
     Scorers,
     ScoringOptions,
-    _claim_outputs,
-    _commit_outputs,
-    _finished,
-    _plan_for,
-    _skipped,
-    _utility_keys,
     build_scorers,
+    claim_outputs,
+    commit_outputs,
     eval_flow,
+    finished_generation,
     make_outputs,
+    plan_for,
     prompt_chunks,
     run_options,
     score_images,
+    skipped_generation,
     todo_work_key,
+    utility_keys,
 )
 from safeport.flows.extract import WAIT_POLL_S
 from safeport.flows.scale import _check_key, _pin_worker_gpu, dask_task_runner
@@ -170,7 +170,7 @@ class _Committer:
                 "eval", f"generate@{result.worker}", self.sweep.target, self.sweep.prompts, None
             )
         worker = self.workers[result.worker]
-        kept = _commit_outputs(self.store, result.written, [self.run, worker], result.scores)
+        kept = commit_outputs(self.store, result.written, [self.run, worker], result.scores)
         self.generated += kept
         self.bar.update(kept)
         rate = worker.rows / max(time.time() - worker.started, 1e-9)
@@ -193,12 +193,12 @@ def generate_on_dask(
 ) -> GenerateResult:
     """:func:`safeport.flows.eval.generate_outputs` with the pipeline calls on Dask workers (same outputs)."""
     started = time.time()
-    plan, settings, source = _plan_for(store, resolved, sweep)
+    plan, settings, source = plan_for(store, resolved, sweep)
     opts = run_options(resolved, sweep, batch)
     todo = [k for k in plan.specs if k not in done_keys(store, list(plan.specs))]
     if not todo:
-        return _skipped(store, sweep, plan, started)
-    utility = _utility_keys(plan)
+        return skipped_generation(store, sweep, plan, started)
+    utility = utility_keys(plan)
     folder = str(outputs_dir(store))
     run = store.session.start_run("eval", "generate", sweep.target, sweep.prompts, todo_work_key(len(todo)))
     desc = f"generate {sweep.target} (dask)"
@@ -208,7 +208,7 @@ def generate_on_dask(
         while todo:
             pending: deque[PrefectFuture[ChunkResult]] = deque()
             for calls in prompt_chunks(plan, todo, opts.batch_size, CHUNK_OUTPUTS):
-                mine = set(_claim_outputs(store, [k for call in calls for k in call]))
+                mine = set(claim_outputs(store, [k for call in calls for k in call]))
                 if not mine:
                     continue  # another writer's
                 chunk = _chunk(store, plan, calls, mine, utility)
@@ -225,7 +225,7 @@ def generate_on_dask(
             if todo and not sent:
                 time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
     committer.close()
-    return _finished(store, sweep, plan, run, committer.generated, started)
+    return finished_generation(store, sweep, plan, run, committer.generated, started)
 
 
 def eval_on_dask(address: str | None = None, workers: int = 2, **kwargs: Any) -> EvalResult:

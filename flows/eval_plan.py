@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safeport.eval.generate import Scalar
 from safeport.flows.common import catalog
-from safeport.flows.eval import _plan_for, plan_sweeps, run_options
+from safeport.flows.eval import plan_for, plan_sweeps, run_options
 from safeport.store.outputs import done_keys, measured_seconds
 from safeport.store.store import Store
 
@@ -77,7 +77,7 @@ def plan_eval(
     with Store(root, read_only=True) as st:
         args = (target, vectors, alphas, prompts, limit, seeds, utility, utility_limit, categories, settings)
         for sweep in plan_sweeps(st, resolved, *args):
-            plan, gen_settings, _ = _plan_for(st, resolved, sweep)
+            plan, gen_settings, _ = plan_for(st, resolved, sweep)
             done = done_keys(st, list(plan.specs))
             counts: dict[tuple[str, float], list[int]] = {}
             for key, spec in plan.specs.items():
