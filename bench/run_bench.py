@@ -562,13 +562,26 @@ def replace_section(path: Path, header: str, lines: list[str]) -> None:
     print(block)
 
 
+def run_eval_section(out: str) -> None:
+    """Section 9 (issue 15) alone: generation batching, Dask scale-out, scoring, paper-scale plan."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no CLIP weights here: Q16 / CLIP-Sim are skipped, not fetched
+    from bench_eval import eval_section
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with tempfile.TemporaryDirectory() as d, prefect_test_harness(server_startup_timeout=60):
+        os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+        lines = eval_section(Path(d))
+    replace_section(Path(out), "## 9.", [*lines, "Command: `.venv/bin/python bench/run_bench.py --only eval`.", ""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument(
         "--only",
-        choices=["dask", "ridge", "writes", "concurrency"],
+        choices=["dask", "ridge", "writes", "concurrency", "eval"],
         default=None,
         help="run one section and replace it in --out",
     )
@@ -584,6 +597,9 @@ def main() -> None:
         replace_section(
             Path(args.out), "## 7a.", [*lines, "Command: `.venv/bin/python bench/run_bench.py --only dask`.", ""]
         )
+        return
+    if args.only == "eval":
+        run_eval_section(args.out)
         return
     if args.only in ("writes", "concurrency"):
         from prefect.settings import PREFECT_API_URL
@@ -636,6 +652,9 @@ def main() -> None:
         body += paper_estimate()
         body += bench_dask(tmp, n_anchors // 5 * 2)
         body += bench_concurrency(tmp, n_anchors)
+        from bench_eval import eval_section
+
+        body += eval_section(tmp)
     Path(args.out).write_text("\n".join(header + body) + "\n", encoding="utf-8")
     print("\n".join(header + body))
     shutil.rmtree(REPO / ".bench-tmp", ignore_errors=True)

@@ -26,8 +26,10 @@ import gc
 import hashlib
 import inspect
 import json
+import logging
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from safeport.errors import is_out_of_memory
 from safeport.eval.steering import (
     RESERVED_KWARGS,
     add_to_prompt_embeds,
@@ -54,6 +57,8 @@ from safeport.extractors.pipeline_encoder import (
     max_sequence_length_of,
     quiet_pipeline_logs,
 )
+
+log = logging.getLogger("safeport.eval")
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -128,6 +133,30 @@ CARD_SETTINGS: dict[str, CardSettings] = {
 _NOT_SETTINGS = RESERVED_KWARGS | {"generator", "output_type", "return_dict", "latents", "callback_on_step_end"}
 
 
+# ``generation:`` keys that say how to run, not what to generate: never pipeline arguments, never in a key.
+RUN_OPTIONS = ("batch_size", "seconds_per_output")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a sweep runs (not what it makes): outputs per pipeline call, and a GPU-time estimate per output."""
+
+    batch_size: int = 1
+    seconds_per_output: float | None = None
+
+
+def split_run_options(settings: Mapping[str, Scalar]) -> tuple[dict[str, Scalar], RunOptions]:
+    """``settings`` without :data:`RUN_OPTIONS`, and those options validated."""
+    rest = {k: v for k, v in settings.items() if k not in RUN_OPTIONS}
+    batch = settings.get("batch_size", 1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"generation setting batch_size={batch!r} must be an integer >= 1 (outputs per pipeline call)")
+    per = settings.get("seconds_per_output")
+    if per is not None and (isinstance(per, (bool, str)) or not math.isfinite(float(per)) or float(per) <= 0):
+        raise ValueError(f"generation setting seconds_per_output={per!r} must be a positive number of seconds")
+    return rest, RunOptions(batch, None if per is None else float(per))
+
+
 def pipeline_family(source: ModelSource) -> PipelineFamily:
     """The diffusers family of a catalog model, or a ValueError saying which families generate."""
     if source.family not in FAMILIES:
@@ -184,7 +213,7 @@ def resolve_settings(source: ModelSource, overrides: Mapping[str, Scalar] | None
     merged: dict[str, Scalar] = dict(card.call)
     if card.negative_prompt is not None:
         merged["negative_prompt"] = card.negative_prompt
-    merged.update(overrides or {})
+    merged.update(split_run_options(overrides or {})[0])
     extracted = max_sequence_length_of(source)
     msl = merged.pop("max_sequence_length", extracted)
     if msl != extracted:
@@ -407,27 +436,109 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray((np.asarray(array) * 255).round().astype("uint8"))
 
 
-def output_images(out: Any) -> list[Image.Image]:
-    """One PIL image for an image pipeline, or :data:`VIDEO_FRAMES` evenly spaced frames for a video one."""
+def output_images(out: Any, index: int = 0) -> list[Image.Image]:
+    """Output ``index`` of a pipeline call: one PIL image, or :data:`VIDEO_FRAMES` evenly spaced video frames."""
     frames = getattr(out, "frames", None)
     if frames is not None:
-        video = np.asarray(frames[0])
+        video = np.asarray(frames[index])
         return [_to_pil(video[i]) for i in evenly_spaced(video.shape[0])]
-    images = out.images
-    first = images[0]
-    return [first if isinstance(first, Image.Image) else _to_pil(np.asarray(first))]
+    image = out.images[index]
+    return [image if isinstance(image, Image.Image) else _to_pil(np.asarray(image))]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output of a prompt: the steering (``vector=None``: the original model) and its seed."""
+
+    vector: np.ndarray | None
+    alpha: float
+    seed: int = DEFAULT_SEED
+
+
+def _stack(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-output ``pipe(...)`` kwargs of batch size 1 stacked into one batch (Z-Image's lists concatenated)."""
+    out: dict[str, Any] = {}
+    for name, first in parts[0].items():
+        values = [p[name] for p in parts]
+        out[name] = [t for v in values for t in v] if isinstance(first, list) else torch.cat(values)
+    return out
+
+
+def generate_batch(embeddings: PromptEmbeddings, prompt: str, jobs: Sequence[Job]) -> list[list[Image.Image]]:
+    """The outputs of ``jobs`` for one prompt from **one** pipeline call, in ``jobs`` order.
+
+    The steered ``prompt_embeds`` (and pooled / mask / negative embeds) of each job are stacked
+    along the batch and each job gets its own seeded generator, so output ``i`` starts from the
+    noise its seed defines; it equals the one-at-a-time output up to the batched kernels' rounding
+    (README, "Batched generation"). A single job is exactly the one-at-a-time call.
+    """
+    if not jobs:
+        return []
+    pipe = embeddings.pipe
+    device = pipe._execution_device
+    cached = embeddings.get(prompt)
+    kwargs = _stack([steered_kwargs(cached, j.vector, j.alpha, device) for j in jobs])
+    negative = embeddings.negative_kwargs(device)
+    if negative:
+        kwargs |= _stack([negative] * len(jobs))
+    generator: torch.Generator | list[torch.Generator] = (
+        seeded(jobs[0].seed) if len(jobs) == 1 else [seeded(j.seed) for j in jobs]
+    )
+    with torch.no_grad():
+        out = pipe(**kwargs, **embeddings.settings.call_kwargs(), generator=generator, output_type="np")
+    return [output_images(out, i) for i in range(len(jobs))]
 
 
 def generate(
     embeddings: PromptEmbeddings, prompt: str, vector: np.ndarray | None, alpha: float, seed: int = DEFAULT_SEED
 ) -> list[Image.Image]:
     """One output (image, or 4 video frames) of ``prompt`` steered by ``alpha * vector``, from cached embeds."""
-    pipe = embeddings.pipe
-    device = pipe._execution_device
-    kwargs = steered_kwargs(embeddings.get(prompt), vector, alpha, device) | embeddings.negative_kwargs(device)
-    with torch.no_grad():
-        out = pipe(**kwargs, **embeddings.settings.call_kwargs(), generator=seeded(seed), output_type="np")
-    return output_images(out)
+    return generate_batch(embeddings, prompt, [Job(vector, alpha, seed)])[0]
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One output's images and its share of the pipeline call's seconds."""
+
+    images: list[Image.Image]
+    seconds: float
+
+
+class Batcher:
+    """Generates a prompt's jobs ``batch_size`` per pipeline call, halving the batch on out-of-memory.
+
+    Once halved, the smaller size is kept for later prompts. A call that ran out of memory
+    produced nothing, so the retry makes exactly that call's outputs again in smaller calls: none is
+    lost or made twice. A batch of one that still runs out of memory raises.
+    """
+
+    def __init__(self, embeddings: PromptEmbeddings, batch_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.embeddings = embeddings
+        self.batch_size = batch_size
+
+    def run(self, prompt: str, jobs: Sequence[Job]) -> list[Generated]:
+        """The outputs of ``jobs`` in order (one entry per job)."""
+        out: list[Generated] = []
+        while len(out) < len(jobs):
+            part = jobs[len(out) : len(out) + self.batch_size]
+            t0 = time.perf_counter()
+            try:
+                images = generate_batch(self.embeddings, prompt, part)
+            except Exception as err:
+                if not is_out_of_memory(err) or len(part) == 1:
+                    raise
+                self.batch_size = max(1, len(part) // 2)
+                log.warning(
+                    "out of GPU memory at %d outputs per call; retrying %d per call", len(part), self.batch_size
+                )
+                del err
+                free_memory()
+                continue
+            seconds = (time.perf_counter() - t0) / len(part)
+            out.extend(Generated(imgs, seconds) for imgs in images)
+        return out
 
 
 def generate_once(

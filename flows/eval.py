@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from prefect import flow, task
@@ -57,14 +57,17 @@ from safeport.eval.detectors import (
 )
 from safeport.eval.generate import (
     DEFAULT_SEED,
+    Batcher,
     GenerationSettings,
+    Job,
     PromptEmbeddings,
+    RunOptions,
     Scalar,
     free_memory,
-    generate,
     load_pipeline,
     pipeline_family,
     resolve_settings,
+    split_run_options,
     vector_id,
 )
 from safeport.eval.sweep import (
@@ -84,6 +87,7 @@ from safeport.extractors.base import ModelSource
 from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
 from safeport.flows.extract import WAIT_POLL_S
+from safeport.flows.scale import on_dask
 from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 from safeport.store import artifacts
 from safeport.store.claims import RunEntry
@@ -94,17 +98,19 @@ from safeport.store.outputs import (
     done_keys,
     generations_for,
     load_images,
+    outputs_dir,
     record_outputs,
     reference_images,
     replace_results,
     save_scores,
     scores_for,
     unscored,
-    write_output_files,
+    write_output_files_to,
 )
 from safeport.store.store import Store, StoreError
 
 log = logging.getLogger("safeport.eval")
+T = TypeVar("T")
 
 TABLE_KINDS = ("native", "calibrated", "random", "string")  # the global vectors of Table 1
 SCORE_BATCH = 16
@@ -285,16 +291,78 @@ def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, s
     return plan
 
 
-def _plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
+def plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
     source = model_source(resolved, sweep.target)
     settings = resolve_settings(source, {**resolved.models[sweep.target].generation, **dict(sweep.settings)})
     return build_plan(store, sweep, source.spec().key(), settings.key, settings.record()), settings, source
 
 
+def run_options(resolved: Resolved, sweep: Sweep, batch: int | None = None) -> RunOptions:
+    """The target's run options (``generation:`` batch_size, seconds_per_output), ``batch`` (--batch) first."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"--batch {batch!r}: give the number of outputs per pipeline call, 1 or more")
+    opts = split_run_options({**resolved.models[sweep.target].generation, **dict(sweep.settings)})[1]
+    return opts if batch is None else RunOptions(batch, opts.seconds_per_output)
+
+
+def work_batches(plan: Plan, keys: Sequence[str], size: int) -> list[list[str]]:
+    """``keys`` grouped by prompt (in sweep order) and cut into pipeline calls of at most ``size`` outputs.
+
+    The single-process and the Dask path cut the same outputs the same way, so both make the same
+    calls (and, batched kernels being deterministic, the same bytes). The cut never enters a key.
+    """
+    by_text: dict[str, list[str]] = {}
+    for k in keys:
+        by_text.setdefault(plan.specs[k].text_id, []).append(k)
+    return [ks[i : i + size] for ks in by_text.values() for i in range(0, len(ks), size)]
+
+
+def gather(items: Sequence[T], at_least: int, size: Callable[[T], int]) -> list[list[T]]:
+    """Consecutive items gathered until each group's total ``size`` is ``at_least`` (the last may be smaller)."""
+    groups: list[list[T]] = [[]]
+    for item in items:
+        if sum(size(x) for x in groups[-1]) >= at_least:
+            groups.append([])
+        groups[-1].append(item)
+    return [g for g in groups if g]
+
+
+def prompt_chunks(plan: Plan, keys: Sequence[str], batch_size: int, at_least: int) -> list[list[list[str]]]:
+    """The :func:`work_batches` of ``keys`` in chunks of whole prompts, ``at_least`` outputs each (Dask's unit)."""
+    per_prompt: list[list[list[str]]] = []
+    for b in work_batches(plan, keys, batch_size):
+        if per_prompt and plan.specs[per_prompt[-1][0][0]].text_id == plan.specs[b[0]].text_id:
+            per_prompt[-1].append(b)
+        else:
+            per_prompt.append([b])
+    return [[b for p in group for b in p] for group in gather(per_prompt, at_least, _n_outputs)]
+
+
+def _n_outputs(batches: Sequence[Sequence[str]]) -> int:
+    return sum(len(b) for b in batches)
+
+
+def make_outputs(
+    batcher: Batcher,
+    folder: Path,
+    prompt: str,
+    specs: Sequence[OutputSpec],
+    vectors: Mapping[str, np.ndarray],
+    settings_record: Mapping[str, Any],
+) -> list[tuple[WrittenOutput, list[Any]]]:
+    """One prompt's outputs in pipeline calls of the batcher's size, written (not recorded); with their images."""
+    jobs = [Job(vectors[s.vector_id] if s.vector_id else None, s.alpha, s.seed) for s in specs]
+    made = batcher.run(prompt, jobs)
+    return [
+        (write_output_files_to(folder, s, g.images, settings_record, g.seconds), g.images)
+        for s, g in zip(specs, made, strict=True)
+    ]
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 
-def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
+def claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
     """Claim ``KIND:key`` for those of ``keys`` nobody else is producing and that are not done yet.
 
     ``kind`` ``output`` claims generation, ``score:<metric>`` scoring (see ``Session.claim_unfinished``).
@@ -310,94 +378,44 @@ def _claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> l
     return [k for k in keys if f"{kind}:{k}" in got]
 
 
-def _commit_outputs(store: Store, written: Sequence[WrittenOutput], run: RunEntry | None) -> int:
-    """Record written outputs still claimed by this writer and release their claims (one transaction)."""
+def commit_outputs(
+    store: Store,
+    written: Sequence[WrittenOutput],
+    runs: Sequence[RunEntry | None],
+    scores: Sequence[ScoreRow] = (),
+) -> int:
+    """Record written outputs still claimed by this writer, their scores, and release the claims (one transaction)."""
     with store.transaction():
         keys = [f"output:{w.spec.key}" for w in written]
         kept = [w for w, k in zip(written, keys, strict=True) if store.session.still_mine([k])]
         record_outputs(store, kept)
+        mine = {w.spec.key for w in kept}
+        save_scores(store, [r for r in scores if r.output_key in mine])
         store.session.release(keys)
-        if run is not None:
-            store.session.progress(run, len(kept))
+        for run in runs:
+            if run is not None:
+                store.session.progress(run, len(kept))
     return len(kept)
 
 
-def generate_outputs(store: Store, resolved: Resolved, sweep: Sweep, offload: bool = False) -> GenerateResult:
-    """Generate and commit every output of ``sweep`` that is not already done (resumable, shareable).
+def skipped_generation(store: Store, sweep: Sweep, plan: Plan, started: float) -> GenerateResult:
+    """Every output is there: record a skipped run and load nothing."""
+    seconds = time.time() - started
+    store.record_run(run_id(), "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started)
+    log.info("%s: all %d outputs already in the store", sweep.target, len(plan.specs))
+    return GenerateResult(sweep.target, len(plan.specs), 0, len(plan.specs), seconds)
 
-    Outputs are claimed in batches of :data:`GEN_BATCH` and each batch is committed in one
-    transaction; outputs other writers are producing are left to them and waited for at the end
-    (taken over if such a writer dies). The pipeline is loaded only once there is work for it.
-    """
-    started = time.time()
-    plan, settings, source = _plan_for(store, resolved, sweep)
-    done = done_keys(store, list(plan.specs))
-    todo = [k for k in plan.specs if k not in done]
-    rid = run_id()
-    if not todo:
-        store.record_run(
-            rid, "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, time.time() - started, started
-        )
-        log.info("%s: all %d outputs already in the store", sweep.target, len(plan.specs))
-        return GenerateResult(sweep.target, len(plan.specs), 0, len(done), time.time() - started)
 
-    pipe: Any = None
-    embeddings: PromptEmbeddings | None = None
-    run = None
-    generated = 0
-    with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
-        while todo:
-            progressed = False
-            text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
-            chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
-            for n, chunk in enumerate(chunks):
-                # One chunk of prompts at a time: host memory stays flat however many prompts there are.
-                members = set(chunk)
-                keys = [k for k in todo if plan.specs[k].text_id in members]
-                texts: dict[str, str] | None = None
-                for start in range(0, len(keys), GEN_BATCH):
-                    mine = _claim_outputs(store, keys[start : start + GEN_BATCH])
-                    if not mine:
-                        continue  # another writer's
-                    if embeddings is None or (texts is None and embeddings.released):
-                        # First claimed output, or a dead writer's outputs to take over after the encoders went.
-                        embeddings = pipe = None
-                        free_memory()
-                        pipe = load_pipeline(source, offload=offload)
-                        embeddings = PromptEmbeddings(pipe, settings)
-                        run = run or store.session.start_run("eval", "generate", sweep.target, sweep.prompts, None)
-                    if texts is None:
-                        texts = dict(zip(chunk, store.texts(chunk), strict=True))
-                        embeddings.encode_all(texts.values())
-                        if n == len(chunks) - 1:
-                            embeddings.release_text_encoders()
-                    written: list[WrittenOutput] = []
-                    since = time.monotonic()
-                    for i, key in enumerate(mine):
-                        spec = plan.specs[key]
-                        t0 = time.time()
-                        vec = plan.vectors.get(spec.vector_id) if spec.vector_id else None
-                        images = generate(embeddings, texts[spec.text_id], vec, spec.alpha, spec.seed)
-                        written.append(write_output_files(store, spec, images, plan.settings, time.time() - t0))
-                        if i == len(mine) - 1 or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
-                            kept = _commit_outputs(store, written, run)
-                            generated += kept
-                            bar.update(kept)
-                            written, since = [], time.monotonic()
-                    progressed = True
-                if texts is not None and embeddings is not None:
-                    embeddings.forget(texts.values())
-            todo = [k for k in todo if k not in done_keys(store, todo)]
-            if todo and not progressed:
-                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
-    if embeddings is not None:
-        del embeddings, pipe
-        free_memory()
+def finished_generation(
+    store: Store, sweep: Sweep, plan: Plan, run: RunEntry | None, generated: int, started: float
+) -> GenerateResult:
     seconds = time.time() - started
     if run is not None:
         store.session.finish_run(run, "done")
     else:
-        store.record_run(rid, "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started)
+        store.record_run(
+            run_id(), "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started
+        )
     log.info(
         "%s: generated %d outputs (the other %d were there or made by another writer) in %.1fs",
         sweep.target,
@@ -408,7 +426,110 @@ def generate_outputs(store: Store, resolved: Resolved, sweep: Sweep, offload: bo
     return GenerateResult(sweep.target, len(plan.specs), generated, len(plan.specs) - generated, seconds)
 
 
+def todo_work_key(n: int) -> str:
+    """The ``runs.unit_key`` of a running generation: how many outputs it set out to make (for ETAs in status)."""
+    return f"todo={n}"
+
+
+@dataclass
+class _Loaded:
+    """The single-process generator's pipeline, prompt cache and batcher, loaded on first claimed work."""
+
+    embeddings: PromptEmbeddings
+    batcher: Batcher
+
+
+def generate_outputs(
+    store: Store,
+    resolved: Resolved,
+    sweep: Sweep,
+    offload: bool = False,
+    batch: int | None = None,
+    scorers: Scorers | None = None,
+) -> GenerateResult:
+    """Generate and commit every output of ``sweep`` that is not already done (resumable, shareable).
+
+    Outputs are cut into pipeline calls per prompt (:func:`work_batches`, ``batch`` or the target's
+    ``batch_size``); calls are claimed in groups of at least :data:`GEN_BATCH` outputs and each group
+    is committed in one transaction, with the scores of ``scorers`` computed on the images in hand.
+    Outputs other writers are producing are left to them and waited for at the end (taken over if
+    such a writer dies). The pipeline is loaded only once there is work for it.
+    """
+    started = time.time()
+    plan, settings, source = plan_for(store, resolved, sweep)
+    opts = run_options(resolved, sweep, batch)
+    done = done_keys(store, list(plan.specs))
+    todo = [k for k in plan.specs if k not in done]
+    if not todo:
+        return skipped_generation(store, sweep, plan, started)
+    utility = utility_keys(plan)
+    loaded: _Loaded | None = None
+    run = None
+    generated = 0
+    folder = outputs_dir(store)
+    with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
+        while todo:
+            progressed = False
+            text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
+            chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
+            for n, chunk in enumerate(chunks):
+                # One chunk of prompts at a time: host memory stays flat however many prompts there are.
+                members = set(chunk)
+                keys = [k for k in todo if plan.specs[k].text_id in members]
+                texts: dict[str, str] | None = None
+                for group in gather(work_batches(plan, keys, opts.batch_size), GEN_BATCH, len):
+                    mine = set(claim_outputs(store, [k for b in group for k in b]))
+                    if not mine:
+                        continue  # another writer's
+                    if loaded is None or (texts is None and loaded.embeddings.released):
+                        # First claimed output, or a dead writer's outputs to take over after the encoders went.
+                        loaded = None
+                        free_memory()
+                        embeddings = PromptEmbeddings(load_pipeline(source, offload=offload), settings)
+                        loaded = _Loaded(embeddings, Batcher(embeddings, opts.batch_size))
+                        run = run or store.session.start_run(
+                            "eval", "generate", sweep.target, sweep.prompts, todo_work_key(len(todo))
+                        )
+                    if texts is None:
+                        texts = dict(zip(chunk, store.texts(chunk), strict=True))
+                        loaded.embeddings.encode_all(texts.values())
+                        if n == len(chunks) - 1:
+                            loaded.embeddings.release_text_encoders()
+                    made: list[tuple[WrittenOutput, list[Any]]] = []
+                    since = time.monotonic()
+                    for b in group:
+                        part = [plan.specs[k] for k in b if k in mine]
+                        if part:
+                            prompt = texts[part[0].text_id]
+                            made += make_outputs(loaded.batcher, folder, prompt, part, plan.vectors, plan.settings)
+                        if b is group[-1] or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
+                            captions = {w.spec.key: texts[w.spec.text_id] for w, _ in made if w.spec.key in utility}
+                            rows = score_images(scorers, [(w.spec.key, imgs) for w, imgs in made], captions)
+                            kept = commit_outputs(store, [w for w, _ in made], [run], rows)
+                            generated += kept
+                            bar.update(kept)
+                            made, since = [], time.monotonic()
+                    progressed = True
+                if texts is not None and loaded is not None:
+                    loaded.embeddings.forget(texts.values())
+            todo = [k for k in todo if k not in done_keys(store, todo)]
+            if todo and not progressed:
+                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
+    if loaded is not None:
+        del loaded
+        free_memory()
+    return finished_generation(store, sweep, plan, run, generated, started)
+
+
 # --- scoring ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Where the scorers' weights come from (passed to tasks and workers, which build the scorers)."""
+
+    clip_model: str = DEFAULT_CLIP_MODEL
+    q16_prompts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -458,7 +579,7 @@ def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
     for det in scorers.detectors:
         jobs.append((det.name, keys, partial(_detector_rows, store, det)))
     if scorers.clip is not None:
-        utility = list(dict.fromkeys(i.key for p in plans for i in p.items if i.role == UTILITY))
+        utility = list(dict.fromkeys(k for p in plans for k in utility_keys(p)))
         text_of = {i.key: i.text_id for p in plans for i in p.items}
         jobs.append((scorers.clip.name, utility, partial(_clip_rows, store, scorers.clip, text_of=text_of)))
     written = 0
@@ -466,7 +587,7 @@ def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
         while todo := unscored(store, wanted, metric):
             progressed = False
             for batch in _batches(todo, SCORE_BATCH):
-                mine = _claim_outputs(store, batch, f"score:{metric}")
+                mine = claim_outputs(store, batch, f"score:{metric}")
                 if mine:
                     rows = rows_for(mine)
                     with store.transaction():  # the scores and the release of their claims together
@@ -480,10 +601,14 @@ def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
 
 
 def _detector_rows(store: Store, det: Detector, batch: list[str]) -> list[ScoreRow]:
-    frames = [load_images(store, key) for key in batch]
-    flat = det.score([img for f in frames for img in f])  # one detector call per batch
+    return detector_rows(det, [(key, load_images(store, key)) for key in batch])
+
+
+def detector_rows(det: Detector, outputs: Sequence[tuple[str, Sequence[Any]]]) -> list[ScoreRow]:
+    """One detector's score rows for outputs in hand (key, images), all images in one detector call."""
+    flat = det.score([img for _, f in outputs for img in f])
     rows, start = [], 0
-    for key, f in zip(batch, frames, strict=True):
+    for key, f in outputs:
         scores, start = flat[start : start + len(f)], start + len(f)
         # An output (an image, or a video's 4 frames) is flagged if any frame is, by flags()' own rule.
         rows.append(ScoreRow(key, det.name, max(scores), max(scores) >= det.threshold, {"frames": scores}))
@@ -492,12 +617,33 @@ def _detector_rows(store: Store, det: Detector, batch: list[str]) -> list[ScoreR
 
 def _clip_rows(store: Store, clip: ClipScorer, batch: list[str], text_of: Mapping[str, str]) -> list[ScoreRow]:
     texts = store.texts([text_of[k] for k in batch])
+    return clip_rows(clip, [(key, load_images(store, key)) for key in batch], dict(zip(batch, texts, strict=True)))
+
+
+def clip_rows(
+    clip: ClipScorer, outputs: Sequence[tuple[str, Sequence[Any]]], captions: Mapping[str, str]
+) -> list[ScoreRow]:
+    """CLIP-Sim rows for the outputs that have a caption (utility prompts); video: mean over its frames."""
     rows = []
-    for key, text in zip(batch, texts, strict=True):
-        images = load_images(store, key)
-        sims = clip.score(images, [text] * len(images))  # video: mean over its frames
-        rows.append(ScoreRow(key, clip.name, float(np.mean(sims)), None, {"frames": sims}))
+    for key, images in outputs:
+        if key in captions:
+            sims = clip.score(list(images), [captions[key]] * len(images))
+            rows.append(ScoreRow(key, clip.name, float(np.mean(sims)), None, {"frames": sims}))
     return rows
+
+
+def score_images(
+    scorers: Scorers | None, outputs: Sequence[tuple[str, Sequence[Any]]], captions: Mapping[str, str]
+) -> list[ScoreRow]:
+    """Every available score of freshly generated outputs, batched per detector (no file is read back)."""
+    if scorers is None or not outputs:
+        return []
+    rows = [r for det in scorers.detectors for r in detector_rows(det, outputs)]
+    return rows + (clip_rows(scorers.clip, outputs, captions) if scorers.clip is not None else [])
+
+
+def utility_keys(plan: Plan) -> frozenset[str]:
+    return frozenset(i.key for i in plan.items if i.role == UTILITY)
 
 
 def _features(scorer: FidScorer, batches: Iterable[Sequence[Any]]) -> np.ndarray:
@@ -557,7 +703,7 @@ def report(
     fid_ctx = _fid_context(fid_reference, notes) if "fid" not in notes else _FidContext()
     results = []
     for sweep in sweeps:
-        plan = _plan_for(store, resolved, sweep)[0]
+        plan = plan_for(store, resolved, sweep)[0]
         keys = list(plan.specs)
         cells = aggregate(plan.items, scores_for(store, keys).to_pylist())
         gens = generations_for(store, keys).to_pylist()
@@ -606,9 +752,16 @@ def report(
 
 @task(name="eval-generate", cache_policy=NO_CACHE, task_run_name="generate-{sweep.target}")
 def generate_task(
-    store_root: str, catalog_path: str | None, profile: str, sweep: Sweep, offload: bool
+    store_root: str,
+    catalog_path: str | None,
+    profile: str,
+    sweep: Sweep,
+    offload: bool,
+    batch: int | None = None,
+    scoring: ScoringOptions | None = None,
 ) -> GenerateResult:
-    return generate_outputs(store_for(store_root), catalog(catalog_path, profile), sweep, offload)
+    scorers = None if scoring is None else build_scorers(scoring.clip_model, scoring.q16_prompts)
+    return generate_outputs(store_for(store_root), catalog(catalog_path, profile), sweep, offload, batch, scorers)
 
 
 @task(name="eval-score", cache_policy=NO_CACHE)
@@ -617,7 +770,7 @@ def score_task(
 ) -> dict[str, str]:
     store, resolved = store_for(store_root), catalog(catalog_path, profile)
     scorers = build_scorers(clip_model, q16)
-    written = score_outputs(store, [_plan_for(store, resolved, s)[0] for s in sweeps], scorers)
+    written = score_outputs(store, [plan_for(store, resolved, s)[0] for s in sweeps], scorers)
     log.info("scored %d outputs", written)
     return scorers.notices
 
@@ -725,8 +878,14 @@ def eval_flow(
     fid_reference: str | None = None,
     offload: bool = False,
     wait_s: float = 0.0,
+    batch: int | None = None,
 ) -> EvalResult:
-    """Generate, score and report the steering sweep for the profile's diffusion targets (resumable)."""
+    """Generate, score and report the steering sweep for the profile's diffusion targets (resumable).
+
+    On a ``DaskTaskRunner`` (:func:`safeport.flows.eval_dask.eval_on_dask`) the outputs are made
+    by the Dask workers and committed here; otherwise in this process. Either way each batch is
+    scored as it is made, so the scoring step afterwards only fills gaps (e.g. a crashed writer's).
+    """
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
     with writing(root, wait_s, resolved.arrays_url) as st:
@@ -736,7 +895,15 @@ def eval_flow(
         t_alpha = max(sweeps[0].alphas) if table_alpha is None else float(table_alpha)
         if t_alpha not in sweeps[0].alphas:
             raise ValueError(f"table_alpha {t_alpha} is not in the α sweep {list(sweeps[0].alphas)}; add it")
-        generated = [generate_task(str(root), catalog_path, profile, s, offload) for s in sweeps]
+        scoring = ScoringOptions(clip_model, q16_prompts)
+        if on_dask():
+            from safeport.flows.eval_dask import generate_on_dask
+
+            generated = [
+                generate_on_dask(st, catalog(catalog_path, profile), s, batch, scoring, offload) for s in sweeps
+            ]
+        else:
+            generated = [generate_task(str(root), catalog_path, profile, s, offload, batch, scoring) for s in sweeps]
         notices = score_task(str(root), catalog_path, profile, sweeps, clip_model, q16_prompts)
         path = report_task(str(root), catalog_path, profile, sweeps, t_alpha, notices, fid_reference)
     return EvalResult(path, tuple(generated), tuple(f"{k}: {v}" for k, v in sorted(notices.items())))

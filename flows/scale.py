@@ -195,9 +195,18 @@ class _Pending:
     run: RunEntry | None = None  # this writer's running ``runs`` row for the unit
 
 
-def _require_dask() -> None:
+def _runner_name() -> str:
     ctx = FlowRunContext.get()
-    runner = type(ctx.task_runner).__name__ if ctx is not None else "none"
+    return type(ctx.task_runner).__name__ if ctx is not None else "none"
+
+
+def on_dask() -> bool:
+    """Whether the running flow's tasks go to Dask workers (its task runner is a ``DaskTaskRunner``)."""
+    return _runner_name() == "DaskTaskRunner"
+
+
+def _require_dask() -> None:
+    runner = _runner_name()
     if runner != "DaskTaskRunner":
         raise ValueError(
             f"Dask extraction needs a flow running on a DaskTaskRunner (this one runs on {runner}); "

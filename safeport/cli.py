@@ -187,7 +187,8 @@ EXAMPLES: dict[str, str] = {
     "query": 'safeport query "select model, dataset, count(*) from activations group by all" -o counts.csv',
     "generate": 'safeport generate --profile demo-eval --vector "calibrated:smollm2-135m->tiny-flux:ridge" '
     '--alpha 1 "a red bicycle"',
-    "eval": "HF_HUB_OFFLINE=1 safeport eval --profile demo-eval --target tiny-flux --limit 4",
+    "eval": "HF_HUB_OFFLINE=1 safeport eval --profile demo-eval --target tiny-flux --limit 4 "
+    "--batch 4 --dask-workers 2",
     "rebuild": "safeport rebuild --profile demo-eval --dask-workers 2",
     "serve": 'PREFECT_API_URL=http://127.0.0.1:4200/api safeport serve --cron "0 3 * * *"',
     "gc": "safeport gc --apply",

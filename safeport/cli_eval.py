@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from safeport.cli_ops import dask_options
 from safeport.cli_verify import WAIT_HELP
 
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -150,31 +151,87 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts below 1 by name before anything is opened or loaded."""
+    for flag, value in (("--batch", args.batch), ("--dask-workers", args.dask_workers), ("--gpus", args.gpus)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: give 1 or more (omit it for the default)")
+    if args.dask_workers is not None and args.dask_address:
+        raise ValueError("--dask-workers starts a local cluster and --dask-address uses one; give only one of them")
+
+
+def _sweep_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "catalog_path": args.catalog,
+        "profile": args.profile,
+        "store": args.store,
+        "target": args.target,
+        "vectors": args.vectors,
+        "alphas": args.alphas,
+        "prompts": args.prompts,
+        "limit": args.limit,
+        "seeds": args.seeds,
+        "utility": args.utility,
+        "utility_limit": args.utility_limit,
+        "categories": not args.no_categories,
+        "settings": parse_settings(args.set, args.steps) or None,
+    }
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    """``--plan``: outputs per target × method × α (total, done, to do) and GPU time; no model is loaded."""
+    from safeport.flows.eval_plan import gpu_hours, plan_eval
+
+    gpus = args.gpus or args.dask_workers or 1
+    for plan in plan_eval(**_sweep_args(args)):
+        width = max([len("method"), *(len(r.method) for r in plan.rows)])
+        print(f"{plan.target}:")
+        print(f"  {'method':<{width}} {'alpha':>6} {'total':>8} {'done':>8} {'to do':>8}")
+        for r in plan.rows:
+            print(f"  {r.method:<{width}} {r.alpha:>6g} {r.total:>8} {r.done:>8} {r.todo:>8}")
+        todo = plan.total - plan.done
+        print(f"  {'all':<{width}} {'':>6} {plan.total:>8} {plan.done:>8} {todo:>8}")
+        if plan.seconds_per_output is None:
+            print(
+                "  GPU time: unknown: set the target's generation: seconds_per_output, "
+                "or generate a few outputs (e.g. --limit 1) and plan again"
+            )
+            continue
+        one, many = (_duration(gpu_hours(todo, plan.seconds_per_output, n)) for n in (1, gpus))
+        print(f"  per output: {plan.seconds_per_output:.3g} s ({plan.seconds_from})")
+        print(f"  GPU time for the {todo} to do: {one} on 1 GPU, {many} on {gpus} GPU(s)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_counts(args)
+    if args.plan:
+        return print_plan(args)
     from safeport.flows.eval import eval_flow
 
     t0 = time.time()
-    result = eval_flow(
-        catalog_path=args.catalog,
-        profile=args.profile,
-        store=args.store,
-        target=args.target,
-        vectors=args.vectors,
-        alphas=args.alphas,
-        prompts=args.prompts,
-        limit=args.limit,
-        seeds=args.seeds,
-        utility=args.utility,
-        utility_limit=args.utility_limit,
-        categories=not args.no_categories,
-        settings=parse_settings(args.set, args.steps) or None,
-        table_alpha=args.table_alpha,
-        clip_model=args.clip_model,
-        q16_prompts=args.q16_prompts,
-        fid_reference=args.fid_reference,
-        offload=args.offload,
-        wait_s=args.wait,
-    )
+    kwargs = {
+        **_sweep_args(args),
+        "table_alpha": args.table_alpha,
+        "clip_model": args.clip_model,
+        "q16_prompts": args.q16_prompts,
+        "fid_reference": args.fid_reference,
+        "offload": args.offload,
+        "wait_s": args.wait,
+        "batch": args.batch,
+    }
+    if args.dask_workers is not None or args.dask_address:
+        from safeport.flows.eval_dask import eval_on_dask
+
+        result = eval_on_dask(args.dask_address, args.dask_workers or 2, **kwargs)
+    else:
+        result = eval_flow(**kwargs)
     for g in result.generated:
         print(
             f"  {g.target:<16} {g.planned:>7} outputs planned, {g.generated:>7} generated, "
@@ -222,4 +279,17 @@ def add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], 
     e.add_argument("--q16-prompts", default=None, help="Q16 prompt embeddings (.npy [2, 768])")
     e.add_argument("--fid-reference", default=None, help="folder of reference images for FID")
     e.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
+    e.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="outputs per pipeline call (default: the target's generation: batch_size, or 1)",
+    )
+    e.add_argument(
+        "--plan", action="store_true", help="print outputs per method × α (total/done/to do) and GPU time; load nothing"
+    )
+    e.add_argument(
+        "--gpus", type=int, default=None, help="GPUs for --plan's time estimate (default: --dask-workers, or 1)"
+    )
+    dask_options(e, "generate and score", default=None)
     _shared(e)

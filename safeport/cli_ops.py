@@ -129,6 +129,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+ELAPSED = "(epoch(heartbeat_at) - epoch(started_at))"  # seconds up to the last progress a writer wrote
+
+
 def print_running(root: Path) -> None:
     """The part of ``safeport status`` that shows work in progress: what, by whom, how far, last heartbeat."""
     from safeport.store.query import format_table, readonly_query
@@ -142,6 +145,10 @@ def print_running(root: Path) -> None:
         root,
         "SELECT flow, task, model, dataset, rows, tokens, 'pid ' || pid || ' on ' || host AS writer, "
         "CAST(round(epoch(now()) - epoch(started_at)) AS BIGINT) AS running_s, "
+        f"round(rows / greatest({ELAPSED}, 1e-3), 2) AS rows_per_s, "
+        # Generation rows name their planned outputs in work_key ("todo=N"): the ETA at the rate so far.
+        f"CASE WHEN starts_with(work_key, 'todo=') AND rows > 0 THEN CAST(round((TRY_CAST(substr(work_key, 6) "
+        f"AS BIGINT) - rows) * {ELAPSED} / rows) AS BIGINT) END AS eta_s, "
         "CAST(round(epoch(now()) - epoch(heartbeat_at)) AS BIGINT) AS heartbeat_s_ago, "
         "CASE WHEN lease_alive THEN 'alive' ELSE 'stalled: writer gone or not renewing' END AS state "
         "FROM running ORDER BY started_at",
@@ -170,15 +177,17 @@ def print_staleness(root: Path) -> None:
         print(f"  {n:>4} {kind}(s): {reason}")
 
 
-def _dask_options(p: argparse.ArgumentParser) -> None:
+def dask_options(p: argparse.ArgumentParser, verb: str = "extract", default: int | None = 0) -> None:
+    """``--dask-address`` / ``--dask-workers`` for a command whose work ``verb`` runs on Dask."""
     p.add_argument(
-        "--dask-address", default=None, help="extract on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)"
+        "--dask-address", default=None, help=f"{verb} on an existing Dask cluster (e.g. tcp://10.0.0.5:8786)"
     )
+    none = " (0: no Dask)" if default == 0 else ""
     p.add_argument(
         "--dask-workers",
         type=int,
-        default=0,
-        help="extract on a local Dask cluster of N single-threaded worker processes (0: no Dask)",
+        default=default,
+        help=f"{verb} on a local Dask cluster of N single-threaded worker processes, one per GPU{none}",
     )
 
 
@@ -196,7 +205,7 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
     r = add("rebuild", cmd_rebuild, "extract, fit and evaluate only what changed; mark removed models' artefacts stale")
     r.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _online_options(r)
-    _dask_options(r)
+    dask_options(r)
 
     s = add("serve", cmd_serve, "serve scheduled rebuilds as a Prefect deployment (needs `prefect server start`)")
     when = s.add_mutually_exclusive_group(required=True)
@@ -205,7 +214,7 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
     s.add_argument("--name", default="safeport-rebuild", help="deployment name (default: safeport-rebuild)")
     s.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
     _online_options(s)
-    _dask_options(s)
+    dask_options(s)
 
     g = add("gc", cmd_gc, "list arrays no record refers to (dry run); --apply deletes them")
     g.add_argument("--apply", action="store_true", help="delete them (default: only list them and their size)")

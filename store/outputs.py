@@ -151,9 +151,15 @@ def write_output_files(
     store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
 ) -> WrittenOutput:
     """Step 1: write the output's PNGs atomically; nothing is recorded (a rerun overwrites them)."""
+    return write_output_files_to(outputs_dir(store), spec, images, settings, seconds)
+
+
+def write_output_files_to(
+    folder: Path, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
+) -> WrittenOutput:
+    """Step 1 without a store handle: what a Dask worker runs (it never opens DuckDB) on the store's outputs folder."""
     if not images:
         raise ValueError(f"output {spec.key} has no images; a generation returns at least one")
-    folder = outputs_dir(store)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         names = file_names(spec.key, len(images))
@@ -170,6 +176,31 @@ def write_output_files(
         ) from None
     settings_json = json.dumps(dict(settings), sort_keys=True, default=str)
     return WrittenOutput(spec, tuple(names), digest.hexdigest()[:32], settings_json, float(seconds))
+
+
+def _files_checksum(store: Store, files: Sequence[str]) -> str | None:
+    digest = hashlib.sha256()
+    for name in files:
+        try:
+            digest.update((outputs_dir(store) / name).read_bytes())
+        except OSError:
+            return None
+    return digest.hexdigest()[:32]
+
+
+def check_written(store: Store, written: Sequence[WrittenOutput]) -> None:
+    """Refuse outputs whose files in this store do not match their checksum (written elsewhere, or damaged).
+
+    The flow process runs this on what Dask workers return, before recording anything.
+    """
+    for w in written:
+        got = _files_checksum(store, w.files)
+        if got != w.checksum:
+            where = "missing" if got is None else "different bytes"
+            raise StoreError(
+                f"output {w.spec.key}: a worker reported files {list(w.files)} that are {where} in "
+                f"{outputs_dir(store)}; workers must reach the store's folder (shared storage for a remote cluster)"
+            )
 
 
 def record_outputs(store: Store, written: Sequence[WrittenOutput]) -> None:
@@ -362,3 +393,16 @@ def reference_images(folder: Path, batch: int = 64) -> Iterator[list[Image.Image
             with Image.open(p) as img:
                 out.append(img.convert("RGB"))
         yield out
+
+
+def measured_seconds(store: Store, target_key: str, settings_key: str) -> tuple[float | None, int]:
+    """Median seconds per committed output of one target and settings, and how many outputs it is from."""
+    if not _has_tables(store):
+        return None, 0
+    row = store.one(
+        "SELECT median(seconds), count(*) FROM generations WHERE target_key = ? AND settings_key = ?",
+        [target_key, settings_key],
+    )
+    if row is None or not row[1]:
+        return None, 0
+    return float(row[0]), int(row[1])

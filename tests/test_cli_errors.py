@@ -291,3 +291,14 @@ def test_a_second_ctrl_c_is_quiet(prefect_api: str, tmp_path: Path, second: str)
     assert proc.returncode == 130, text[-3000:]
     assert "safeport: interrupted" in text
     assert verify_path(tmp_path / "store").ok  # whatever was committed is intact
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch", "0"), ("--dask-workers", "0"), ("--gpus", "-1"), ("--batch", "-2")]
+)
+def test_eval_counts_below_one_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    code, out, err = _run(capsys, "eval", "--store", str(tmp_path / "none"), flag, value)
+    _is_user_error(code, out, err)
+    assert f"{flag} {value}: give 1 or more" in err

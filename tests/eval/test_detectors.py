@@ -239,3 +239,15 @@ def test_fid_on_a_reference_folder_of_mixed_image_sizes(tmp_path: Path) -> None:
     generated = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
     fid = FidScorer(features).fid(generated, batch)
     assert np.isfinite(fid) and fid > 0
+
+
+def test_nudenet_runs_on_cuda_when_onnxruntime_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from safeport.eval.detectors import onnx_providers
+
+    assert onnx_providers()[-1] == "CPUExecutionProvider"
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    )
+    assert onnx_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -12,13 +12,17 @@ import pytest
 import torch
 
 from safeport.eval.generate import (
+    Batcher,
     GenerationSettings,
+    Job,
     PromptEmbeddings,
     evenly_spaced,
     generate,
+    generate_batch,
     generate_once,
     load_pipeline,
     resolve_settings,
+    split_run_options,
     steered_kwargs,
     vector_id,
 )
@@ -383,3 +387,86 @@ def test_paper_targets_take_their_settings_from_the_cards_and_the_paper() -> Non
     wan = CARD_SETTINGS["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]
     assert (dict(wan.call)["height"], dict(wan.call)["width"], dict(wan.dtypes)) == (720, 1280, {"vae": "float32"})
     assert wan.negative_prompt == WAN_NEGATIVE_PROMPT
+
+
+# Batched generation equals one-at-a-time generation within this many uint8 levels per pixel: measured on
+# the tiny pipelines (one torch thread and two alike), Flux, SD3, Qwen-Image (true CFG) and Wan are
+# identical, Z-Image differs by 1 level in a few pixels (batched kernels round differently). README states it.
+BATCH_TOLERANCE = 1
+
+
+def _batch_settings(family: str) -> GenerationSettings:
+    if family != "qwen_image":
+        return _settings(family)
+    # Qwen-Image with true CFG and its negative prompt: the negative embeds are stacked too.
+    base = _settings(family)
+    call = tuple(sorted({**dict(base.call), "true_cfg_scale": 2.0}.items()))
+    return dataclasses.replace(base, call=call, negative_prompt=" ")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batched_call_equals_one_call_per_output(pipes: dict[str, Any], family: str) -> None:
+    emb = PromptEmbeddings(pipes[family], _batch_settings(family))
+    v = _vector(family)
+    jobs = [Job(None, 0.0, 42), Job(v, 1.0, 42), Job(v, 2.0, 7), Job(0.5 * v, 1.5, 3)]
+    one = [generate_batch(emb, PROMPT, [j])[0] for j in jobs]
+    many = generate_batch(emb, PROMPT, jobs)
+    assert len(many) == len(jobs) and all(len(m) == len(o) for m, o in zip(many, one, strict=True))
+    for o, m in zip(one, many, strict=True):
+        diff = np.abs(_pixels(o).astype(np.int16) - _pixels(m).astype(np.int16))
+        assert diff.max() <= BATCH_TOLERANCE
+    # The batch really holds different outputs (seeds and α differ), each in its job's place.
+    assert not np.array_equal(_pixels(many[0]), _pixels(many[2]))
+
+
+def test_out_of_memory_halves_the_batch_and_loses_or_repeats_nothing(
+    pipes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safeport.eval.generate as gen
+
+    emb = PromptEmbeddings(pipes["flux"], _settings("flux"))
+    v = _vector("flux")
+    jobs = [Job(v, float(a), 42 + a) for a in range(5)]
+    calls: list[int] = []
+    real = gen.generate_batch
+
+    def raises_once(e: PromptEmbeddings, prompt: str, part: list[Job]) -> Any:
+        """The real call, except that the first one with more than 2 outputs runs out of memory."""
+        calls.append(len(part))
+        if len(part) > 2 and len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(e, prompt, part)
+
+    monkeypatch.setattr(gen, "generate_batch", raises_once)
+    batcher = Batcher(emb, batch_size=4)
+    out = batcher.run(PROMPT, jobs)
+    assert calls == [4, 2, 2, 1] and batcher.batch_size == 2
+    alone = [real(emb, PROMPT, [j])[0] for j in jobs]
+    assert len(out) == len(jobs)
+    for got, want in zip(out, alone, strict=True):  # each output in its place, once
+        assert np.abs(_pixels(got.images).astype(np.int16) - _pixels(want).astype(np.int16)).max() <= BATCH_TOLERANCE
+
+    def always(e: PromptEmbeddings, prompt: str, part: list[Job]) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(gen, "generate_batch", always)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a batch of one that runs out of memory is an error
+        Batcher(emb, batch_size=2).run(PROMPT, jobs)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"batch_size": 0}, "batch_size=0"), ({"batch_size": 1.5}, "batch_size=1.5"), ({"seconds_per_output": -1}, "-1")],
+)
+def test_run_options_are_validated(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        split_run_options(options)
+
+
+def test_run_options_never_reach_the_pipeline_or_the_output_key(tmp_path: Path) -> None:
+    folder = save_tiny("flux", tmp_path / "flux")
+    source = _source(folder)
+    plain = resolve_settings(source, {"num_inference_steps": 2})
+    with_options = resolve_settings(source, {"num_inference_steps": 2, "batch_size": 8, "seconds_per_output": 1.0})
+    assert with_options == plain and with_options.key == plain.key
+    assert split_run_options({"batch_size": 8, "height": 64})[1].batch_size == 8

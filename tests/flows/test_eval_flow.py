@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+import safeport.eval.generate
 import safeport.flows.eval
 from safeport.flows.eval import eval_flow
 from safeport.store.artifacts import VectorRecord, save_vectors
@@ -71,17 +72,17 @@ def _catalog(tmp: Path) -> Path:
     return path
 
 
-def _fill_store(root: Path) -> None:
+def _fill_store(root: Path, prompts: list[tuple[str, str | None]] = PROMPTS) -> None:
     """Prompts registered as a dataset and vectors saved as the fit stage would (no extraction)."""
     rows = pa.table(
         {
-            "idx": list(range(len(PROMPTS))),
-            "text_id": [text_id(t) for t, _ in PROMPTS],
-            "text": [t for t, _ in PROMPTS],
-            "split": pa.array([None] * len(PROMPTS), pa.string()),
-            "category": pa.array([c for _, c in PROMPTS], pa.string()),
-            "pair_id": pa.array([None] * len(PROMPTS), pa.int32()),
-            "side": pa.array([None] * len(PROMPTS), pa.string()),
+            "idx": list(range(len(prompts))),
+            "text_id": [text_id(t) for t, _ in prompts],
+            "text": [t for t, _ in prompts],
+            "split": pa.array([None] * len(prompts), pa.string()),
+            "category": pa.array([c for _, c in prompts], pa.string()),
+            "pair_id": pa.array([None] * len(prompts), pa.int32()),
+            "side": pa.array([None] * len(prompts), pa.string()),
         }
     )
     rng = np.random.default_rng(0)
@@ -145,7 +146,7 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     # 2. The full sweep crashes after one new output: what was committed stays committed. Outputs are
     #    committed in batches (safeport.flows.eval.GEN_BATCH), so the finished output of the batch in
     #    flight is lost with it (its file is on disk, unrecorded: the rerun overwrites it).
-    real_generate = safeport.flows.eval.generate
+    real_generate = safeport.eval.generate.generate_batch  # one pipeline call (here: one output per call)
     calls = {"n": 0}
 
     def crash_on_second(*args: Any, **kwargs: Any) -> Any:
@@ -154,10 +155,10 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
             raise RuntimeError("simulated crash mid-sweep")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(safeport.flows.eval, "generate", crash_on_second)
+    monkeypatch.setattr(safeport.eval.generate, "generate_batch", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(catalog)
-    monkeypatch.setattr(safeport.flows.eval, "generate", real_generate)
+    monkeypatch.setattr(safeport.eval.generate, "generate_batch", real_generate)
     assert len(_generations(root)) == 10
 
     # 3. Rerun: only the rest is generated; the third prompt has no category, so its oracle output

@@ -1,0 +1,187 @@
+"""Generation on 2 local Dask workers equals the single-process run; a worker killed mid-chunk loses nothing;
+``--plan`` counts what the sweep then makes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import safeport.flows.eval_dask
+import tests.flows.test_eval_flow as setup
+from safeport.flows.eval_dask import eval_on_dask
+from safeport.flows.eval_plan import gpu_hours, plan_eval
+from safeport.flows.scale import dask_task_runner
+from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.store import Store
+from tests.flows import test_crash_loop as crash
+
+SEEDS = [1, 2]
+BATCH = 2  # two outputs per pipeline call on both sides
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """The local cluster ``--dask-workers 2`` starts (two single-threaded processes on loopback); its address."""
+    from distributed import LocalCluster
+
+    with LocalCluster(**dask_task_runner(workers=2).cluster_kwargs) as c:
+        yield str(c.scheduler_address)
+
+
+_state = crash._eval_state  # generations (key, PNG checksum, files), distinct keys, scores, aggregates
+_new_store = crash._eval_store  # the tiny Flux catalog and a store with prompts and vectors
+
+
+def _timeless(report: str) -> str:
+    """The report without its measured seconds per output (wall time is the one thing that may differ)."""
+    return re.sub(r"[0-9.]+ s per output", "- s per output", report)
+
+
+@pytest.fixture(scope="module")
+def single(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The single-process run (one torch thread, as a Dask worker computes) and its store's state."""
+    import torch
+
+    catalog = _new_store(tmp_path_factory.mktemp("single") / "s")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = setup._run(catalog, seeds=SEEDS, batch=BATCH)
+    finally:
+        torch.set_num_threads(before)
+    state = _state(catalog.parent / "store")
+    assert len(state["generations"]) == state["distinct"] == 14 * len(SEEDS)
+    with Store(catalog.parent / "store", read_only=True) as store:
+        cells = store.con.execute("SELECT method, alpha FROM generations").fetchall()
+    report = Path(result.report).read_text(encoding="utf-8")
+    return {"state": state, "report": report, "cells": cells, "catalog": str(catalog)}
+
+
+def test_two_dask_workers_make_exactly_the_single_process_outputs(
+    single: dict[str, Any], cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = _new_store(tmp_path / "d")
+    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)  # several chunks: both workers get some
+    result = eval_on_dask(cluster, **_args(catalog))
+    state = _state(catalog.parent / "store")
+    assert state == single["state"]  # same keys, PNG checksums, scores and aggregates
+    assert _timeless(Path(result.report).read_text(encoding="utf-8")) == _timeless(single["report"])
+    with Store(catalog.parent / "store", read_only=True) as store:
+        tasks = {r[0] for r in store.con.execute("SELECT task FROM runs WHERE flow = 'eval'").fetchall()}
+    assert len({t for t in tasks if t.startswith("generate@")}) == 2  # progress rows of both workers
+
+
+def _args(catalog: Path) -> dict[str, Any]:
+    return {
+        "catalog_path": str(catalog),
+        "target": setup.TGT,
+        "vectors": [setup.NATIVE, setup.CALIBRATED],
+        "alphas": [0.0, 1.5],
+        "prompts": "tiny-prompts",
+        "settings": setup.SETTINGS,
+        "seeds": SEEDS,
+        "batch": BATCH,
+    }
+
+
+def test_a_worker_killed_mid_chunk_loses_and_repeats_nothing(
+    single: dict[str, Any], cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client
+
+    catalog = _new_store(tmp_path / "k")
+    outputs = catalog.parent / "store" / OUTPUTS_DIR
+    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)
+    with Client(cluster) as client:
+        pids = sorted(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_when_writing() -> None:
+        """kill -9 one worker as soon as the first PNG is on disk: both workers are inside a chunk then."""
+        while not killed:
+            if outputs.is_dir() and any(p.suffix == ".png" for p in outputs.iterdir()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            threading.Event().wait(0.005)
+
+    watcher = threading.Thread(target=kill_when_writing, daemon=True)
+    watcher.start()
+    eval_on_dask(cluster, **_args(catalog))
+    watcher.join(timeout=5)
+    assert killed
+    state = _state(catalog.parent / "store")
+    assert state["distinct"] == len(state["generations"])  # no duplicate
+    assert state == single["state"]  # nothing missing, nothing different
+
+
+def test_plan_counts_what_the_sweep_then_makes(
+    single: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan of a fresh store (no model loaded) counts, per method and α, what the single run made."""
+    kw = {k: v for k, v in _args(_new_store(tmp_path / "p")).items() if k != "batch"}
+    before = plan_eval(**kw)[0]
+    assert (before.done, before.seconds_per_output, before.seconds_from) == (0, None, "unknown")
+    made: dict[tuple[str, float], int] = {}
+    for method, alpha in single["cells"]:
+        made[(method, alpha)] = made.get((method, alpha), 0) + 1
+    assert {(r.method, r.alpha): r.total for r in before.rows} == made
+    assert before.total == 14 * len(SEEDS)
+    after = plan_eval(**{**kw, "catalog_path": single["catalog"]})[0]  # the store the sweep filled
+    assert (after.total, after.done) == (before.total, before.total)
+    assert after.seconds_per_output is not None and after.seconds_from == f"measured on {after.total} outputs"
+    from safeport.cli import main
+
+    sets = [f"--set={k}={v}" for k, v in setup.SETTINGS.items()]
+    argv = ["eval", "--catalog", single["catalog"], "--target", setup.TGT, "--prompts", "tiny-prompts"]
+    argv += ["--vectors", setup.NATIVE, setup.CALIBRATED, "--alphas", "0", "1.5", "--seeds", "1", "2", *sets]
+    assert main([*argv, "--plan", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\n  all +28 +28 +0\n", out) and " on 1 GPU, " in out and " on 2 GPU(s)" in out
+    assert not any(text in out for text, _ in setup.PROMPTS)  # prompts are data: never printed
+    assert gpu_hours(3600, 2.0, 8) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="--gpus 0"):
+        gpu_hours(1, 1.0, 0)
+
+
+def test_the_flow_process_killed_mid_commit_then_a_rerun_completes(
+    single: dict[str, Any], cluster: str, tmp_path: Path, prefect_api: str
+) -> None:
+    """kill -9 of `safeport eval --dask-address` (its commits widened so the kill lands in one), then rerun."""
+    catalog = _new_store(tmp_path / "f")
+    (tmp_path / "stretch.py").write_text(crash.STRETCH, encoding="utf-8")
+    argv = [*crash._eval_args(catalog), "--batch", str(BATCH), "--dask-address", cluster]
+    assert [str(s) for s in SEEDS] == crash.SEEDS
+    proc = crash._cli(prefect_api, *argv, stretch=tmp_path)
+    reached = crash._wait_for(proc, crash._outputs_at_least(catalog.parent / "store" / OUTPUTS_DIR, 4))
+    assert reached and crash._kill9(proc, 0.01), "the eval finished before the kill"
+    eval_on_dask(cluster, **_args(catalog))
+    state = _state(catalog.parent / "store")
+    assert state["distinct"] == len(state["generations"])
+    assert state == single["state"]
+
+
+def test_status_shows_the_rate_and_eta_of_a_running_generation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safeport.cli_ops import print_running
+    from safeport.flows.eval import todo_work_key
+
+    with Store(tmp_path / "st") as store:
+        run = store.session.start_run("eval", "generate", "tflux", "tiny-prompts", todo_work_key(10))
+        with store.transaction() as con:
+            store.session.progress(run, 4)
+            con.execute("UPDATE runs SET started_at = heartbeat_at - INTERVAL 8 SECOND")  # 4 outputs in 8 s
+        print_running(tmp_path / "st")
+        store.session.finish_run(run, "done")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "rows_per_s" in line)
+    cells = {h.strip(): v.strip() for h, v in zip(lines[at].split("|"), lines[at + 2].split("|"), strict=True)}
+    assert cells["rows_per_s"] == "0.5" and cells["eta_s"] == "12"  # 6 left at 0.5/s
