@@ -426,11 +426,6 @@ def finished_generation(
     return GenerateResult(sweep.target, len(plan.specs), generated, len(plan.specs) - generated, seconds)
 
 
-def todo_work_key(n: int) -> str:
-    """The ``runs.unit_key`` of a running generation: how many outputs it set out to make (for ETAs in status)."""
-    return f"todo={n}"
-
-
 @dataclass
 class _Loaded:
     """The single-process generator's pipeline, prompt cache and batcher, loaded on first claimed work."""
@@ -488,7 +483,7 @@ def generate_outputs(
                         embeddings = PromptEmbeddings(load_pipeline(source, offload=offload), settings)
                         loaded = _Loaded(embeddings, Batcher(embeddings, opts.batch_size))
                         run = run or store.session.start_run(
-                            "eval", "generate", sweep.target, sweep.prompts, todo_work_key(len(todo))
+                            "eval", "generate", sweep.target, sweep.prompts, None, total=len(todo)
                         )
                     if texts is None:
                         texts = dict(zip(chunk, store.texts(chunk), strict=True))

@@ -55,7 +55,6 @@ from safeport.flows.eval import (
     run_options,
     score_images,
     skipped_generation,
-    todo_work_key,
     utility_keys,
 )
 from safeport.flows.extract import WAIT_POLL_S
@@ -200,7 +199,7 @@ def generate_on_dask(
         return skipped_generation(store, sweep, plan, started)
     utility = utility_keys(plan)
     folder = str(outputs_dir(store))
-    run = store.session.start_run("eval", "generate", sweep.target, sweep.prompts, todo_work_key(len(todo)))
+    run = store.session.start_run("eval", "generate", sweep.target, sweep.prompts, None, total=len(todo))
     desc = f"generate {sweep.target} (dask)"
     with tqdm(total=len(todo), desc=desc, unit="output", mininterval=2.0, dynamic_ncols=True) as bar:
         committer = _Committer(store, sweep, run, bar, {})

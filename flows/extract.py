@@ -112,6 +112,11 @@ def _uncommitted(store: Store, unit: UnitInfo) -> list[int]:
     return [s for s in range(unit.n_shards) if s not in committed]
 
 
+def rows_left(store: Store, unit: UnitInfo) -> int:
+    """Rows of the shards not committed yet: what an extraction run sets out to compute (its ETA in status)."""
+    return sum(len(range(*unit.shard_range(s))) for s in _uncommitted(store, unit))
+
+
 def shard_key(unit_key: str, shard: int) -> str:
     """The claim key of one shard (see :mod:`safeport.store.claims`)."""
     return f"shard:{unit_key}/{shard}"
@@ -360,7 +365,9 @@ def extract_unit(
         if _claimable(store, unit):  # no model is loaded while every missing shard is another writer's
             extractor = extractor or extractor_for(source)
             _register(store, model_key, model, entry, asdict(spec), extractor.dim)
-            run = run or store.session.start_run("extract", "extract_unit", model, dataset, unit.unit_key)
+            run = run or store.session.start_run(
+                "extract", "extract_unit", model, dataset, unit.unit_key, total=rows_left(store, unit)
+            )
             r, t = commit_missing_shards(store, unit, extractor, entry, label, run)
             rows, tokens = rows + r, tokens + t
         if not _uncommitted(store, unit):

@@ -58,6 +58,7 @@ from safeport.flows.extract import (
     encode_shard,
     ensure_unit,
     register_datasets_task,
+    rows_left,
     unit_key,
 )
 from safeport.store.claims import RunEntry
@@ -294,7 +295,9 @@ def _send(store: Store, resolved: Resolved, p: _Pending, unit: UnitInfo, arrays:
             spec = p.source.spec()
             store.register_model(spec.key(), p.model, entry.role, asdict(spec), unit.dim)
             ids = store.unit_text_ids(unit.unit_key)
-            p.run = p.run or store.session.start_run("extract", "extract_unit", p.model, p.dataset, unit.unit_key)
+            p.run = p.run or store.session.start_run(
+                "extract", "extract_unit", p.model, p.dataset, unit.unit_key, total=rows_left(store, unit)
+            )
         start, stop = unit.shard_range(shard)
         shard_ids = ids[start:stop]
         fut = encode_shard_task.submit(

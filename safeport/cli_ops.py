@@ -136,7 +136,9 @@ def print_running(root: Path) -> None:
     """The part of ``safeport status`` that shows work in progress: what, by whom, how far, last heartbeat."""
     from safeport.store.query import format_table, readonly_query
 
-    views = readonly_query(root, "SELECT table_name FROM information_schema.tables WHERE table_name = 'running'")
+    views = readonly_query(
+        root, "SELECT table_name FROM information_schema.columns WHERE table_name = 'running' AND column_name = 'total'"
+    )
     print("\nrunning now:")
     if views.num_rows == 0:
         print("  (a store of an older schema: its first write adds progress tracking)")
@@ -146,9 +148,9 @@ def print_running(root: Path) -> None:
         "SELECT flow, task, model, dataset, rows, tokens, 'pid ' || pid || ' on ' || host AS writer, "
         "CAST(round(epoch(now()) - epoch(started_at)) AS BIGINT) AS running_s, "
         f"round(rows / greatest({ELAPSED}, 1e-3), 2) AS rows_per_s, "
-        # Generation rows name their planned outputs in work_key ("todo=N"): the ETA at the rate so far.
-        f"CASE WHEN starts_with(work_key, 'todo=') AND rows > 0 THEN CAST(round((TRY_CAST(substr(work_key, 6) "
-        f"AS BIGINT) - rows) * {ELAPSED} / rows) AS BIGINT) END AS eta_s, "
+        "total, "  # what the work set out to compute, where known: the ETA at the rate so far
+        f"CASE WHEN total IS NOT NULL AND rows > 0 THEN CAST(round(greatest(total - rows, 0) * {ELAPSED} / rows) "
+        "AS BIGINT) END AS eta_s, "
         "CAST(round(epoch(now()) - epoch(heartbeat_at)) AS BIGINT) AS heartbeat_s_ago, "
         "CASE WHEN lease_alive THEN 'alive' ELSE 'stalled: writer gone or not renewing' END AS state "
         "FROM running ORDER BY started_at",

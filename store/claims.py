@@ -331,15 +331,20 @@ class Session:
         return {h.work_key: h for h in (Holder(*r) for r in found)}
 
     # -- runs rows ---------------------------------------------------------------------------------
-    def start_run(self, flow: str, task: str, model: str, dataset: str, key: str | None) -> RunEntry:
-        """Insert a ``running`` row for work this session starts; the heartbeat keeps it fresh."""
+    def start_run(
+        self, flow: str, task: str, model: str, dataset: str, key: str | None, total: int | None = None
+    ) -> RunEntry:
+        """Insert a ``running`` row for work this session starts; the heartbeat keeps it fresh.
+
+        ``total``: the rows or outputs it sets out to compute, if known (``safeport status`` shows an ETA).
+        """
         entry = RunEntry(uuid.uuid4().hex[:16], time.time())
         with self.store.transaction() as con:
             con.execute(
                 "INSERT INTO runs (run_id, flow, task, model, dataset, unit_key, status, rows, tokens, seconds, "
-                "started_at, finished_at, message, owner, heartbeat_at, entry_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, 0, to_timestamp(?), NULL, '', ?, now(), ?)",
-                [self.run_id, flow, task, model, dataset, key, entry.started, self.owner, entry.entry_id],
+                "started_at, finished_at, message, owner, heartbeat_at, entry_id, total) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'running', 0, 0, 0, to_timestamp(?), NULL, '', ?, now(), ?, ?)",
+                [self.run_id, flow, task, model, dataset, key, entry.started, self.owner, entry.entry_id, total],
             )
         with self._lock:
             self._state.runs[entry.entry_id] = entry

@@ -81,18 +81,20 @@ def _v2_claims_and_progress(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(CLAIMS_DDL)
     for column, kind in (("owner", "VARCHAR"), ("heartbeat_at", "TIMESTAMP"), ("entry_id", "VARCHAR")):
         con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} {kind}")
-    con.execute(RUNNING_VIEW)
+    con.execute(RUNNING_VIEW_V2)
 
 
 # Work in progress, for `safeport status` and SQL: each running ``runs`` row with its writer.
-# ``lease_alive`` is false once the writer stopped renewing (it died or hangs; see safeport.store.claims).
+# ``lease_alive`` is false once the writer stopped renewing (it died or hangs; see safeport.store.claims);
+# ``total`` is what the work set out to compute (rows, outputs), NULL where it is not known up front.
 RUNNING_VIEW = """
 CREATE OR REPLACE VIEW running AS
-    SELECT r.flow, r.task, r.model, r.dataset, r.unit_key AS work_key, r.rows, r.tokens, r.started_at,
+    SELECT r.flow, r.task, r.model, r.dataset, r.unit_key AS work_key, r.rows, r.total, r.tokens, r.started_at,
            r.heartbeat_at, c.host, c.pid, r.run_id, coalesce(c.expires_at > epoch(now()), false) AS lease_alive
     FROM runs r LEFT JOIN claims c ON c.work_key = 'writer:' || r.owner
     WHERE r.status = 'running';
 """
+RUNNING_VIEW_V2 = RUNNING_VIEW.replace(" r.total,", "")  # as schema step 2 made it (no runs.total yet)
 
 
 def _v3_content_keys(con: duckdb.DuckDBPyConnection) -> None:
@@ -100,9 +102,15 @@ def _v3_content_keys(con: duckdb.DuckDBPyConnection) -> None:
         log.info("migrated: %s", step)
 
 
+def _v4_run_totals(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS total BIGINT")
+    con.execute(RUNNING_VIEW)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(2, "claims table; runs.owner, runs.heartbeat_at, runs.entry_id (progress)", _v2_claims_and_progress),
     Migration(3, "dataset hashes from rows (rows-v1), fit report columns, fit_outputs backfilled", _v3_content_keys),
+    Migration(4, "runs.total: what running work set out to compute (ETAs in status)", _v4_run_totals),
 ]
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)  # version 1: store/schema.py as first released
 

@@ -171,10 +171,9 @@ def test_status_shows_the_rate_and_eta_of_a_running_generation(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from safeport.cli_ops import print_running
-    from safeport.flows.eval import todo_work_key
 
     with Store(tmp_path / "st") as store:
-        run = store.session.start_run("eval", "generate", "tflux", "tiny-prompts", todo_work_key(10))
+        run = store.session.start_run("eval", "generate", "tflux", "tiny-prompts", None, total=10)
         with store.transaction() as con:
             store.session.progress(run, 4)
             con.execute("UPDATE runs SET started_at = heartbeat_at - INTERVAL 8 SECOND")  # 4 outputs in 8 s

@@ -19,6 +19,7 @@ import duckdb
 import pytest
 
 import safeport.store.db as db_module
+import safeport.store.store as store_module
 from safeport.cli import main
 from safeport.store import connect
 from safeport.store.claims import HOST
@@ -226,6 +227,25 @@ def test_a_store_mid_migration_is_refused_to_readers_and_finished_by_a_writer(
     assert "schema 1 -> 2" in caplog.text
     with Store(store, read_only=True) as ro:
         assert ro.scalar("SELECT count(*) FROM meta WHERE key = 'migrating'") == 0
+
+
+def test_a_version_3_store_gains_run_totals_on_its_first_write(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safeport.cli_ops import print_running
+
+    con = duckdb.connect(str(store / "meta.duckdb"))  # as safeport left it before runs.total
+    con.execute(store_module.RUNNING_VIEW_V2)
+    con.execute("ALTER TABLE runs DROP COLUMN total")
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    con.close()
+    print_running(store)  # a reader of the old schema: no ETA column to show, and no error
+    assert "older schema" in capsys.readouterr().out
+    with Store(store) as st:
+        assert st.schema_version == SCHEMA_VERSION >= 4
+        run = st.session.start_run("extract", "extract_unit", "m", "d", "u", total=10)
+        with st.transaction():
+            st.session.progress(run, 4)
+        assert st.fetchall("SELECT rows, total FROM running") == [(4, 10)]
+        st.session.finish_run(run, "done")
 
 
 # -- claims ------------------------------------------------------------------------------------------------
