@@ -58,7 +58,7 @@ from safeport.flows.eval import (
     utility_keys,
 )
 from safeport.flows.extract import WAIT_POLL_S
-from safeport.flows.scale import _check_key, _pin_worker_gpu, dask_task_runner
+from safeport.flows.scale import dask_task_runner, prepare_worker
 from safeport.store.claims import RunEntry
 from safeport.store.outputs import OutputSpec, ScoreRow, WrittenOutput, check_written, done_keys, outputs_dir
 from safeport.store.store import Store
@@ -136,8 +136,7 @@ def generate_chunk_task(
     index: int,
 ) -> ChunkResult:
     """Generate, write and score one chunk on a worker; returns only descriptors and scores."""
-    _pin_worker_gpu()
-    _check_key(source, model_key)
+    prepare_worker(source, model_key)
     started = time.time()
     batcher = _batcher(source, settings, batch_size, offload)
     batcher.embeddings.encode_all(chunk.prompts.values())  # each prompt of the chunk encoded once

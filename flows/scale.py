@@ -150,11 +150,20 @@ def _check_key(source: ModelSource, model_key: str) -> None:
         )
 
 
+def prepare_worker(source: ModelSource, model_key: str) -> None:
+    """First step of every task that runs a model on a worker: its own GPU, and the flow's model.
+
+    Pins this worker's GPU (``cuda`` means GPU *i mod n* on worker *i*) and checks that the
+    worker derives the representation key the flow planned with.
+    """
+    _pin_worker_gpu()
+    _check_key(source, model_key)
+
+
 @task(name="plan-unit", cache_policy=NO_CACHE, task_run_name="plan-{source.name}")
 def plan_unit_task(source: ModelSource, model_key: str, texts: list[str]) -> UnitPlan:
     """Token lengths of a new unit's texts, measured where the model lives."""
-    _pin_worker_gpu()
-    _check_key(source, model_key)
+    prepare_worker(source, model_key)
     extractor = extractor_for(source)
     return UnitPlan(np.asarray(extractor.token_lengths(texts), dtype=np.int64), int(extractor.dim))
 
@@ -171,8 +180,7 @@ def encode_shard_task(
     max_batch_tokens: int,
 ) -> ShardDescriptor:
     """Encode one shard and write its chunk; returns only the descriptor the flow commits."""
-    _pin_worker_gpu()
-    _check_key(source, unit.model_key)
+    prepare_worker(source, unit.model_key)
     extractor = extractor_for(source)
     lengths = extractor.token_lengths(texts)
     with tqdm(total=len(texts), disable=True) as bar:
