@@ -186,8 +186,8 @@ def eval_section(tmp: Path) -> list[str]:
     return [
         "## 9. Generation evaluation: batched calls, Dask workers, scoring",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores shared with other work (hence best-of "
-        "rounds where a ratio is taken), torch CPU, no GPU.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores (best-of rounds where a ratio is "
+        "taken, so that other work on the machine does not decide it), torch CPU, no GPU.",
         "",
         "### Batched pipeline calls",
         "",

@@ -36,6 +36,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Offline like the default run: no CLIP weights here, so Q16 / CLIP-Sim are skipped, not fetched
+# (a hub lookup would otherwise retry for ~45 s inside the timed eval runs).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safeport.extractors import load_extractor  # noqa: E402
 from safeport.extractors.base import ModelSource, length_batches  # noqa: E402
@@ -564,7 +567,6 @@ def replace_section(path: Path, header: str, lines: list[str]) -> None:
 
 def run_eval_section(out: str) -> None:
     """Section 9 (issue 15) alone: generation batching, Dask scale-out, scoring, paper-scale plan."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no CLIP weights here: Q16 / CLIP-Sim are skipped, not fetched
     from bench_eval import eval_section
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import duckdb
 
@@ -111,6 +111,19 @@ def interrupted(err: BaseException) -> bool:
     RuntimeError from some calls); the blocks below hand it back as the KeyboardInterrupt it was.
     """
     return isinstance(err, duckdb.InterruptException) or (type(err) is RuntimeError and str(err) == "Query interrupted")
+
+
+def _reraise(path: Path, err: BaseException) -> NoReturn:
+    """Raise what a store block's caller should see for ``err`` raised inside the block.
+
+    Ctrl-C inside a statement as the KeyboardInterrupt it was, a DuckDB error that means the
+    file is damaged as :class:`StoreDamagedError`; anything else unchanged.
+    """
+    if interrupted(err):
+        raise KeyboardInterrupt from None
+    if isinstance(err, duckdb.Error):
+        raise (classify(path, err) or err) from None
+    raise err
 
 
 def classify(path: Path, err: duckdb.Error) -> StoreError | None:
@@ -199,11 +212,7 @@ class Database:
                 yield idle.con
                 ok = True
             except (duckdb.Error, RuntimeError) as err:
-                if interrupted(err):
-                    raise KeyboardInterrupt from None
-                if isinstance(err, duckdb.Error):
-                    raise (classify(self.path, err) or err) from None
-                raise
+                _reraise(self.path, err)
             finally:
                 here.con = None
                 self._park(idle, keep=ok and linger and config is None)
@@ -241,11 +250,7 @@ class Database:
                 except BaseException as err:
                     with contextlib.suppress(duckdb.Error):
                         con.execute("ROLLBACK")
-                    if interrupted(err):
-                        raise KeyboardInterrupt from None
-                    if isinstance(err, duckdb.Error):
-                        raise (classify(self.path, err) or err) from None
-                    raise
+                    _reraise(self.path, err)
                 try:
                     con.execute("COMMIT")
                 except duckdb.Error as err:
