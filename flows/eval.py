@@ -41,7 +41,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from safeport.catalog import Resolved
+from safeport.catalog import MAX_ALPHA, Resolved
 from safeport.eval.detectors import (
     DEFAULT_CLIP_MODEL,
     ClipBackbone,
@@ -806,6 +806,12 @@ def _clean_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     bad = [a for a in out if not math.isfinite(a)]
     if not out or bad:
         raise ValueError(f"alphas must be a non-empty list of finite numbers, got {list(alphas)}")
+    big = [a for a in out if abs(a) > MAX_ALPHA]
+    if big:  # the catalog's bound (safeport.catalog.MAX_ALPHA) holds for --alphas too
+        raise ValueError(
+            f"--alphas {big[0]:g} is not between -{MAX_ALPHA:g} and {MAX_ALPHA:g}; steering strengths are small "
+            "multiples of the vector (the paper sweeps 0 to 3)"
+        )
     return out
 
 

@@ -230,6 +230,8 @@ def test_eval_flow_refuses_unknown_vectors_and_wrong_dims(prefect_api: str, tmp_
         _run(catalog, vectors=["bad"], limit=1, categories=False)
     with pytest.raises(ValueError, match="not in the α sweep"):
         _run(catalog, table_alpha=9.0)
+    with pytest.raises(ValueError, match=r"--alphas 1e\+308 is not between -100 and 100"):
+        _run(catalog, alphas=[0.0, 1e308])  # the catalog's bound on α holds for the CLI's --alphas too
 
 
 def test_eval_flow_scores_q16_clip_sim_and_fid_when_weights_exist(
