@@ -109,8 +109,20 @@ def interrupted(err: BaseException) -> bool:
     DuckDB runs Python's signal handlers while a statement executes and turns the
     KeyboardInterrupt they raise into "Query interrupted" (an InterruptException, or a plain
     RuntimeError from some calls); the blocks below hand it back as the KeyboardInterrupt it was.
+    A Ctrl-C between ``execute`` and its fetch leaves the result unfinished, so cleanup in a
+    ``finally`` (``unregister``) then raises ResourceInUseException with the interrupt as its
+    context: the whole chain is looked at.
     """
-    return isinstance(err, duckdb.InterruptException) or (type(err) is RuntimeError and str(err) == "Query interrupted")
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (KeyboardInterrupt, duckdb.InterruptException)) or (
+            type(cur) is RuntimeError and str(cur) == "Query interrupted"
+        ):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _reraise(path: Path, err: BaseException) -> NoReturn:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 import safeport.store.db as db_module
@@ -441,6 +442,30 @@ def test_ctrl_c_during_a_statement_is_a_keyboard_interrupt_and_commits_nothing(t
         with store.transaction() as con:  # and the store takes the next one
             con.execute("UPDATE models SET dim = 4")
         assert store.scalar("SELECT dim FROM models") == 4
+
+
+@pytest.mark.parametrize("block", ["transaction", "reading"])
+def test_ctrl_c_between_execute_and_fetch_is_a_keyboard_interrupt_even_when_cleanup_then_fails(
+    tmp_path: Path, block: str
+) -> None:
+    """Ctrl-C lands after ``execute`` returned and before the fetch: the result is left unfinished, so
+    the block's ``finally: con.unregister(...)`` raises DuckDB's ResourceInUseException, which carries
+    the KeyboardInterrupt only as its context. (CI, `test_a_second_ctrl_c_is_quiet`: the CLI printed a
+    Prefect traceback instead of "safeport: interrupted".)
+    """
+    with Store(tmp_path) as store:
+        store.register_model(
+            "mk", "m", "source", {"family": "text_encoder", "model_id": "m", "revision": "main", "weights": "w"}, 3
+        )
+        with pytest.raises(KeyboardInterrupt), getattr(store, block)() as con:
+            con.register("_ids", pa.table({"text_id": ["a"]}))
+            try:
+                con.execute("SELECT * FROM range(10000000)")  # result pending
+                raise KeyboardInterrupt  # the signal handler fires here
+            finally:
+                con.unregister("_ids")
+        assert store.scalar("SELECT count(*) FROM models") == 1
+        assert store.texts([]) == []  # the store takes the next block
 
 
 def test_other_runtime_errors_in_a_block_stay_what_they_are(tmp_path: Path) -> None:
