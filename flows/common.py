@@ -22,20 +22,22 @@ _PINNED: dict[tuple[str | None, str], dict[str, str]] = {}
 
 
 @contextlib.contextmanager
-def writing(root: Path, wait_s: float = 0.0, arrays: str | None = None) -> Iterator[Store]:
+def writing(
+    root: Path, wait_s: float = 0.0, arrays: str | None = None, outputs: str | None = None
+) -> Iterator[Store]:
     """Open the store for writing and register it for this process's tasks.
 
     Nothing is locked for the run: each write is a short transaction, and work is split with
     other writers of the store through claims (``store.session``). ``wait_s`` (0: the default)
-    bounds each wait for the store file while another process holds it. ``arrays`` is the
-    profile's arrays location (None: wherever the store keeps them). After a run that ends
+    bounds each wait for the store file while another process holds it. ``arrays`` and
+    ``outputs`` are the profile's locations (None: wherever the store keeps them). After a run that ends
     without error, a snapshot of the metadata is kept for recovery (``safeport recover``).
     """
     key = str(root.resolve())
     if key in _STORES:  # nested flow in the same process: reuse the open writer
         yield _STORES[key]
         return
-    store = Store(root, arrays=arrays, wait_s=wait_s or None)
+    store = Store(root, arrays=arrays, wait_s=wait_s or None, outputs=outputs)
     ok = False
     try:
         store.run_id = run_id()

@@ -91,6 +91,7 @@ from safeport.flows.scale import on_dask
 from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 from safeport.store import artifacts
 from safeport.store.claims import RunEntry
+from safeport.store.location import OutputLocation
 from safeport.store.outputs import (
     OutputSpec,
     ScoreRow,
@@ -344,7 +345,7 @@ def _n_outputs(batches: Sequence[Sequence[str]]) -> int:
 
 def make_outputs(
     batcher: Batcher,
-    folder: Path,
+    where: OutputLocation,
     prompt: str,
     specs: Sequence[OutputSpec],
     vectors: Mapping[str, np.ndarray],
@@ -354,7 +355,7 @@ def make_outputs(
     jobs = [Job(vectors[s.vector_id] if s.vector_id else None, s.alpha, s.seed) for s in specs]
     made = batcher.run(prompt, jobs)
     return [
-        (write_output_files_to(folder, s, g.images, settings_record, g.seconds), g.images)
+        (write_output_files_to(where, s, g.images, settings_record, g.seconds), g.images)
         for s, g in zip(specs, made, strict=True)
     ]
 
@@ -461,7 +462,7 @@ def generate_outputs(
     loaded: _Loaded | None = None
     run = None
     generated = 0
-    folder = outputs_dir(store)
+    where = outputs_dir(store)
     with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
         while todo:
             progressed = False
@@ -496,7 +497,7 @@ def generate_outputs(
                         part = [plan.specs[k] for k in b if k in mine]
                         if part:
                             prompt = texts[part[0].text_id]
-                            made += make_outputs(loaded.batcher, folder, prompt, part, plan.vectors, plan.settings)
+                            made += make_outputs(loaded.batcher, where, prompt, part, plan.vectors, plan.settings)
                         if b is group[-1] or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
                             captions = {w.spec.key: texts[w.spec.text_id] for w, _ in made if w.spec.key in utility}
                             rows = score_images(scorers, [(w.spec.key, imgs) for w, imgs in made], captions)
@@ -889,7 +890,7 @@ def eval_flow(
     """
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url) as st:
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url) as st:
         sweeps = plan_sweeps(
             st, resolved, target, vectors, alphas, prompts, limit, seeds, utility, utility_limit, categories, settings
         )

@@ -6,7 +6,7 @@ keys, same pipeline calls: :func:`safeport.flows.eval.prompt_chunks` cuts the sa
 chunk: whole prompts (their texts, so each worker encodes a prompt once), the output specs per
 pipeline call and the steering vectors they use. A worker loads the pipeline once and keeps it
 for all its chunks (a per-process cache keyed by the target's model key and settings key),
-generates each call, writes the PNGs into the store's outputs folder, scores the images it holds
+generates each call, writes the PNGs to the store's outputs location, scores the images it holds
 (NudeNet, and Q16 / CLIP-Sim where CLIP weights are present) and returns small descriptors
 (key, files, checksum, seconds, scores). The flow process re-reads the files, checks the
 checksums and records outputs and scores in one DuckDB transaction per chunk. Workers never
@@ -14,8 +14,9 @@ open DuckDB.
 
 A worker that dies loses only the chunk in flight: Dask runs it again on another worker, and if
 the flow process dies its claims die with it, so the rerun (or another writer) makes exactly
-the outputs that were not committed. Workers must reach the store folder (a local cluster
-does; a remote one needs it on a shared filesystem); local worker ``i`` computes on GPU
+the outputs that were not committed. Workers must reach the store's outputs location (a local
+cluster does; a remote one needs the store folder on a shared filesystem, or an ``outputs:``
+URL in the profile, e.g. ``s3://bucket/prefix/outputs``); local worker ``i`` computes on GPU
 ``i mod n`` (:func:`safeport.flows.scale.worker_gpu`).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ from safeport.flows.eval import (
 from safeport.flows.extract import WAIT_POLL_S
 from safeport.flows.scale import dask_task_runner, prepare_worker
 from safeport.store.claims import RunEntry
+from safeport.store.location import OutputLocation
 from safeport.store.outputs import OutputSpec, ScoreRow, WrittenOutput, check_written, done_keys, outputs_dir
 from safeport.store.store import Store
 
@@ -123,7 +126,7 @@ def _scorers(scoring: ScoringOptions) -> Scorers:
 
 @task(name="eval-generate-chunk", cache_policy=NO_CACHE, task_run_name="generate-{source.name}-{index}")
 def generate_chunk_task(
-    folder: str,
+    where: OutputLocation,
     source: ModelSource,
     model_key: str,
     settings: GenerationSettings,
@@ -142,7 +145,7 @@ def generate_chunk_task(
     batcher.embeddings.encode_all(chunk.prompts.values())  # each prompt of the chunk encoded once
     made = []
     for call in chunk.calls:
-        made += make_outputs(batcher, Path(folder), chunk.prompts[call[0].text_id], call, vectors, settings_record)
+        made += make_outputs(batcher, where, chunk.prompts[call[0].text_id], call, vectors, settings_record)
     batcher.embeddings.forget(chunk.prompts.values())
     captions = {w.spec.key: chunk.prompts[w.spec.text_id] for w, _ in made if w.spec.key in chunk.utility}
     rows = score_images(_scorers(scoring), [(w.spec.key, images) for w, images in made], captions)
@@ -165,18 +168,49 @@ class _Committer:
         check_written(self.store, result.written)
         if result.worker not in self.workers:
             self.workers[result.worker] = self.store.session.start_run(
-                "eval", f"generate@{result.worker}", self.sweep.target, self.sweep.prompts, None
+                "eval",
+                f"generate@{result.worker}",
+                self.sweep.target,
+                self.sweep.prompts,
+                None,
+                started=time.time() - result.seconds,  # its first chunk began then
             )
         worker = self.workers[result.worker]
         kept = commit_outputs(self.store, result.written, [self.run, worker], result.scores)
+        share_workers(self.workers, left=(self.run.total or 0) - self.run.rows, now=time.time())
+        with self.store.transaction():  # every worker's revised total, for `safeport status`
+            for entry in self.workers.values():
+                self.store.session.progress(entry)
         self.generated += kept
         self.bar.update(kept)
         rate = worker.rows / max(time.time() - worker.started, 1e-9)
-        log.info("worker %s: %d outputs in %.1fs (%.2f outputs/s)", result.worker, kept, result.seconds, rate)
+        eta = (worker.total - worker.rows) / rate if worker.total is not None and rate > 0 else float("nan")
+        log.info(
+            "worker %s: %d outputs in %.1fs (%.2f outputs/s; its share of the rest done in ~%.0fs)",
+            result.worker,
+            kept,
+            result.seconds,
+            rate,
+            eta,
+        )
 
     def close(self) -> None:
         for entry in self.workers.values():
             self.store.session.finish_run(entry, "done")
+
+
+def share_workers(workers: Mapping[str, RunEntry], left: int, now: float) -> None:
+    """Set each worker's ``total``: its outputs so far plus its share of the ``left`` ones by its rate.
+
+    Dask hands the next chunk to whichever worker is free, so a worker's share of what is left
+    follows its speed (a faster GPU takes more) and, by construction, every worker's ETA is the
+    sweep's: ``safeport status`` shows per worker its rate, projected total and ETA.
+    """
+    rates = {name: e.rows / max(now - e.started, 1e-9) for name, e in workers.items()}
+    whole = sum(rates.values())
+    for name, entry in workers.items():
+        share = rates[name] / whole if whole > 0 else 1.0 / len(workers)
+        entry.total = entry.rows + round(max(left, 0) * share)
 
 
 def _chunk(store: Store, plan: Plan, calls: list[list[str]], mine: set[str], utility: frozenset[str]) -> Chunk:
@@ -197,7 +231,7 @@ def generate_on_dask(
     if not todo:
         return skipped_generation(store, sweep, plan, started)
     utility = utility_keys(plan)
-    folder = str(outputs_dir(store))
+    where = outputs_dir(store)
     run = store.session.start_run("eval", "generate", sweep.target, sweep.prompts, None, total=len(todo))
     desc = f"generate {sweep.target} (dask)"
     with tqdm(total=len(todo), desc=desc, unit="output", mininterval=2.0, dynamic_ncols=True) as bar:
@@ -211,7 +245,7 @@ def generate_on_dask(
                     continue  # another writer's
                 chunk = _chunk(store, plan, calls, mine, utility)
                 vectors = {s.vector_id: plan.vectors[s.vector_id] for c in chunk.calls for s in c if s.vector_id}
-                args = (folder, source, plan.target_key, settings, plan.settings, chunk, vectors, opts.batch_size)
+                args = (where, source, plan.target_key, settings, plan.settings, chunk, vectors, opts.batch_size)
                 pending.append(generate_chunk_task.submit(*args, offload, scoring, index))
                 index += 1
                 while len(pending) >= IN_FLIGHT:

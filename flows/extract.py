@@ -440,5 +440,5 @@ def extract_flow(
     """Extract every (model, dataset) unit of a catalog profile into its store."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         return extract_all(str(root), catalog_path, profile)

@@ -551,5 +551,5 @@ def fit_flow(
     """Fit maps and vectors for every source→target pair of a profile from the cached store."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         return fit_all(str(root), catalog_path, profile)

@@ -167,7 +167,7 @@ def rebuild_flow(
     """
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         return rebuild_all(str(root), catalog_path, profile, online, dask)
 
 

@@ -18,7 +18,7 @@ def run_flow(
     """Extract every (model, dataset) unit, then fit every source→target pair; both incremental."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         extracted = extract_all(str(root), catalog_path, profile)
         fitted = fit_all(str(root), catalog_path, profile)
     return extracted, fitted

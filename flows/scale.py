@@ -392,7 +392,7 @@ def extract_dask_flow(
     """The extract flow with shards computed on Dask workers; run it through :func:`extract_on_dask`."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         return extract_all_dask(str(root), catalog_path, profile)
 
 

@@ -135,7 +135,7 @@ def repair_flow(
     root = Path(store) if store else resolved.store_path
     if not (root / "meta.duckdb").is_file():
         raise StoreError(f"no store at {root}; check --store (or the profile's store:)")
-    with writing(root, wait_s, resolved.arrays_url):
+    with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         try:
             return repair_all(str(root), catalog_path, profile)
         finally:

@@ -316,24 +316,29 @@ class ProfileEntry(_Strict):
     # Where the store's Zarr arrays live: omitted = inside the store folder; or a path or any
     # fsspec URL (s3://bucket/prefix, gs://…, memory://…). DuckDB stays in the store folder.
     arrays: str | None = None
+    # Where generated PNGs go (eval): omitted = `outputs/` in the store folder; or a path or fsspec
+    # URL that Dask workers on other machines reach (a shared mount, s3://bucket/prefix/outputs).
+    outputs: str | None = None
     mappers: tuple[Literal["procrustes", "ridge", "mlp"], ...] = Field(("procrustes", "ridge", "mlp"), min_length=1)
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0], min_length=1)
     shard_rows: int = Field(256, ge=1, le=MAX_SHARD_ROWS)
     seed: int = Field(42, ge=0, le=_MAX_SEED)
     description: str = ""
 
-    @field_validator("arrays")
+    @field_validator("arrays", "outputs")
     @classmethod
-    def _arrays(cls, v: str | None) -> str | None:
+    def _location(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
+        what = info.field_name
         if not v.strip():
-            raise ValueError("arrays is empty; remove it (arrays then live in the store folder) or give a path or URL")
+            raise ValueError(f"{what} is empty; remove it ({what} then live in the store folder) or give a path or URL")
         proto = location.protocol(v)
         if proto is not None and proto not in fsspec.available_protocols():
+            example = "arrays.zarr" if what == "arrays" else "outputs"
             raise ValueError(
-                f"arrays {v!r}: protocol {proto!r} is not known to fsspec; use a path or a URL such as "
-                "s3://bucket/prefix/arrays.zarr, gs://…, memory://…"
+                f"{what} {v!r}: protocol {proto!r} is not known to fsspec; use a path or a URL such as "
+                f"s3://bucket/prefix/{example}, gs://…, memory://…"
             )
         return v
 
@@ -384,6 +389,11 @@ class Resolved(BaseModel):
     def arrays_url(self) -> str | None:
         """The profile's arrays location made absolute (None: wherever the store keeps them)."""
         return None if self.profile.arrays is None else location.resolve(self.profile.arrays, self.root)
+
+    @property
+    def outputs_url(self) -> str | None:
+        """The profile's outputs location made absolute (None: wherever the store keeps them)."""
+        return None if self.profile.outputs is None else location.resolve(self.profile.outputs, self.root)
 
     def sources_of(self, role: str) -> list[str]:
         return [m for m in self.profile.models if self.models[m].role == role]

@@ -146,8 +146,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     root = _store_root(args)
     print(f"store  {root}")
-    recorded = readonly_query(root, "SELECT value FROM meta WHERE key = 'arrays'").column(0).to_pylist()
-    print(f"arrays {location.resolve(recorded[0] if recorded else location.DEFAULT, root)}")
+    meta = readonly_query(root, "SELECT key, value FROM meta WHERE key IN ('arrays', 'outputs')").to_pylist()
+    recorded = {r["key"]: r["value"] for r in meta}
+    print(f"arrays {location.resolve(recorded.get('arrays', location.DEFAULT), root)}")
+    print(f"outputs {location.resolve(recorded.get('outputs', location.OUTPUTS), root)}")
     for title, sql in (
         ("models", "SELECT name, role, family, model_key, dim, current FROM models ORDER BY name"),
         ("datasets", "SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1"),

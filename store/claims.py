@@ -144,6 +144,7 @@ class RunEntry:
     started: float
     rows: int = 0
     tokens: int = 0
+    total: int | None = None  # what it sets out to compute, where known (may be revised: a worker's share)
 
 
 @dataclass
@@ -332,13 +333,21 @@ class Session:
 
     # -- runs rows ---------------------------------------------------------------------------------
     def start_run(
-        self, flow: str, task: str, model: str, dataset: str, key: str | None, total: int | None = None
+        self,
+        flow: str,
+        task: str,
+        model: str,
+        dataset: str,
+        key: str | None,
+        total: int | None = None,
+        started: float | None = None,
     ) -> RunEntry:
         """Insert a ``running`` row for work this session starts; the heartbeat keeps it fresh.
 
         ``total``: the rows or outputs it sets out to compute, if known (``safeport status`` shows an ETA).
+        ``started``: when the work began (epoch seconds), if before now (a worker's first chunk).
         """
-        entry = RunEntry(uuid.uuid4().hex[:16], time.time())
+        entry = RunEntry(uuid.uuid4().hex[:16], time.time() if started is None else started, total=total)
         with self.store.transaction() as con:
             con.execute(
                 "INSERT INTO runs (run_id, flow, task, model, dataset, unit_key, status, rows, tokens, seconds, "
@@ -373,8 +382,8 @@ class Session:
     def _write_progress(con: Any, entries: Sequence[RunEntry]) -> None:
         if entries:
             con.executemany(
-                "UPDATE runs SET rows = ?, tokens = ?, seconds = ?, heartbeat_at = now() WHERE entry_id = ?",
-                [(e.rows, e.tokens, time.time() - e.started, e.entry_id) for e in entries],
+                "UPDATE runs SET rows = ?, tokens = ?, seconds = ?, total = ?, heartbeat_at = now() WHERE entry_id = ?",
+                [(e.rows, e.tokens, time.time() - e.started, e.total, e.entry_id) for e in entries],
             )
 
     # -- heartbeat -----------------------------------------------------------------------------------

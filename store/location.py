@@ -1,4 +1,4 @@
-"""Where a store's Zarr arrays live: its own folder (the default) or any fsspec URL.
+"""Where a store's Zarr arrays and generated outputs live: its own folder (the default) or any fsspec URL.
 
 DuckDB metadata always stays in the local store folder (one writer process);
 the arrays, which are most of the bytes and what Dask workers write, can live on
@@ -12,14 +12,19 @@ process, Dask workers included, reads the same way.
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 DEFAULT = "arrays.zarr"  # inside the store folder; recorded relative so the folder can move
+OUTPUTS = "outputs"  # generated PNGs, inside the store folder unless the profile says otherwise
 
 # Packages that implement common protocols, for the "install it" hint.
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -64,15 +69,109 @@ def resolve(setting: str, root: Path) -> str:
 
 
 @dataclass(frozen=True)
-class ArrayLocation:
-    """An absolute path or fsspec URL holding a store's ``zarr`` group; small and picklable."""
+class _Location:
+    """An absolute path or fsspec URL; small and picklable (Dask workers receive it)."""
 
     url: str
 
     @property
     def remote(self) -> bool:
-        """True for a URL (even ``file://``): the Zarr group is opened through fsspec."""
+        """True for a URL (even ``file://``): it is reached through fsspec."""
         return protocol(self.url) is not None
+
+    def _fs(self) -> tuple[Any, str]:
+        check_url(self.url)
+        fs, base = fsspec.core.url_to_fs(self.url)
+        return fs, base.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True)
+class OutputLocation(_Location):
+    """Where a store's generated PNGs live: ``<store>/outputs`` (the default), another folder, or a URL.
+
+    Files are written whole or not at all: a local file through a temporary name, fsynced and
+    renamed; an object store (``s3://``, ``gs://``) by one PUT, which is atomic there. Names are
+    content keys, so a rewrite after a crash writes the same bytes.
+    """
+
+    def _local(self) -> Path | None:
+        """The folder, when the location is on this machine's filesystem (a path or ``file://``)."""
+        if not self.remote:
+            return Path(self.url)
+        fs, base = self._fs()
+        return Path(base) if isinstance(fs, LocalFileSystem) else None
+
+    def write(self, names: Sequence[str], blobs: Sequence[bytes]) -> None:
+        """Write each file whole (``OSError`` on failure: nothing half-written is left under its name)."""
+        folder = self._local()
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in zip(names, blobs, strict=True):
+                _write_atomic(folder / name, data)
+            _fsync_dir(folder)
+            return
+        fs, base = self._fs()
+        with contextlib.suppress(NotImplementedError):
+            fs.makedirs(base, exist_ok=True)
+        for name, data in zip(names, blobs, strict=True):
+            fs.pipe_file(f"{base}/{name}", data)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of one file (``OSError``, e.g. ``FileNotFoundError``, when it cannot be read)."""
+        folder = self._local()
+        if folder is not None:
+            return (folder / name).read_bytes()
+        fs, base = self._fs()
+        data: bytes = fs.cat_file(f"{base}/{name}")
+        return data
+
+    def present(self, names: Iterable[str]) -> set[str]:
+        """Those of ``names`` that exist (one listing for a remote location, not one request per file)."""
+        wanted = set(names)
+        folder = self._local()
+        if folder is not None:
+            return {n for n in wanted if (folder / n).is_file()}
+        fs, base = self._fs()
+        with contextlib.suppress(AttributeError):
+            fs.invalidate_cache()
+        try:
+            listed = fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return set()
+        return wanted & {str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed}
+
+    def where(self, name: str) -> str:
+        """The file's path or URL, for messages."""
+        return f"{self.url.rstrip('/')}/{name}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ArrayLocation(_Location):
+    """An absolute path or fsspec URL holding a store's ``zarr`` group."""
 
     def open_group(self, mode: str) -> zarr.Group:
         check_url(self.url)
@@ -81,10 +180,6 @@ class ArrayLocation:
     def open_array(self, path: str) -> zarr.Array:
         check_url(self.url)
         return zarr.open_array(store=self.url, path=path, mode="r+")
-
-    def _fs(self) -> tuple[Any, str]:
-        fs, base = fsspec.core.url_to_fs(self.url)
-        return fs, base.rstrip("/")
 
     def exists(self, key: str) -> bool:
         """Whether the object ``key`` (relative to the group, e.g. a chunk key) exists."""
@@ -151,6 +246,3 @@ class ArrayLocation:
         target = f"{base}/{prefix}"
         if fs.exists(target):
             fs.rm(target, recursive=True)
-
-    def __str__(self) -> str:
-        return self.url

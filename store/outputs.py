@@ -1,4 +1,5 @@
-"""Content-addressed generated outputs: PNG files under ``<store>/outputs`` plus DuckDB records.
+"""Content-addressed generated outputs: PNG files (``<store>/outputs``, or the profile's ``outputs:``
+path or fsspec URL) plus DuckDB records.
 
 An output's key hashes everything that decides its pixels (target model key, method and the
 content hash of the steering vector, α, seed, prompt text id, generation settings key), so
@@ -34,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from safeport.store.location import OutputLocation
 from safeport.store.store import Store, StoreError
 
 OUTPUTS_DIR = "outputs"
@@ -91,8 +93,9 @@ def _has_tables(store: Store) -> bool:
     return int(n or 0) == 2
 
 
-def outputs_dir(store: Store) -> Path:
-    return store.root / OUTPUTS_DIR
+def outputs_dir(store: Store) -> OutputLocation:
+    """Where the store's PNGs are: ``<store>/outputs``, or the profile's ``outputs:`` path or URL."""
+    return store.outputs
 
 
 def file_names(key: str, n_images: int) -> list[str]:
@@ -106,34 +109,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _temp_path(final: Path) -> Iterator[Path]:
-    """A unique temporary sibling of ``final``; removed on exit unless it was renamed into place."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with _temp_path(path) as tmp:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -155,34 +130,36 @@ def write_output_files(
 
 
 def write_output_files_to(
-    folder: Path, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
+    where: OutputLocation,
+    spec: OutputSpec,
+    images: Sequence[Image.Image],
+    settings: Mapping[str, Any],
+    seconds: float,
 ) -> WrittenOutput:
-    """Step 1 without a store handle: what a Dask worker runs (it never opens DuckDB) on the store's outputs folder."""
+    """Step 1 without a store handle: what a Dask worker runs (it never opens DuckDB)."""
     if not images:
         raise ValueError(f"output {spec.key} has no images; a generation returns at least one")
+    names = file_names(spec.key, len(images))
+    blobs = [_png_bytes(image) for image in images]
+    digest = hashlib.sha256()
+    for data in blobs:
+        digest.update(data)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        names = file_names(spec.key, len(images))
-        digest = hashlib.sha256()
-        for name, image in zip(names, images, strict=True):
-            data = _png_bytes(image)
-            digest.update(data)
-            _write_atomic(folder / name, data)
-        _fsync_dir(folder)
+        where.write(names, blobs)
     except OSError as err:
         raise StoreError(
-            f"writing output {spec.key} to {folder} failed: {err}. Nothing was recorded for it; free disk space "
-            "and rerun (committed outputs are kept)"
+            f"writing output {spec.key} to {where} failed: {err}. Nothing was recorded for it; free disk space "
+            "(or check the location and its credentials) and rerun (committed outputs are kept)"
         ) from None
     settings_json = json.dumps(dict(settings), sort_keys=True, default=str)
     return WrittenOutput(spec, tuple(names), digest.hexdigest()[:32], settings_json, float(seconds))
 
 
-def _files_checksum(store: Store, files: Sequence[str]) -> str | None:
+def _files_checksum(where: OutputLocation, files: Sequence[str]) -> str | None:
     digest = hashlib.sha256()
     for name in files:
         try:
-            digest.update((outputs_dir(store) / name).read_bytes())
+            digest.update(where.read(name))
         except OSError:
             return None
     return digest.hexdigest()[:32]
@@ -194,12 +171,13 @@ def check_written(store: Store, written: Sequence[WrittenOutput]) -> None:
     The flow process runs this on what Dask workers return, before recording anything.
     """
     for w in written:
-        got = _files_checksum(store, w.files)
+        got = _files_checksum(store.outputs, w.files)
         if got != w.checksum:
             where = "missing" if got is None else "different bytes"
             raise StoreError(
-                f"output {w.spec.key}: a worker reported files {list(w.files)} that are {where} in "
-                f"{outputs_dir(store)}; workers must reach the store's folder (shared storage for a remote cluster)"
+                f"output {w.spec.key}: a worker reported files {list(w.files)} that are {where} at "
+                f"{store.outputs}; workers must reach the store's outputs location (a shared filesystem or an "
+                "`outputs:` URL in the profile for a remote cluster)"
             )
 
 
@@ -261,8 +239,9 @@ def done_keys(store: Store, keys: Sequence[str]) -> set[str]:
             ).fetchall()
         finally:
             con.unregister("_want")
-    folder = outputs_dir(store)
-    return {key for key, files in rows if all((folder / f).is_file() for f in json.loads(files))}
+    listed = {key: json.loads(files) for key, files in rows}
+    present = store.outputs.present(name for names in listed.values() for name in names)
+    return {key for key, names in listed.items() if all(n in present for n in names)}
 
 
 def load_images(store: Store, key: str, verify: bool = True) -> list[Image.Image]:
@@ -275,12 +254,12 @@ def load_images(store: Store, key: str, verify: bool = True) -> list[Image.Image
     digest = hashlib.sha256()
     images: list[Image.Image] = []
     for name in json.loads(row[0]):
-        path = outputs_dir(store) / name
         try:
-            data = path.read_bytes()
+            data = store.outputs.read(name)
         except OSError as err:
             raise StoreError(
-                f"output file {path} cannot be read ({err.strerror}); rerun `safeport eval`, which regenerates it"
+                f"output file {store.outputs.where(name)} cannot be read ({err.strerror or err}); rerun "
+                "`safeport eval`, which regenerates it"
             ) from None
         digest.update(data)
         image = Image.open(io.BytesIO(data))

@@ -364,7 +364,12 @@ class Store:
     """
 
     def __init__(
-        self, root: Path | str, read_only: bool = False, arrays: str | None = None, wait_s: float | None = None
+        self,
+        root: Path | str,
+        read_only: bool = False,
+        arrays: str | None = None,
+        wait_s: float | None = None,
+        outputs: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.read_only = read_only
@@ -387,6 +392,7 @@ class Store:
                 meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
                 has_shards = bool(con.execute("SELECT count(*) FROM shards").fetchall()[0][0])
             self.location = self._location(arrays, meta.get("arrays"))
+            self.outputs = self._outputs_location(outputs, meta.get("outputs"))
             self.arrays = self._open_arrays(meta.get("store_id"), has_shards)
         except BaseException:  # a refused open holds nothing
             self.close()
@@ -440,6 +446,31 @@ class Store:
                 f"store folder), or use a new store folder for {wanted}"
             )
         return location.ArrayLocation(have)
+
+    def _outputs_location(self, wanted: str | None, recorded: str | None) -> location.OutputLocation:
+        """Where generated PNGs go: the recorded location; a new one only while no output is recorded."""
+        have = location.resolve(recorded or location.OUTPUTS, self.root)
+        if wanted is None or wanted == have:
+            return location.OutputLocation(have)
+        try:
+            location.check_url(wanted)
+        except location.LocationError as err:
+            raise StoreError(str(err)) from None
+        with self.reading() as con:
+            has_table = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'generations'"
+            ).fetchall()[0][0]
+            n = con.execute("SELECT count(*) FROM generations").fetchall()[0][0] if has_table else 0
+        if n or self.read_only:
+            raise StoreError(
+                f"store {self.root} keeps its generated outputs at {have}"
+                + (f" ({n} recorded)" if n else "")
+                + f", but {wanted} was asked for. Set `outputs: {have}` in the profile (or remove the setting if "
+                "it is the store's outputs folder), or use a new store folder for the other location"
+            )
+        with self.transaction() as con:  # nothing generated yet: the profile decides
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('outputs', ?)", [wanted])
+        return location.OutputLocation(wanted)
 
     def _open_arrays(self, store_id: str | None, has_shards: bool) -> zarr.Group:
         """Open the arrays group and check it belongs to this store (claiming it on first write)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 
 from safeport.flows.rebuild import rebuild
@@ -21,3 +24,32 @@ def rebuilt_tiny(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> 
     result = rebuild(str(tiny_catalog(tmp, **REBUILT_SIZES)))
     assert {r.status for r in result.extracted} == {"done"}
     return tmp
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """A real S3 API on loopback (moto server) with one bucket; fsspec in every process finds it via the env."""
+    import s3fs  # noqa: F401  (installed by the [s3] extra; a missing package fails here, it is not skipped)
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        # Workers are new processes: they read these when fsspec loads. This process already
+        # loaded fsspec's config, so it gets the endpoint directly.
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        }.items():
+            mp.setenv(key, value)
+        mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+        fsspec.filesystem("s3").mkdir("safeport-test")
+        try:
+            yield "s3://safeport-test"
+        finally:
+            server.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -27,8 +28,11 @@ BATCH = 2  # two outputs per pipeline call on both sides
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """The local cluster ``--dask-workers 2`` starts (two single-threaded processes on loopback); its address."""
+def cluster(s3: str) -> Iterator[str]:
+    """The local cluster ``--dask-workers 2`` starts (two single-threaded processes on loopback); its address.
+
+    Started after the loopback S3's settings are in the environment, so its workers reach it too.
+    """
     from distributed import LocalCluster
 
     with LocalCluster(**dask_task_runner(workers=2).cluster_kwargs) as c:
@@ -76,6 +80,52 @@ def test_two_dask_workers_make_exactly_the_single_process_outputs(
     with Store(catalog.parent / "store", read_only=True) as store:
         tasks = {r[0] for r in store.con.execute("SELECT task FROM runs WHERE flow = 'eval'").fetchall()}
     assert len({t for t in tasks if t.startswith("generate@")}) == 2  # progress rows of both workers
+
+
+def test_workers_write_outputs_to_an_s3_url_and_the_flow_process_verifies_them_there(
+    single: dict[str, Any], cluster: str, s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``outputs: s3://…``: workers PUT the PNGs over HTTP (loopback S3), the flow process checksums them
+    there before committing; same keys, bytes and scores as the single-process folder store."""
+    import fsspec
+    import yaml
+
+    catalog = _new_store(tmp_path / "s")
+    url = f"{s3}/{tmp_path.name}/outputs"
+    cat = yaml.safe_load(catalog.read_text(encoding="utf-8"))
+    cat["profiles"]["default"]["outputs"] = url
+    catalog.write_text(yaml.safe_dump(cat), encoding="utf-8")
+    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)
+    eval_on_dask(cluster, **_args(catalog))
+    root = catalog.parent / "store"
+    assert _state(root) == single["state"]
+    assert not (root / OUTPUTS_DIR).exists()  # nothing went to the store folder
+    fs, base = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(base)}
+    assert names == {f for _, _, files in single["state"]["generations"] for f in json.loads(files)}
+    again = eval_on_dask(cluster, **_args(catalog))  # everything is at the URL: nothing is generated again
+    assert [g.generated for g in again.generated] == [0]
+    with Store(root, read_only=True) as store:
+        workers = store.con.execute(
+            "SELECT sum(rows), sum(total), count(*) FROM runs WHERE task LIKE 'generate@%' AND status = 'done'"
+        ).fetchall()[0]
+    assert workers == (28, 28, 2)  # each worker's projected share ends at what it made
+
+
+def test_each_worker_gets_the_share_of_the_rest_its_rate_predicts() -> None:
+    """Known answer: 1 and 3 outputs/s over 10 s with 40 left -> 10 and 30 more; both end in 10 s."""
+    from safeport.flows.eval_dask import share_workers
+    from safeport.store.claims import RunEntry
+
+    slow, fast = RunEntry("a", 100.0, rows=10), RunEntry("b", 100.0, rows=30)
+    share_workers({"slow": slow, "fast": fast}, left=40, now=110.0)
+    assert (slow.total, fast.total) == (20, 60)
+    eta = [(e.total - e.rows) / (e.rows / 10.0) for e in (slow, fast)]  # type: ignore[operator]
+    assert eta == [10.0, 10.0]
+    idle = {"x": RunEntry("x", 0.0), "y": RunEntry("y", 0.0)}
+    share_workers(idle, left=6, now=0.0)  # no rate yet: an even split
+    assert [e.total for e in idle.values()] == [3, 3]
 
 
 def _args(catalog: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+import yaml
 
 from safeport.catalog import CatalogError, load_catalog
 from safeport.store.location import ArrayLocation, LocationError, check_url, resolve
@@ -93,6 +94,13 @@ def test_unknown_protocols_and_missing_packages_are_named_with_the_fix(tmp_path:
     catalog = tiny_catalog(tmp_path, arrays="nosuchfs://bucket/arrays.zarr")
     with pytest.raises(CatalogError, match=r"arrays 'nosuchfs://bucket/arrays.zarr': protocol 'nosuchfs'"):
         load_catalog(str(catalog))
+    cat = yaml.safe_load(catalog.read_text(encoding="utf-8"))
+    cat["profiles"]["default"] = {**cat["profiles"]["default"], "arrays": None, "outputs": "nosuchfs://b/outputs"}
+    catalog.write_text(yaml.safe_dump(cat), encoding="utf-8")
+    with pytest.raises(
+        CatalogError, match=r"outputs 'nosuchfs://b/outputs': protocol 'nosuchfs'.*s3://bucket/prefix/out"
+    ):
+        load_catalog(str(catalog))
 
 
 def test_profile_locations_resolve_against_the_catalog_folder(tmp_path: Path) -> None:
@@ -114,3 +122,73 @@ def test_location_sizes_and_removal_go_through_fsspec(memory_url: str) -> None:
     loc.remove("x")
     assert loc.size("x") == 0 and not loc.exists("x/y/zarr.json")
     assert loc.remote and not ArrayLocation("/tmp/a.zarr").remote
+
+
+# --- generated outputs: the store folder, another folder, or a URL ------------------------------
+def _one_output(store: Store, key_seed: int = 0) -> tuple[str, bytes]:
+    """Write and record one generated output the way eval does; its key and PNG bytes."""
+    from PIL import Image
+
+    from safeport.store.outputs import OutputSpec, record_outputs, write_output_files
+
+    spec = OutputSpec("tgt", "tk", "native", "v", 1.0, key_seed, "t0", "sk")
+    image = Image.new("RGB", (4, 4), (key_seed, 2, 3))
+    record_outputs(store, [write_output_files(store, spec, [image], {"steps": 1}, 0.1)])
+    return spec.key, store.outputs.read(f"{spec.key}.png")
+
+
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_outputs_go_to_the_profile_location_and_are_read_back_from_it(
+    tmp_path: Path, memory_url: str, where: str
+) -> None:
+    from safeport.store.outputs import done_keys, load_images
+
+    url = str(tmp_path / "elsewhere") if where == "folder" else memory_url.replace("arrays.zarr", "outputs")
+    root = tmp_path / "store"
+    with Store(root, outputs=url) as store:
+        key, png = _one_output(store)
+        assert done_keys(store, [key, "nope"]) == {key}
+        assert load_images(store, key)[0].getpixel((0, 0)) == (0, 2, 3)
+    assert not (root / "outputs").exists()  # nothing in the store folder
+    if where == "folder":
+        assert (tmp_path / "elsewhere" / f"{key}.png").read_bytes() == png
+    else:
+        assert fsspec.filesystem("memory").cat_file(f"{url.removeprefix('memory://')}/{key}.png") == png
+    with Store(root, read_only=True) as store:  # recorded: a reader without the profile finds them
+        assert str(store.outputs) == url and done_keys(store, [key]) == {key}
+    (tmp_path / "elsewhere" / f"{key}.png").unlink(missing_ok=True)
+    if where == "memory":
+        fsspec.filesystem("memory").rm(f"{url.removeprefix('memory://')}/{key}.png")
+    with Store(root, read_only=True) as store:
+        assert done_keys(store, [key]) == set()  # a record whose file is gone is not done
+
+
+def test_the_outputs_location_may_change_until_an_output_is_recorded(tmp_path: Path) -> None:
+    root, first, second = tmp_path / "store", str(tmp_path / "a"), str(tmp_path / "b")
+    with Store(root) as store:
+        assert str(store.outputs) == str(root / "outputs")  # the default
+    with Store(root, outputs=first) as store:  # nothing generated yet: the profile decides
+        assert str(store.outputs) == first
+        _one_output(store)
+    with Store(root, outputs=first) as store:
+        assert str(store.outputs) == first
+    with pytest.raises(StoreError, match=rf"keeps its generated outputs at {first} \(1 recorded\), but {second}"):
+        Store(root, outputs=second)
+    with pytest.raises(StoreError, match=r"protocol 'nosuchfs'"):
+        Store(root, outputs="nosuchfs://x/outputs")
+    with Store(root, read_only=True) as store:
+        assert str(store.outputs) == first  # the refused opens changed nothing
+
+
+def test_a_file_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A local write goes through a temporary name: a failure leaves neither a partial file nor the temp."""
+    from safeport.store.location import OutputLocation
+
+    where = OutputLocation(str(tmp_path / "out"))
+    where.write(["a.png", "b.png"], [b"A", b"B"])
+    assert where.present(["a.png", "b.png", "c.png"]) == {"a.png", "b.png"} and where.read("b.png") == b"B"
+    with pytest.raises(TypeError):
+        where.write(["c.png"], ["not bytes"])  # type: ignore[list-item]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    with pytest.raises(FileNotFoundError):
+        where.read("c.png")
