@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,8 @@ def s3() -> Iterator[str]:
         }.items():
             mp.setenv(key, value)
         mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
-        fsspec.filesystem("s3").mkdir("safeport-test")
+        with contextlib.suppress(FileExistsError):  # moto keeps buckets per process, across servers
+            fsspec.filesystem("s3").mkdir("safeport-test")
         try:
             yield "s3://safeport-test"
         finally:
