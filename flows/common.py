@@ -22,9 +22,7 @@ _PINNED: dict[tuple[str | None, str], dict[str, str]] = {}
 
 
 @contextlib.contextmanager
-def writing(
-    root: Path, wait_s: float = 0.0, arrays: str | None = None, outputs: str | None = None
-) -> Iterator[Store]:
+def writing(root: Path, wait_s: float = 0.0, arrays: str | None = None, outputs: str | None = None) -> Iterator[Store]:
     """Open the store for writing and register it for this process's tasks.
 
     Nothing is locked for the run: each write is a short transaction, and work is split with
