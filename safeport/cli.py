@@ -299,7 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if managed:  # a second Ctrl-C while the first one unwinds (Prefect's crash reports) is quiet too
         signal.signal(signal.SIGINT, _first_interrupt)
     try:
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except Exception as err:
+            # A Ctrl-C whose KeyboardInterrupt a cleanup step then buried under its own error
+            # (DuckDB's "unfinished result", a Prefect crash report) is still an interrupt.
+            from safeport.store.db import interrupted
+
+            if interrupted(err):
+                raise KeyboardInterrupt from None
+            raise
     except BrokenPipeError:
         # The reader went away (`safeport status | head`): stop quietly, like other Unix tools.
         # Point stdout at devnull so the interpreter's final flush does not raise again.

@@ -293,6 +293,30 @@ def test_a_second_ctrl_c_is_quiet(prefect_api: str, tmp_path: Path, second: str)
     assert verify_path(tmp_path / "store").ok  # whatever was committed is intact
 
 
+def test_an_interrupt_buried_under_a_cleanup_error_is_still_an_interrupt(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C, then a cleanup step fails with its own error (KeyboardInterrupt only as its context):
+    one line and exit 130, not "error: cleanup failed" or a traceback."""
+    import signal
+
+    import safeport.cli
+
+    def interrupted_then_cleanup_fails(args: object) -> int:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("cleanup failed")
+
+    monkeypatch.setattr(safeport.cli, "cmd_status", interrupted_then_cleanup_fails)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        code, _, err = _run(capsys, "status")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130 and err == "safeport: interrupted; committed work is kept, rerun to resume\n"
+
+
 @pytest.mark.parametrize(
     ("flag", "value"), [("--batch", "0"), ("--dask-workers", "0"), ("--gpus", "-1"), ("--batch", "-2")]
 )
