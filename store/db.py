@@ -256,8 +256,8 @@ class Database:
             here.con, here.write = con, True
             ok = False
             try:
-                con.execute("BEGIN TRANSACTION")
                 try:
+                    con.execute("BEGIN TRANSACTION")
                     yield con
                 except BaseException as err:
                     with contextlib.suppress(duckdb.Error):
@@ -265,11 +265,14 @@ class Database:
                     _reraise(self.path, err)
                 try:
                     con.execute("COMMIT")
-                except duckdb.Error as err:
-                    # A failed COMMIT (disk full, I/O error) must not leave the transaction open: later
-                    # statements would otherwise join it and could commit half of this step.
+                except (duckdb.Error, RuntimeError) as err:
+                    # A failed COMMIT (disk full, I/O error, Ctrl-C) must not leave the transaction open:
+                    # later statements would otherwise join it and could commit half of this step. (The
+                    # connection is closed, not kept, which ends any transaction DuckDB still holds.)
                     with contextlib.suppress(duckdb.Error):
                         con.execute("ROLLBACK")
+                    if interrupted(err) or not isinstance(err, duckdb.Error):
+                        _reraise(self.path, err)
                     raise StoreError(
                         f"committing to {self.path} failed: {err}. Nothing of this step was recorded and earlier "
                         "commits are intact; if the disk is full free some space, then rerun (work resumes)"

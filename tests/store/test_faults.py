@@ -114,8 +114,11 @@ class FlakyCommit:
     """A DuckDB connection whose k-th COMMIT of a shard record (counted over every connection of the
     test, since each write transaction opens its own) fails like a full disk (WAL write error)."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, k: int, count: dict[str, int]) -> None:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, k: int, count: dict[str, int], error: BaseException | None = None
+    ) -> None:
         self._con, self._k, self._count, self._shard_pending = con, k, count, False
+        self._error = error or duckdb.IOException("Could not write to the WAL file: No space left on device")
         self.failed = 0
 
     def execute(self, query: str, params: Any = None) -> Any:
@@ -126,7 +129,7 @@ class FlakyCommit:
             self._count["commits"] += 1
             if self._count["commits"] == self._k:
                 self.failed += 1
-                raise duckdb.IOException("Could not write to the WAL file: No space left on device")
+                raise self._error
         if query == "ROLLBACK":
             self._shard_pending = False
         return self._con.execute(query, params or [])
@@ -135,7 +138,9 @@ class FlakyCommit:
         return getattr(self._con, name)
 
 
-def _flaky_connect(monkeypatch: pytest.MonkeyPatch, db: Path, k: int) -> list[FlakyCommit]:
+def _flaky_connect(
+    monkeypatch: pytest.MonkeyPatch, db: Path, k: int, error: BaseException | None = None
+) -> list[FlakyCommit]:
     real = duckdb.connect
     made: list[FlakyCommit] = []
     count = {"commits": 0}
@@ -143,7 +148,7 @@ def _flaky_connect(monkeypatch: pytest.MonkeyPatch, db: Path, k: int) -> list[Fl
     def connect(database: str = ":memory:", read_only: bool = False, **kw: Any) -> Any:
         con = real(database, read_only=read_only, **kw)
         if not read_only and Path(database) == db:
-            made.append(FlakyCommit(con, k, count))
+            made.append(FlakyCommit(con, k, count, error))
             return made[-1]
         return con
 
@@ -177,6 +182,22 @@ def test_a_failed_commit_leaves_no_open_transaction(tmp_path: Path, monkeypatch:
         assert sum(c.failed for c in made) == 1
         assert store.scalar("SELECT count(*) FROM shards") == 0
         with store.transaction() as con:  # a new transaction starts cleanly
+            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+        assert store.scalar("SELECT count(*) FROM shards") == 1
+
+
+def test_ctrl_c_during_commit_is_a_keyboard_interrupt_and_leaves_no_open_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB reports a Ctrl-C inside COMMIT as RuntimeError("Query interrupted") (CI, the second-Ctrl-C
+    test: Prefect printed that traceback); it is the KeyboardInterrupt it was, and nothing half-done stays."""
+    made = _flaky_connect(monkeypatch, tmp_path / "meta.duckdb", k=1, error=RuntimeError("Query interrupted"))
+    with Store(tmp_path) as store:
+        with pytest.raises(KeyboardInterrupt), store.transaction() as con:
+            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+        assert sum(c.failed for c in made) == 1
+        assert store.scalar("SELECT count(*) FROM shards") == 0
+        with store.transaction() as con:
             con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
         assert store.scalar("SELECT count(*) FROM shards") == 1
 
