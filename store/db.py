@@ -111,7 +111,9 @@ def interrupted(err: BaseException) -> bool:
     RuntimeError from some calls); the blocks below hand it back as the KeyboardInterrupt it was.
     A Ctrl-C between ``execute`` and its fetch leaves the result unfinished, so cleanup in a
     ``finally`` (``unregister``) then raises ResourceInUseException with the interrupt as its
-    context: the whole chain is looked at.
+    context: the whole chain is looked at. A KeyboardInterrupt raised while DuckDB reads a
+    registered Arrow object comes back inside DuckDB's own error text ("... failed:
+    KeyboardInterrupt: "), with no chain.
     """
     seen: set[int] = set()
     cur: BaseException | None = err
@@ -120,6 +122,8 @@ def interrupted(err: BaseException) -> bool:
         if isinstance(cur, (KeyboardInterrupt, duckdb.InterruptException)) or (
             type(cur) is RuntimeError and str(cur) == "Query interrupted"
         ):
+            return True
+        if isinstance(cur, duckdb.Error) and str(cur).rstrip().endswith("failed: KeyboardInterrupt:"):
             return True
         cur = cur.__cause__ or cur.__context__
     return False

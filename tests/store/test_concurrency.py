@@ -468,6 +468,25 @@ def test_ctrl_c_between_execute_and_fetch_is_a_keyboard_interrupt_even_when_clea
         assert store.texts([]) == []  # the store takes the next block
 
 
+class _InterruptedStream:
+    """An Arrow stream whose reading is cut by Ctrl-C (DuckDB reports it inside its own error text)."""
+
+    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("block", ["transaction", "reading"])
+def test_ctrl_c_while_duckdb_reads_a_registered_table_is_a_keyboard_interrupt(tmp_path: Path, block: str) -> None:
+    """DuckDB turns a KeyboardInterrupt raised while it reads a registered object into
+    InvalidInputException("... failed: KeyboardInterrupt: "), with no exception chain (a stress run of
+    the second-Ctrl-C test: Prefect printed it from ``commit_shard``)."""
+    with Store(tmp_path) as store:
+        with pytest.raises(KeyboardInterrupt), getattr(store, block)() as con:
+            con.register("_rows", _InterruptedStream())
+            con.execute("SELECT * FROM _rows").fetchall()
+        assert store.texts([]) == []
+
+
 def test_other_runtime_errors_in_a_block_stay_what_they_are(tmp_path: Path) -> None:
     with Store(tmp_path) as store, pytest.raises(RuntimeError, match="not an interrupt"), store.transaction():
         raise RuntimeError("not an interrupt")
