@@ -175,11 +175,11 @@ class _Committer:
                 started=time.time() - result.seconds,  # its first chunk began then
             )
         worker = self.workers[result.worker]
-        kept = commit_outputs(self.store, result.written, [self.run, worker], result.scores)
-        share_workers(self.workers, left=(self.run.total or 0) - self.run.rows, now=time.time())
-        with self.store.transaction():  # every worker's revised total, for `safeport status`
+        with self.store.transaction():  # the chunk and every worker's revised total: one commit
+            kept = commit_outputs(self.store, result.written, [self.run, worker], result.scores)
+            share_workers(self.workers, left=(self.run.total or 0) - self.run.rows, now=time.time())
             for entry in self.workers.values():
-                self.store.session.progress(entry)
+                self.store.session.progress(entry)  # for `safeport status`
         self.generated += kept
         self.bar.update(kept)
         rate = worker.rows / max(time.time() - worker.started, 1e-9)
