@@ -84,6 +84,13 @@ class _Location:
         fs, base = fsspec.core.url_to_fs(self.url)
         return fs, base.rstrip("/")
 
+    def _fresh_fs(self) -> tuple[Any, str]:
+        """:meth:`_fs` with fsspec's listing cache dropped, so what other processes wrote is seen."""
+        fs, base = self._fs()
+        with contextlib.suppress(AttributeError):
+            fs.invalidate_cache()
+        return fs, base
+
     def __str__(self) -> str:
         return self.url
 
@@ -134,9 +141,7 @@ class OutputLocation(_Location):
         folder = self._local()
         if folder is not None:
             return {n for n in wanted if (folder / n).is_file()}
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         try:
             listed = fs.ls(base, detail=False)
         except FileNotFoundError:
@@ -183,16 +188,12 @@ class ArrayLocation(_Location):
 
     def exists(self, key: str) -> bool:
         """Whether the object ``key`` (relative to the group, e.g. a chunk key) exists."""
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         return bool(fs.exists(f"{base}/{key}"))
 
     def size(self, prefix: str) -> int:
         """Bytes stored under ``prefix`` (an array or group path); 0 when absent."""
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         try:
             return int(sum(int(info.get("size") or 0) for info in fs.find(f"{base}/{prefix}", detail=True).values()))
         except FileNotFoundError:
@@ -203,9 +204,7 @@ class ArrayLocation(_Location):
 
         ``gc`` keeps what may still be in flight: anything written since a running writer started.
         """
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         try:
             found = fs.find(f"{base}/{prefix}", detail=True, withdirs=True)
         except FileNotFoundError:
@@ -225,9 +224,7 @@ class ArrayLocation(_Location):
         between the two leaves the temporary file, which no reader ever opens. Object stores
         write whole objects and have none.
         """
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         try:
             found = fs.find(base, detail=True)
         except FileNotFoundError:
@@ -240,9 +237,7 @@ class ArrayLocation(_Location):
 
     def remove(self, prefix: str) -> None:
         """Delete everything under ``prefix`` (what a Zarr delete leaves behind on some stores)."""
-        fs, base = self._fs()
-        with contextlib.suppress(AttributeError):
-            fs.invalidate_cache()
+        fs, base = self._fresh_fs()
         target = f"{base}/{prefix}"
         if fs.exists(target):
             fs.rm(target, recursive=True)
