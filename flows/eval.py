@@ -99,7 +99,6 @@ from safeport.store.outputs import (
     done_keys,
     generations_for,
     load_images,
-    outputs_dir,
     record_outputs,
     reference_images,
     replace_results,
@@ -462,7 +461,7 @@ def generate_outputs(
     loaded: _Loaded | None = None
     run = None
     generated = 0
-    where = outputs_dir(store)
+    where = store.outputs
     with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
         while todo:
             progressed = False

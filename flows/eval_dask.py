@@ -62,7 +62,7 @@ from safeport.flows.extract import WAIT_POLL_S
 from safeport.flows.scale import dask_task_runner, prepare_worker
 from safeport.store.claims import RunEntry
 from safeport.store.location import OutputLocation
-from safeport.store.outputs import OutputSpec, ScoreRow, WrittenOutput, check_written, done_keys, outputs_dir
+from safeport.store.outputs import OutputSpec, ScoreRow, WrittenOutput, check_written, done_keys
 from safeport.store.store import Store
 
 log = logging.getLogger("safeport.eval")
@@ -230,7 +230,7 @@ def generate_on_dask(
     if not todo:
         return skipped_generation(store, sweep, plan, started)
     utility = utility_keys(plan)
-    where = outputs_dir(store)
+    where = store.outputs
     run = store.session.start_run("eval", "generate", sweep.target, sweep.prompts, None, total=len(todo))
     desc = f"generate {sweep.target} (dask)"
     with tqdm(total=len(todo), desc=desc, unit="output", mininterval=2.0, dynamic_ncols=True) as bar:

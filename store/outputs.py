@@ -32,10 +32,10 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from safeport.store.location import OutputLocation
+from safeport.store.location import OUTPUTS, OutputLocation
 from safeport.store.store import Store, StoreError
 
-OUTPUTS_DIR = "outputs"
+OUTPUTS_DIR = OUTPUTS  # the default location, inside the store folder (store.outputs: the one in use)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -90,11 +90,6 @@ def _has_tables(store: Store) -> bool:
     return int(n or 0) == 2
 
 
-def outputs_dir(store: Store) -> OutputLocation:
-    """Where the store's PNGs are: ``<store>/outputs``, or the profile's ``outputs:`` path or URL."""
-    return store.outputs
-
-
 def file_names(key: str, n_images: int) -> list[str]:
     """``<key>.png`` for an image, ``<key>.f0.png`` ... for video frames."""
     if n_images < 1:
@@ -123,7 +118,7 @@ def write_output_files(
     store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
 ) -> WrittenOutput:
     """Step 1: write the output's PNGs atomically; nothing is recorded (a rerun overwrites them)."""
-    return write_output_files_to(outputs_dir(store), spec, images, settings, seconds)
+    return write_output_files_to(store.outputs, spec, images, settings, seconds)
 
 
 def write_output_files_to(
