@@ -23,9 +23,7 @@ No store access here: vectors arrive as arrays and images leave as PIL images.
 from __future__ import annotations
 
 import gc
-import hashlib
 import inspect
-import json
 import logging
 import math
 import time
@@ -57,6 +55,7 @@ from safeport.extractors.pipeline_encoder import (
     max_sequence_length_of,
     quiet_pipeline_logs,
 )
+from safeport.keys import content_key
 
 log = logging.getLogger("safeport.eval")
 
@@ -189,7 +188,7 @@ class GenerationSettings:
 
         Fields at their defaults are left out, so settings that existed before them keep their keys.
         """
-        neg = None if self.negative_prompt is None else hashlib.sha256(self.negative_prompt.encode()).hexdigest()[:16]
+        neg = None if self.negative_prompt is None else content_key(self.negative_prompt, 16)
         out: dict[str, Any] = {
             "call": dict(self.call),
             "max_sequence_length": self.max_sequence_length,
@@ -203,7 +202,7 @@ class GenerationSettings:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+        return content_key(self.record(), 16)
 
 
 def resolve_settings(source: ModelSource, overrides: Mapping[str, Scalar] | None = None) -> GenerationSettings:
@@ -568,7 +567,7 @@ def vector_id(vector: np.ndarray | None) -> str:
     """Content hash of a steering vector's float32 values ("" for none): part of every output key."""
     if vector is None:
         return ""
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()[:16]
+    return content_key(np.ascontiguousarray(vector, dtype=np.float32), 16)
 
 
 def free_memory() -> None:

@@ -7,8 +7,6 @@ store, and never log the texts they encode.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+from safeport.keys import content_key
 
 
 class ExtractionError(ValueError):
@@ -43,8 +43,7 @@ class RepresentationSpec:
 
     def key(self) -> str:
         """Stable content hash (16 hex chars) of the spec."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=list).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return content_key(asdict(self), 16)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,6 @@ mapped to SafeSteer categories, METHOD §5; a prompt without labels gets the ori
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -88,6 +86,7 @@ from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
 from safeport.flows.extract import WAIT_POLL_S
 from safeport.flows.scale import on_dask
+from safeport.keys import content_key
 from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
 from safeport.store import artifacts
 from safeport.store.claims import RunEntry
@@ -150,7 +149,7 @@ class EvalResult:
 
 
 def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return content_key(list(parts))
 
 
 def _vector_rows(store: Store, target: str | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ uncommitted shard with the same text order and batches (same values).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from safeport.datasets import DatasetRows, TextRow, build_all
 from safeport.extractors import Extractor
 from safeport.extractors.base import check_finite, length_batches
 from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from safeport.keys import content_key
 from safeport.mappers.vectors import SAFESTEER_CONCEPT_STRING
 from safeport.store import positions
 from safeport.store.claims import RunEntry
@@ -83,7 +83,7 @@ def concept_dataset() -> DatasetRows:
 
 
 def unit_key(model_key: str, dataset: str, dataset_hash: str) -> str:
-    return hashlib.sha256(f"{model_key}|{dataset}|{dataset_hash}".encode()).hexdigest()[:20]
+    return content_key(f"{model_key}|{dataset}|{dataset_hash}")
 
 
 def encode_shard(

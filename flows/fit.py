@@ -19,7 +19,6 @@ does, not its comments, docstrings or import lines (:mod:`safeport.codehash`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import logging
@@ -48,6 +47,7 @@ from safeport.eval.report import headline, render
 from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows, proxy_rows
 from safeport.flows.common import catalog, model_source, run_id, store_for, writing
 from safeport.flows.extract import CONCEPT_DATASET, WAIT_POLL_S
+from safeport.keys import content_key
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
 from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centring, fit_maps, transfer_vectors
@@ -92,7 +92,7 @@ def mapper_config(mapper: str) -> dict[str, Any]:
 
 
 def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return content_key(list(parts))
 
 
 @dataclass(frozen=True)

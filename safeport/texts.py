@@ -11,6 +11,8 @@ from typing import SupportsInt
 
 import numpy as np
 
+from safeport.keys import content_key
+
 _WIKI_HEADING = re.compile(r"^\s*=+\s.*\s=+\s*$")
 _WIKI_FIXES = (
     (" @-@ ", "-"),
@@ -36,7 +38,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 def text_id(text: str) -> str:
     """Content-hash id of a (cleaned) text: the same text has the same id everywhere."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+    return content_key(text)
 
 
 # Version tag of the dataset identity below: a new row layout gets a new tag, so no old hash collides.

@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
+from safeport.keys import content_key
 from safeport.store.location import OUTPUTS, OutputLocation
 from safeport.store.store import Store, StoreError
 
@@ -65,7 +66,7 @@ class OutputSpec:
     def key(self) -> str:
         parts = [self.target_key, self.method, self.vector_id, float(self.alpha), int(self.seed)]
         parts += [self.text_id, self.settings_key]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+        return content_key(parts, 24)
 
 
 @dataclass(frozen=True)

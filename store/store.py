@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import zarr
 import zarr.codecs
 import zarr.errors
 
+from safeport.keys import content_key
 from safeport.store import location
 from safeport.store.claims import CLAIMS_DDL, HOST, Session
 from safeport.store.db import (
@@ -137,14 +137,14 @@ class UnitInfo:
 
 def checksum(values: np.ndarray) -> str:
     """sha256 of the C-ordered float32 bytes (what a reader recomputes to detect corruption)."""
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes()).hexdigest()[:32]
+    return content_key(np.ascontiguousarray(values, dtype=np.float32), 32)
 
 
 def tensor_checksum(values: np.ndarray) -> str:
     """sha256 of a tensor's dtype, shape and C-ordered bytes (maps keep their own dtype)."""
     values = np.ascontiguousarray(values)
     head = f"{values.dtype.str}{values.shape}".encode()
-    return hashlib.sha256(head + values.tobytes()).hexdigest()[:32]
+    return content_key(head + values.tobytes(), 32)
 
 
 @dataclass(frozen=True)
