@@ -44,7 +44,7 @@ import pyarrow as pa
 from safeport.store.db import StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from safeport.store.store import Store
+    from safeport.store.core import StoreCore as Store
 
 log = logging.getLogger("safeport.store")
 

@@ -25,12 +25,9 @@ import zarr
 
 from safeport.store import artifacts
 from safeport.store.claims import live_writers
+from safeport.store.schema import STALE_DDL
 from safeport.store.store import Store, StoreError, checksum
 
-STALE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS stale (
-    kind VARCHAR, key VARCHAR, name VARCHAR, reason VARCHAR, marked_at TIMESTAMP, PRIMARY KEY (kind, key));
-"""
 STALE_KINDS = ("model", "unit", "map", "fit", "vector", "report")
 IN_FLIGHT_MARGIN_S = 60.0  # clock and filesystem-timestamp slack when gc decides what may be in flight
 
@@ -131,7 +128,7 @@ def mark_stale(
             )
             rows.append(("report", rkey, f"{src}->{tgt}/{prompt_set}", left))
     with store.transaction() as con:
-        con.execute(STALE_SCHEMA)
+        con.execute(STALE_DDL)
         con.execute("DELETE FROM stale")
         if rows:
             con.executemany("INSERT INTO stale VALUES (?, ?, ?, ?, now())", rows)

@@ -9,7 +9,7 @@ shard and rows).
 
 :func:`invalidate` turns a report into commit-record deletions, each in one transaction,
 so the normal resumable stages recompute exactly what was lost: a damaged shard loses its
-``shards`` row and ``activation_rows`` and its unit goes to status ``repair`` (extraction
+``shards`` row and its rows in ``unit_rows`` and its unit goes to status ``repair`` (extraction
 resumes it); a damaged vector or map resets its fit (``safeport fit`` recomputes it). Chunks
 on disk are left for recomputation to overwrite; only a unit whose array metadata cannot be
 read gets its array recreated empty (every shard of it was unreadable anyway).
@@ -27,6 +27,7 @@ import zarr
 
 from safeport.store import artifacts
 from safeport.store.store import Store, UnitInfo, checksum, tensor_checksum
+from safeport.store.units import ARRAY, UNIT_COLUMNS
 
 REPAIR_STATUS = "repair"
 
@@ -76,48 +77,51 @@ def _chunk_missing(store: Store, array: zarr.Array, coords: tuple[int, ...]) -> 
 
 def _shard_damage(store: Store, unit: UnitInfo, owner: str) -> tuple[int, list[Damage]]:
     """(shards checked, damage) for one unit's committed shards."""
-    shards = store.fetchall(
-        "SELECT shard, row_start, row_stop, checksum FROM shards WHERE unit_key = ? ORDER BY shard", [unit.unit_key]
-    )
+    records = sorted(store.shard_records(unit.unit_key).values(), key=lambda r: r.shard)
     found: list[Damage] = []
 
     def bad(shard: int, rows: tuple[int, int], problem: str) -> None:
         found.append(Damage("shard", unit.array_path, owner, problem, unit.unit_key, shard, rows))
 
-    if not shards:
+    if not records:
         return 0, found
-    try:
-        array = store.arrays[unit.array_path]
-        if not isinstance(array, zarr.Array):
-            raise TypeError("it is a group, not an array")
-        if array.shape != (unit.n_rows, unit.dim) or array.chunks != (unit.shard_rows, unit.dim):
-            raise ValueError(
-                f"shape {array.shape} chunks {array.chunks}, the unit records "
-                f"({unit.n_rows}, {unit.dim}) chunks ({unit.shard_rows}, {unit.dim})"
-            )
-    except Exception as err:  # missing or garbled metadata: every committed shard is unreadable
-        for shard, start, stop, _ in shards:
-            bad(int(shard), (int(start), int(stop)), f"array cannot be opened ({type(err).__name__}: {err})")
-        return len(shards), found
-    for shard, start, stop, want in shards:
-        shard, rows = int(shard), (int(start), int(stop))
-        if rows != unit.shard_range(shard):
-            bad(shard, rows, f"recorded rows do not match the unit's shard layout {unit.shard_range(shard)}")
+    if unit.layout == ARRAY:  # the unit's one array must open with the recorded shape
+        try:
+            array = store.arrays[unit.array_path]
+            if not isinstance(array, zarr.Array):
+                raise TypeError("it is a group, not an array")
+            if array.shape != (unit.n_rows, unit.dim) or array.chunks != (unit.shard_rows, unit.dim):
+                raise ValueError(
+                    f"shape {array.shape} chunks {array.chunks}, the unit records "
+                    f"({unit.n_rows}, {unit.dim}) chunks ({unit.shard_rows}, {unit.dim})"
+                )
+        except Exception as err:  # missing or garbled metadata: every committed shard is unreadable
+            for r in records:
+                bad(r.shard, (r.row_start, r.row_stop), f"array cannot be opened ({type(err).__name__}: {err})")
+            return len(records), found
+    for r in records:
+        rows = (r.row_start, r.row_stop)
+        if unit.layout == ARRAY and rows != unit.shard_range(r.shard):
+            bad(r.shard, rows, f"recorded rows do not match the unit's shard layout {unit.shard_range(r.shard)}")
             continue
         try:
-            block = np.asarray(array[rows[0] : rows[1], :], dtype=np.float32)
-        except Exception as err:  # truncated or garbled chunk: the codec refuses it
-            bad(shard, rows, f"chunk cannot be decoded ({type(err).__name__}: {err})")
+            array = store.arrays[r.array_path]
+            if not isinstance(array, zarr.Array):
+                raise TypeError("it is a group, not an array")
+            block = np.asarray(array[r.row_start : r.row_stop, :])
+        except Exception as err:  # truncated or garbled chunk, or a shard array whose metadata is gone
+            what = "chunk cannot be decoded" if unit.layout == ARRAY else "shard array cannot be read"
+            bad(r.shard, rows, f"{what} ({type(err).__name__}: {err})")
             continue
-        if checksum(block) != want:
-            missing = _chunk_missing(store, array, (shard, 0))
-            bad(shard, rows, "chunk file missing" if missing else "checksum mismatch: the data changed on disk")
-    return len(shards), found
+        if checksum(block, r.dtype) != r.checksum:
+            missing = unit.layout == ARRAY and _chunk_missing(store, array, (r.shard, 0))
+            bad(r.shard, rows, "chunk file missing" if missing else "checksum mismatch: the data changed on disk")
+    return len(records), found
 
 
 def _unit_damage(store: Store) -> tuple[int, list[Damage]]:
     rows = store.fetchall(
-        "SELECT u.unit_key, u.model_key, u.dataset, u.array_path, u.n_rows, u.dim, u.shard_rows, u.status, m.name, "
+        f"SELECT {', '.join('u.' + c.strip() for c in UNIT_COLUMNS.split(','))}, m.name, "
         "(SELECT count(*) FROM shards s WHERE s.unit_key = u.unit_key) "
         "FROM units u LEFT JOIN models m USING (model_key) ORDER BY u.array_path"
     )
@@ -125,6 +129,8 @@ def _unit_damage(store: Store) -> tuple[int, list[Damage]]:
     for *fields, name, committed in rows:
         unit = UnitInfo(*fields)
         owner = f"model {name or '?'} ({unit.model_key}), dataset {unit.dataset}"
+        if unit.position:
+            owner += f", position {unit.position}"
         n, damage = _shard_damage(store, unit, owner)
         checked += n
         found.extend(damage)
@@ -149,22 +155,22 @@ def _unit_damage(store: Store) -> tuple[int, list[Damage]]:
                     unit.unit_key,
                 )
             )
-    orphans = store.fetchall(
-        """SELECT a.unit_key, count(*) FROM activation_rows a WHERE NOT EXISTS (
-               SELECT 1 FROM shards s WHERE s.unit_key = a.unit_key AND a.row >= s.row_start AND a.row < s.row_stop)
-           GROUP BY 1 ORDER BY 1"""
-    )
-    for unit_key, n in orphans:
+    for unit_key, n in store.fetchall(f"SELECT unit_key, count(*) FROM ({_ORPHAN_ROWS}) GROUP BY 1 ORDER BY 1"):
         found.append(
             Damage(
                 "record",
-                "activation_rows",
+                "unit_rows",
                 f"unit {unit_key}",
                 f"{n} row record(s) point at no committed shard, so readers would see uncommitted data",
                 str(unit_key),
             )
         )
     return checked, found
+
+
+# Rows of the index whose shard has no commit record (a damaged or hand-edited store).
+_ORPHAN_ROWS = """SELECT r.unit_key, r.shard, r.row FROM unit_rows r WHERE NOT EXISTS (
+    SELECT 1 FROM shards s WHERE s.unit_key = r.unit_key AND s.shard = r.shard)"""
 
 
 def _vector_problem(store: Store, path: str, dim: int, want: str) -> str | None:
@@ -286,16 +292,12 @@ def invalidate(store: Store, report: Report) -> Invalidation:
     if incomplete:
         with store.transaction() as con:
             for unit_key in incomplete:
-                n = con.execute(
-                    """SELECT count(*) FROM activation_rows a WHERE a.unit_key = ? AND NOT EXISTS (
-                           SELECT 1 FROM shards s WHERE s.unit_key = a.unit_key
-                           AND a.row >= s.row_start AND a.row < s.row_stop)""",
-                    [unit_key],
-                ).fetchall()[0][0]
+                n = con.execute(f"SELECT count(*) FROM ({_ORPHAN_ROWS}) WHERE unit_key = ?", [unit_key]).fetchall()[0][
+                    0
+                ]
                 con.execute(
-                    """DELETE FROM activation_rows a WHERE a.unit_key = ? AND NOT EXISTS (
-                           SELECT 1 FROM shards s WHERE s.unit_key = a.unit_key
-                           AND a.row >= s.row_start AND a.row < s.row_stop)""",
+                    "DELETE FROM unit_rows r WHERE r.unit_key = ? AND NOT EXISTS ("
+                    "SELECT 1 FROM shards s WHERE s.unit_key = r.unit_key AND s.shard = r.shard)",
                     [unit_key],
                 )
                 rows_removed += int(n)

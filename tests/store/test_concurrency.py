@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 import safeport.store.db as db_module
-import safeport.store.store as store_module
+import safeport.store.schema as store_module
 from safeport.cli import main
 from safeport.store import connect
 from safeport.store.claims import HOST

@@ -173,16 +173,22 @@ def test_failed_duckdb_commit_rolls_back_and_a_rerun_completes(
     _equal_to_reference(root, reference)
 
 
+SHARD_ROW = (
+    "INSERT INTO shards (unit_key, shard, row_start, row_stop, checksum, tokens, committed_at) "
+    "VALUES ('u', 0, 0, 1, 'x', 1, now())"
+)
+
+
 def test_a_failed_commit_leaves_no_open_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a failed COMMIT the handle is usable and nothing of the failed step is visible."""
     made = _flaky_connect(monkeypatch, tmp_path / "meta.duckdb", k=1)
     with Store(tmp_path) as store:
         with pytest.raises(StoreError, match="Nothing of this step was recorded"), store.transaction() as con:
-            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+            con.execute(SHARD_ROW)
         assert sum(c.failed for c in made) == 1
         assert store.scalar("SELECT count(*) FROM shards") == 0
         with store.transaction() as con:  # a new transaction starts cleanly
-            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+            con.execute(SHARD_ROW)
         assert store.scalar("SELECT count(*) FROM shards") == 1
 
 
@@ -194,11 +200,11 @@ def test_ctrl_c_during_commit_is_a_keyboard_interrupt_and_leaves_no_open_transac
     made = _flaky_connect(monkeypatch, tmp_path / "meta.duckdb", k=1, error=RuntimeError("Query interrupted"))
     with Store(tmp_path) as store:
         with pytest.raises(KeyboardInterrupt), store.transaction() as con:
-            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+            con.execute(SHARD_ROW)
         assert sum(c.failed for c in made) == 1
         assert store.scalar("SELECT count(*) FROM shards") == 0
         with store.transaction() as con:
-            con.execute("INSERT INTO shards VALUES ('u', 0, 0, 1, 'x', 1, now())")
+            con.execute(SHARD_ROW)
         assert store.scalar("SELECT count(*) FROM shards") == 1
 
 

@@ -1,0 +1,221 @@
+"""A seeded, shuffled, resumable stream of verified rows with bounded memory: what trainers read.
+
+Why not "read everything, then shuffle": a position's token cache is tens of GB on the paper
+profile. The stream never holds more than one **buffer** of rows (plus one batch): each epoch
+permutes the selected shards (seeded), groups consecutive shards of that order into buffers of at
+least ``buffer_rows`` rows, permutes the rows inside each buffer (seeded) and cuts the result into
+batches; a batch may span two buffers. That is the shard-then-buffer shuffle of webdataset and
+SAELens's mixing buffer; rows of one shard (one prompt batch) meet rows of other shards whenever
+``buffer_rows`` spans several shards, so keep it a few times the shard size.
+
+Everything is a function of ``(seed, epoch)`` and the row index, so the order is the same on
+every run, and a :class:`Cursor` (seed, epoch, batches consumed) resumes mid-epoch exactly: the
+buffers before the cursor are skipped from the index alone (no array is read), the buffer that
+holds the cursor is read and entered at the right row. Every shard is checked against its
+recorded checksum as it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from safeport.store.core import reads_only
+from safeport.store.db import StoreError
+from safeport.store.units import ShardRecord, UnitInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from safeport.store.store import Store
+
+# The relation a selection filters: every row of the index with its unit, model and dataset row.
+ROWS = """(
+    SELECT r.unit_key, r.shard, r.row, r.text_id, r.position, r.step, r.token, r.stream, r.seed, r.n_tokens,
+           r.truncated, u.model_key, m.name AS model, u.dataset, u.kind, t.split, t.category, t.pair_id, t.side
+    FROM unit_rows r JOIN units u USING (unit_key) LEFT JOIN models m USING (model_key)
+    LEFT JOIN (SELECT dataset, text_id, any_value(split) AS split, any_value(category) AS category,
+                      any_value(pair_id) AS pair_id, any_value(side) AS side
+               FROM dataset_texts GROUP BY ALL) t ON t.dataset = u.dataset AND t.text_id = r.text_id
+) AS rows"""
+INDEX_COLUMNS = ("unit_key", "shard", "row", "text_id", "position", "step", "token", "stream", "seed")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a stream is: ``batch`` batches of epoch ``epoch`` consumed (with this seed)."""
+
+    seed: int
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One batch: float32 values [n, d], each row's index entry, and the cursor after it."""
+
+    values: np.ndarray
+    rows: pa.Table
+    cursor: Cursor
+
+
+@dataclass(frozen=True)
+class _Shard:
+    unit_key: str
+    shard: int
+    n: int  # selected rows
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *stream])
+
+
+def _buffers(shards: Sequence[_Shard], seed: int, epoch: int, buffer_rows: int) -> list[list[_Shard]]:
+    order = _rng(seed, epoch).permutation(len(shards))
+    out: list[list[_Shard]] = [[]]
+    size = 0
+    for i in order:
+        if size >= buffer_rows:
+            out.append([])
+            size = 0
+        out[-1].append(shards[int(i)])
+        size += shards[int(i)].n
+    return [b for b in out if b]
+
+
+class _Reader:
+    """Reads one buffer: its shards (verified) and the selected rows' index, in a fixed order."""
+
+    def __init__(self, store: Store, where: str, params: Sequence[Any], verify: bool) -> None:
+        self.store, self.where, self.params, self.verify = store, where, list(params), verify
+        self.units: dict[str, UnitInfo] = {}
+        self.records: dict[str, dict[int, ShardRecord]] = {}
+
+    def meta(self, keys: Sequence[str]) -> None:
+        with self.store.reading():
+            for key in keys:
+                unit = self.store.unit(key)
+                if unit is None:
+                    raise StoreError(f"unit {key} is selected but not recorded; run `safeport verify`")
+                self.units[key] = unit
+                self.records[key] = self.store.shard_records(key)
+
+    def read(self, buffer: Sequence[_Shard]) -> tuple[np.ndarray, pa.Table]:
+        wanted = pa.table(
+            {"unit_key": [s.unit_key for s in buffer], "shard": pa.array([s.shard for s in buffer], pa.int32())}
+        )
+        with self.store.reading() as con:
+            con.register("_buffer", wanted)
+            try:
+                index: pa.Table = con.sql(
+                    f"SELECT {', '.join(INDEX_COLUMNS)} FROM {ROWS} JOIN _buffer USING (unit_key, shard) "
+                    f"WHERE {self.where} ORDER BY unit_key, shard, row",
+                    params=self.params,
+                ).to_arrow_table()
+            finally:
+                con.unregister("_buffer")
+        keys = np.array(index.column("unit_key").to_pylist())
+        shard_of = index.column("shard").to_numpy()
+        row_of = index.column("row").to_numpy().astype(np.int64)
+        parts = []
+        for s in sorted(buffer, key=lambda s: (s.unit_key, s.shard)):
+            unit, record = self.units[s.unit_key], self.records[s.unit_key].get(s.shard)
+            if record is None:
+                raise StoreError(f"shard {s.shard} of unit {s.unit_key} is selected but not committed")
+            if self.verify:
+                block = self.store.verified_shard(unit, record)
+            else:
+                block = self.store.read_shard(unit, s.shard, record)
+            mine = (keys == s.unit_key) & (shard_of == s.shard)
+            parts.append(block[row_of[mine] - record.row_start])
+        return np.concatenate(parts), index
+
+
+def stream_batches(
+    store: Store,
+    select: str | None = None,
+    *,
+    params: Sequence[Any] = (),
+    batch_size: int = 4096,
+    seed: int = 42,
+    epochs: int = 1,
+    buffer_rows: int = 65536,
+    cursor: Cursor | None = None,
+    drop_last: bool = False,
+    verify: bool = True,
+) -> Iterator[RowBatch]:
+    """Batches of the rows ``select`` picks (a SQL filter over :data:`ROWS`; None: every row), shuffled.
+
+    Each epoch yields every selected row exactly once, in an order fixed by ``(seed, epoch)``;
+    ``cursor`` (a batch's :attr:`RowBatch.cursor`) resumes right after that batch. Memory: one
+    buffer of at least ``buffer_rows`` rows (a buffer holds whole shards) plus one batch.
+    """
+    for name, value in (("batch_size", batch_size), ("epochs", epochs), ("buffer_rows", buffer_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} = {value!r}; give a whole number of 1 or more")
+    where = f"({select})" if select else "true"
+    if not reads_only(f"SELECT 1 FROM {ROWS} WHERE {where}"):
+        raise ValueError("select must be a filter over the row index (an SQL expression), not a statement")
+    if cursor is not None and cursor.seed != seed:
+        raise ValueError(f"cursor was taken with seed {cursor.seed}, this stream has seed {seed}; pass seed=")
+    shards = [
+        _Shard(str(k), int(s), int(n))
+        for k, s, n in store.fetchall(
+            f"SELECT unit_key, shard, count(*) FROM {ROWS} WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2", list(params)
+        )
+    ]
+    reader = _Reader(store, where, params, verify)
+    reader.meta(sorted({s.unit_key for s in shards}))
+    dims = {u.dim for u in reader.units.values()}
+    if len(dims) > 1:
+        raise StoreError(f"the selected rows have different widths {sorted(dims)}; select rows of one position")
+    total = sum(s.n for s in shards)
+    start = cursor or Cursor(seed)
+    for epoch in range(start.epoch, epochs):
+        first = start.batch * batch_size if epoch == start.epoch else 0
+        if first >= total:
+            continue
+        yield from _epoch(reader, shards, seed, epoch, batch_size, buffer_rows, first, total, drop_last)
+
+
+def _epoch(
+    reader: _Reader,
+    shards: Sequence[_Shard],
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    buffer_rows: int,
+    first: int,
+    total: int,
+    drop_last: bool,
+) -> Iterator[RowBatch]:
+    batch = first // batch_size
+    carry: tuple[np.ndarray, pa.Table] | None = None
+    at = 0  # stream row where the next buffer starts
+    for b, buffer in enumerate(_buffers(shards, seed, epoch, buffer_rows)):
+        n = sum(s.n for s in buffer)
+        if at + n <= first:  # entirely before the cursor: skipped without reading
+            at += n
+            continue
+        values, index = reader.read(buffer)
+        order = _rng(seed, epoch, b + 1).permutation(len(values))[max(first - at, 0) :]
+        at += n
+        values, index = values[order], index.take(pa.array(order))
+        if carry is not None:
+            values, index = np.concatenate([carry[0], values]), pa.concat_tables([carry[1], index])
+        full = len(values) // batch_size * batch_size
+        for lo in range(0, full, batch_size):
+            batch += 1
+            part = values[lo : lo + batch_size], index.slice(lo, batch_size)
+            yield _batch(*part, seed, epoch, batch, total, batch_size)
+        carry = values[full:], index.slice(full)
+    if carry is not None and len(carry[0]) and not drop_last:
+        batch += 1
+        yield _batch(carry[0], carry[1], seed, epoch, batch, total, batch_size)
+
+
+def _batch(values: np.ndarray, index: pa.Table, seed: int, epoch: int, batch: int, total: int, size: int) -> RowBatch:
+    cursor = Cursor(seed, epoch + 1, 0) if batch * size >= total else Cursor(seed, epoch, batch)
+    return RowBatch(np.ascontiguousarray(values), index.combine_chunks(), cursor)
