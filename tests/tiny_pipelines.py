@@ -60,6 +60,8 @@ from transformers import (
 )
 
 FAMILIES = ("flux", "sd3", "z_image", "qwen_image", "wan")
+# models/tiny-sd3 = save_tiny("sd3", folder, **TINY_SD3_OPTIONS): two text-carrying joint blocks and the text-less last.
+TINY_SD3_OPTIONS: dict[str, int | None] = {"num_layers": 3, "pos_embed_max_size": 32}
 
 CLIP_MAX_LENGTH = 77
 _CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'-:;"
@@ -170,8 +172,11 @@ def _t5_kwargs(tokenizer: T5Tokenizer, d_model: int) -> dict[str, Any]:
     )
 
 
-def build_flux() -> FluxPipeline:
-    """Flux.1: CLIP-L (pooled only) + T5 (``prompt_embeds``, dim 32)."""
+def build_flux(num_layers: int = 1, num_single_layers: int = 1) -> FluxPipeline:
+    """Flux.1: CLIP-L (pooled only) + T5 (``prompt_embeds``, dim 32).
+
+    ``num_layers`` double and ``num_single_layers`` single blocks (defaults: the bundled tiny-flux).
+    """
     tok, tok_2 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_config(tok, 32)).eval()
@@ -181,8 +186,8 @@ def build_flux() -> FluxPipeline:
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,
@@ -214,8 +219,14 @@ def build_flux() -> FluxPipeline:
     )
 
 
-def build_sd3() -> StableDiffusion3Pipeline:
-    """SD3: CLIP-L (16) + CLIP-G (24) hidden states, zero-padded to T5's 48, then T5 tokens appended."""
+def build_sd3(num_layers: int = 1, pos_embed_max_size: int | None = None) -> StableDiffusion3Pipeline:
+    """SD3: CLIP-L (16) + CLIP-G (24) hidden states, zero-padded to T5's 48, then T5 tokens appended.
+
+    ``num_layers`` joint blocks; the last has ``context_pre_only`` (no text stream), so ``num_layers >= 2``
+    gives a text-carrying block too (models/tiny-sd3 has 3). ``pos_embed_max_size``: the side of the
+    positional-embedding table (None: diffusers' 96, a 1.2 MB buffer; models/tiny-sd3 uses 32, the
+    largest latent side at the tiny 32×32 size, to stay under 1 MB).
+    """
     tok, tok_2, tok_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModelWithProjection(_clip_config(tok, 16)).eval()
@@ -224,17 +235,19 @@ def build_sd3() -> StableDiffusion3Pipeline:
     torch.manual_seed(2)
     text_encoder_3 = T5EncoderModel(T5Config(**_t5_kwargs(tok_3, 48))).eval()
     torch.manual_seed(3)
+    extra: dict[str, Any] = {} if pos_embed_max_size is None else {"pos_embed_max_size": pos_embed_max_size}
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=48,
         pooled_projection_dim=16 + 24,
         out_channels=4,
+        **extra,
     )
     torch.manual_seed(4)
     vae = AutoencoderKL(
@@ -425,7 +438,8 @@ def build_wan() -> WanPipeline:
 
 
 # Values are diffusers pipelines; typed Any because their components are dynamic attributes.
-BUILDERS: dict[str, Callable[[], Any]] = {
+# Builders take optional keyword options (block counts); called without, they build the bundled defaults.
+BUILDERS: dict[str, Callable[..., Any]] = {
     "flux": build_flux,
     "sd3": build_sd3,
     "z_image": build_z_image,
@@ -434,16 +448,20 @@ BUILDERS: dict[str, Callable[[], Any]] = {
 }
 
 
-def build(family: str) -> Any:
-    """A fresh tiny pipeline for ``family`` (all weights seeded, eval mode, CPU, float32)."""
+def build(family: str, **options: int | None) -> Any:
+    """A fresh tiny pipeline for ``family`` (all weights seeded, eval mode, CPU, float32).
+
+    ``options`` go to the builder (e.g. ``build("sd3", num_layers=3)``); none gives the defaults.
+    ``build("sd3", **TINY_SD3_OPTIONS)`` is the bundled models/tiny-sd3.
+    """
     if family not in BUILDERS:
         raise ValueError(f"no tiny pipeline for family {family!r}; use one of {', '.join(BUILDERS)}")
-    pipe = BUILDERS[family]()
+    pipe = BUILDERS[family](**options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_tiny(family: str, folder: Path) -> Path:
+def save_tiny(family: str, folder: Path, **options: int | None) -> Path:
     """Build ``family`` and ``save_pretrained`` it to ``folder`` (a model folder like a real checkpoint)."""
-    build(family).save_pretrained(str(folder))
+    build(family, **options).save_pretrained(str(folder))
     return folder
