@@ -258,9 +258,10 @@ def store_clock() -> Iterator[dict[str, float]]:
 
 
 def bench_store_writes(tmp: Path, n_anchors: int) -> list[str]:
-    """extract_unit (store writes, commits) vs the same encode loop discarding its rows."""
+    """Extraction of one unit (store writes, commits) vs the same encode loop discarding its rows."""
     from safeport.flows.common import catalog, extractor_for, model_source, writing
-    from safeport.flows.extract import extract_unit, register_datasets
+    from safeport.flows.extract import extract_units, register_datasets
+    from safeport.flows.runner import InProcess
 
     cat = _catalog(tmp, ["smollm2-135m", "minilm-l6"], n_anchors, "writes")
     resolved = catalog(str(cat), "default")
@@ -276,14 +277,16 @@ def bench_store_writes(tmp: Path, n_anchors: int) -> list[str]:
 
         t_discard, _ = timed(discard)
         with store_clock() as spent:
-            t_store, res = timed(lambda: extract_unit(store, resolved, "smollm2-135m", "anchors-3k"))
+            only = [("smollm2-135m", "anchors-3k")]
+            t_store, done = timed(lambda: extract_units(store, resolved, InProcess(), only=only))
+            res = done[0]
     inside = spent["duckdb"] + spent["zarr"]
     return [
         "## 2. Store-write overhead",
         "",
-        f"{res.rows} anchors with SmolLM2: the real `extract_unit` (length-sorted shards of "
-        f"{resolved.profile.shard_rows} rows, Zarr writes, one short DuckDB transaction per shard that commits it, "
-        f"releases its claim and claims the next) took {t_store:.1f}s; the same length-bucketed encode loop "
+        f"{res.rows} anchors with SmolLM2: the real extraction of one unit (length-sorted shards of "
+        f"{resolved.profile.shard_rows} rows on the one runner: claim, Zarr write, one short DuckDB transaction per "
+        f"shard that commits it and releases its claim) took {t_store:.1f}s; the same length-bucketed encode loop "
         f"discarding its rows took {t_discard:.1f}s: **{(t_store - t_discard) / t_discard:+.1%}** side by side.",
         "",
         f"Measured inside the same run: {spent['blocks']:.0f} DuckDB blocks (reads and transactions, each opening "

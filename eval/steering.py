@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from safeport.extractors.pipeline_encoder import Positions, pooled_positions, quiet_pipeline_logs
+from safeport.mappers import vectors as _vectors
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -70,7 +71,10 @@ RESERVED_KWARGS = frozenset(
 def combine(vectors: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """Category-weighted direction Σ_c w_c v_c / Σ_c w_c over the categories in ``weights`` (METHOD §5).
 
-    Categories present in ``vectors`` but absent from ``weights`` are inactive (weight 0).
+    The public entry: it checks what a caller passes (each problem named with its fix), then the
+    one implementation, :func:`safeport.mappers.vectors.combine`, computes it (the same function the
+    fit and the eval sweep use). Categories present in ``vectors`` but absent from ``weights`` are
+    inactive (weight 0).
     """
     if not vectors:
         raise ValueError("combine() got no vectors; pass one steering vector per category")
@@ -82,16 +86,12 @@ def combine(vectors: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> 
     bad = {c: w for c, w in weights.items() if not math.isfinite(float(w)) or float(w) < 0}
     if bad:
         raise ValueError(f"weights must be finite and non-negative, got {bad}; use 0 to switch a category off")
-    total = sum(float(w) for w in weights.values())
-    if total <= 0:
-        raise ValueError(f"weights sum to {total}; give at least one active category a positive weight")
+    if sum(float(w) for w in weights.values()) <= 0:
+        raise ValueError("weights sum to 0; give at least one active category a positive weight")
     shapes = {c: np.shape(vectors[c]) for c in weights}
     if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
         raise ValueError(f"vectors must be 1-D and of one length, got shapes {shapes}")
-    acc = np.zeros(next(iter(shapes.values())), dtype=np.float64)
-    for c, w in weights.items():
-        acc += float(w) * np.asarray(vectors[c], dtype=np.float64)
-    return (acc / total).astype(np.float32)
+    return _vectors.combine(vectors, {c: float(w) for c, w in weights.items()})
 
 
 def _as_list(prompt: Prompt, what: str) -> list[str]:

@@ -113,6 +113,11 @@ def extractor_for(source: ModelSource) -> Extractor:
     return _EXTRACTOR[key]
 
 
+def loaded_extractor(source: ModelSource) -> Extractor | None:
+    """The model of ``source`` if this process has it loaded (never loads it)."""
+    return _EXTRACTOR.get(source.spec().key())
+
+
 def release_models() -> None:
     _EXTRACTOR.clear()
 

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from safeport.catalog import MAX_ALPHA, Resolved
 from safeport.eval.detectors import (
@@ -55,19 +52,19 @@ from safeport.eval.detectors import (
 )
 from safeport.eval.generate import (
     DEFAULT_SEED,
-    Batcher,
     GenerationSettings,
-    Job,
-    PromptEmbeddings,
     RunOptions,
     Scalar,
-    free_memory,
-    load_pipeline,
     pipeline_family,
     resolve_settings,
     split_run_options,
     vector_id,
 )
+
+# The fit report's oracle rule, used as it is: moving it out of eval/representation.py would change that
+# module's code version, hence the key of every stored report row.
+from safeport.eval.representation import _clean_i2p
+from safeport.eval.representation import _oracle_matrix as oracle_vectors
 from safeport.eval.sweep import (
     FID_NO_REFERENCE,
     FID_NO_UTILITY,
@@ -83,28 +80,19 @@ from safeport.eval.sweep import (
 )
 from safeport.extractors.base import ModelSource
 from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
-from safeport.flows.common import catalog, model_source, run_id, store_for, writing
-from safeport.flows.extract import WAIT_POLL_S
-from safeport.flows.scale import on_dask
+from safeport.flows.common import catalog, model_source, store_for, writing
+from safeport.flows.runner import on_dask
 from safeport.keys import content_key
-from safeport.mappers.vectors import I2P_TO_SAFESTEER, combine, oracle_weights, uniform_weights
+from safeport.mappers.vectors import combine, uniform_weights
 from safeport.store import artifacts
-from safeport.store.claims import RunEntry
-from safeport.store.location import OutputLocation
 from safeport.store.outputs import (
     OutputSpec,
     ScoreRow,
-    WrittenOutput,
-    done_keys,
     generations_for,
     load_images,
-    record_outputs,
     reference_images,
     replace_results,
-    save_scores,
     scores_for,
-    unscored,
-    write_output_files_to,
 )
 from safeport.store.store import Store, StoreError
 
@@ -112,12 +100,7 @@ log = logging.getLogger("safeport.eval")
 T = TypeVar("T")
 
 TABLE_KINDS = ("native", "calibrated", "random", "string")  # the global vectors of Table 1
-SCORE_BATCH = 16
-GEN_BATCH = 4  # outputs claimed and committed together (a crash loses at most one batch in flight)
-COMMIT_EVERY_S = 10.0  # ... or fewer: slow outputs (video) are committed as soon as this much time passed
 FID_BATCH = 64
-# Prompts whose embeddings are held at once; the text encoders stay loaded until the last chunk is encoded.
-PROMPT_CHUNK = 512
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -230,29 +213,31 @@ def prompt_rows(store: Store, dataset: str, limit: int | None) -> list[tuple[str
     return out if limit is None else out[:limit]
 
 
-def _oracle(categories: str | None, available: Sequence[str]) -> dict[str, float]:
-    """Oracle weights over the categories that have a vector; unknown I2P labels are ignored."""
-    labels = [c.strip() for c in (categories or "").split(",") if c.strip().lower() in I2P_TO_SAFESTEER]
-    weights = oracle_weights(", ".join(labels))
-    have = {c: w for c, w in weights.items() if c in available}
-    return have
+def _method_vector(method: Method, values: Mapping[str, np.ndarray], text_categories: str | None) -> np.ndarray:
+    """The vector a method steers one prompt with.
 
-
-def _method_vector(method: Method, values: Mapping[str, np.ndarray], text_categories: str | None) -> np.ndarray | None:
+    The oracle rule is the fit report's (:mod:`safeport.eval.representation`): the prompt's I2P
+    labels mapped to SafeSteer categories with a vector (METHOD §5), equal weights; a prompt none of
+    whose labels maps (or that has none) is steered with the method's global vector.
+    """
     if method.weighting == "single":
         return values[method.vectors[0]]
     by_cat = {c: values[n] for n, c in zip(method.vectors, method.categories, strict=True)}
     if method.weighting == "uniform":
         return combine(by_cat, uniform_weights(sorted(by_cat)))
-    weights = _oracle(text_categories, sorted(by_cat))
-    return combine(by_cat, weights) if weights else None
+    return oracle_vectors(by_cat, values[oracle_fallback(method)], _clean_i2p([text_categories]))[0]
+
+
+def oracle_fallback(method: Method) -> str:
+    """The global vector an ``oracle:`` method falls back to (its label names it)."""
+    return method.label.removeprefix("oracle:")
 
 
 def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, settings: dict[str, Any]) -> Plan:
     """Every cell of the sweep with its output key; vectors come checksum-verified from the store."""
     values: dict[str, np.ndarray] = {}
     for m in sweep.methods:
-        for name in m.vectors:
+        for name in (*m.vectors, *([oracle_fallback(m)] if m.weighting == "oracle" else [])):
             if name not in values:
                 values[name], lineage = artifacts.load_vector(store, name)
                 if lineage.get("target") not in (None, sweep.target):
@@ -341,180 +326,6 @@ def _n_outputs(batches: Sequence[Sequence[str]]) -> int:
     return sum(len(b) for b in batches)
 
 
-def make_outputs(
-    batcher: Batcher,
-    where: OutputLocation,
-    prompt: str,
-    specs: Sequence[OutputSpec],
-    vectors: Mapping[str, np.ndarray],
-    settings_record: Mapping[str, Any],
-) -> list[tuple[WrittenOutput, list[Any]]]:
-    """One prompt's outputs in pipeline calls of the batcher's size, written (not recorded); with their images."""
-    jobs = [Job(vectors[s.vector_id] if s.vector_id else None, s.alpha, s.seed) for s in specs]
-    made = batcher.run(prompt, jobs)
-    return [
-        (write_output_files_to(where, s, g.images, settings_record, g.seconds), g.images)
-        for s, g in zip(specs, made, strict=True)
-    ]
-
-
-# --- generation ---------------------------------------------------------------------------------
-
-
-def claim_outputs(store: Store, keys: Sequence[str], kind: str = "output") -> list[str]:
-    """Claim ``KIND:key`` for those of ``keys`` nobody else is producing and that are not done yet.
-
-    ``kind`` ``output`` claims generation, ``score:<metric>`` scoring (see ``Session.claim_unfinished``).
-    """
-    metric = kind.split(":", 1)[1] if kind.startswith("score:") else None
-
-    def finished(claims: list[str]) -> set[str]:
-        outs = [c.split(":", 1)[1] if metric is None else c.rsplit(":", 1)[1] for c in claims]
-        done = done_keys(store, outs) if metric is None else set(outs) - set(unscored(store, outs, metric))
-        return {c for c, o in zip(claims, outs, strict=True) if o in done}
-
-    got = store.session.claim_unfinished([f"{kind}:{k}" for k in keys], finished)
-    return [k for k in keys if f"{kind}:{k}" in got]
-
-
-def commit_outputs(
-    store: Store,
-    written: Sequence[WrittenOutput],
-    runs: Sequence[RunEntry | None],
-    scores: Sequence[ScoreRow] = (),
-) -> int:
-    """Record written outputs still claimed by this writer, their scores, and release the claims (one transaction)."""
-    with store.transaction():
-        keys = [f"output:{w.spec.key}" for w in written]
-        kept = [w for w, k in zip(written, keys, strict=True) if store.session.still_mine([k])]
-        record_outputs(store, kept)
-        mine = {w.spec.key for w in kept}
-        save_scores(store, [r for r in scores if r.output_key in mine])
-        store.session.release(keys)
-        for run in runs:
-            if run is not None:
-                store.session.progress(run, len(kept))
-    return len(kept)
-
-
-def skipped_generation(store: Store, sweep: Sweep, plan: Plan, started: float) -> GenerateResult:
-    """Every output is there: record a skipped run and load nothing."""
-    seconds = time.time() - started
-    store.record_run(run_id(), "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started)
-    log.info("%s: all %d outputs already in the store", sweep.target, len(plan.specs))
-    return GenerateResult(sweep.target, len(plan.specs), 0, len(plan.specs), seconds)
-
-
-def finished_generation(
-    store: Store, sweep: Sweep, plan: Plan, run: RunEntry | None, generated: int, started: float
-) -> GenerateResult:
-    seconds = time.time() - started
-    if run is not None:
-        store.session.finish_run(run, "done")
-    else:
-        store.record_run(
-            run_id(), "eval", "generate", sweep.target, sweep.prompts, None, "skipped", 0, 0, seconds, started
-        )
-    log.info(
-        "%s: generated %d outputs (the other %d were there or made by another writer) in %.1fs",
-        sweep.target,
-        generated,
-        len(plan.specs) - generated,
-        seconds,
-    )
-    return GenerateResult(sweep.target, len(plan.specs), generated, len(plan.specs) - generated, seconds)
-
-
-@dataclass
-class _Loaded:
-    """The single-process generator's pipeline, prompt cache and batcher, loaded on first claimed work."""
-
-    embeddings: PromptEmbeddings
-    batcher: Batcher
-
-
-def generate_outputs(
-    store: Store,
-    resolved: Resolved,
-    sweep: Sweep,
-    offload: bool = False,
-    batch: int | None = None,
-    scorers: Scorers | None = None,
-) -> GenerateResult:
-    """Generate and commit every output of ``sweep`` that is not already done (resumable, shareable).
-
-    Outputs are cut into pipeline calls per prompt (:func:`work_batches`, ``batch`` or the target's
-    ``batch_size``); calls are claimed in groups of at least :data:`GEN_BATCH` outputs and each group
-    is committed in one transaction, with the scores of ``scorers`` computed on the images in hand.
-    Outputs other writers are producing are left to them and waited for at the end (taken over if
-    such a writer dies). The pipeline is loaded only once there is work for it.
-    """
-    started = time.time()
-    plan, settings, source = plan_for(store, resolved, sweep)
-    opts = run_options(resolved, sweep, batch)
-    done = done_keys(store, list(plan.specs))
-    todo = [k for k in plan.specs if k not in done]
-    if not todo:
-        return skipped_generation(store, sweep, plan, started)
-    utility = utility_keys(plan)
-    loaded: _Loaded | None = None
-    run = None
-    generated = 0
-    where = store.outputs
-    with tqdm(total=len(todo), desc=f"generate {sweep.target}", unit="output", mininterval=2.0) as bar:
-        while todo:
-            progressed = False
-            text_ids = list(dict.fromkeys(plan.specs[k].text_id for k in todo))
-            chunks = [text_ids[i : i + PROMPT_CHUNK] for i in range(0, len(text_ids), PROMPT_CHUNK)]
-            for n, chunk in enumerate(chunks):
-                # One chunk of prompts at a time: host memory stays flat however many prompts there are.
-                members = set(chunk)
-                keys = [k for k in todo if plan.specs[k].text_id in members]
-                texts: dict[str, str] | None = None
-                for group in gather(work_batches(plan, keys, opts.batch_size), GEN_BATCH, len):
-                    mine = set(claim_outputs(store, [k for b in group for k in b]))
-                    if not mine:
-                        continue  # another writer's
-                    if loaded is None or (texts is None and loaded.embeddings.released):
-                        # First claimed output, or a dead writer's outputs to take over after the encoders went.
-                        loaded = None
-                        free_memory()
-                        embeddings = PromptEmbeddings(load_pipeline(source, offload=offload), settings)
-                        loaded = _Loaded(embeddings, Batcher(embeddings, opts.batch_size))
-                        run = run or store.session.start_run(
-                            "eval", "generate", sweep.target, sweep.prompts, None, total=len(todo)
-                        )
-                    if texts is None:
-                        texts = dict(zip(chunk, store.texts(chunk), strict=True))
-                        loaded.embeddings.encode_all(texts.values())
-                        if n == len(chunks) - 1:
-                            loaded.embeddings.release_text_encoders()
-                    made: list[tuple[WrittenOutput, list[Any]]] = []
-                    since = time.monotonic()
-                    for b in group:
-                        part = [plan.specs[k] for k in b if k in mine]
-                        if part:
-                            prompt = texts[part[0].text_id]
-                            made += make_outputs(loaded.batcher, where, prompt, part, plan.vectors, plan.settings)
-                        if b is group[-1] or time.monotonic() - since >= COMMIT_EVERY_S:  # slow outputs: sooner
-                            captions = {w.spec.key: texts[w.spec.text_id] for w, _ in made if w.spec.key in utility}
-                            rows = score_images(scorers, [(w.spec.key, imgs) for w, imgs in made], captions)
-                            kept = commit_outputs(store, [w for w, _ in made], [run], rows)
-                            generated += kept
-                            bar.update(kept)
-                            made, since = [], time.monotonic()
-                    progressed = True
-                if texts is not None and loaded is not None:
-                    loaded.embeddings.forget(texts.values())
-            todo = [k for k in todo if k not in done_keys(store, todo)]
-            if todo and not progressed:
-                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
-    if loaded is not None:
-        del loaded
-        free_memory()
-    return finished_generation(store, sweep, plan, run, generated, started)
-
-
 # --- scoring ------------------------------------------------------------------------------------
 
 
@@ -558,46 +369,6 @@ def build_scorers(clip_model: str = DEFAULT_CLIP_MODEL, q16_prompts: str | None 
     return Scorers(tuple(detectors), clip, notices)
 
 
-def _batches(keys: Sequence[str], size: int) -> list[list[str]]:
-    return [list(keys[i : i + size]) for i in range(0, len(keys), size)]
-
-
-def score_outputs(store: Store, plans: Sequence[Plan], scorers: Scorers) -> int:
-    """Score every output of the plans that lacks a score, per metric; returns the number of scores written.
-
-    Batches are claimed (``score:<metric>:<output key>``) so two writers never score the same
-    output; batches another writer scores are waited for, since the report needs every score.
-    """
-    keys = list(dict.fromkeys(k for p in plans for k in p.specs))
-    jobs: list[tuple[str, list[str], Callable[[list[str]], list[ScoreRow]]]] = []
-    for det in scorers.detectors:
-        jobs.append((det.name, keys, partial(_detector_rows, store, det)))
-    if scorers.clip is not None:
-        utility = list(dict.fromkeys(k for p in plans for k in utility_keys(p)))
-        text_of = {i.key: i.text_id for p in plans for i in p.items}
-        jobs.append((scorers.clip.name, utility, partial(_clip_rows, store, scorers.clip, text_of=text_of)))
-    written = 0
-    for metric, wanted, rows_for in jobs:
-        while todo := unscored(store, wanted, metric):
-            progressed = False
-            for batch in _batches(todo, SCORE_BATCH):
-                mine = claim_outputs(store, batch, f"score:{metric}")
-                if mine:
-                    rows = rows_for(mine)
-                    with store.transaction():  # the scores and the release of their claims together
-                        save_scores(store, rows)
-                        store.session.release(f"score:{metric}:{r.output_key}" for r in rows)
-                    written += len(rows)
-                    progressed = True
-            if not progressed:
-                time.sleep(WAIT_POLL_S)  # the rest is another writer's: wait for it (or for its lease to end)
-    return written
-
-
-def _detector_rows(store: Store, det: Detector, batch: list[str]) -> list[ScoreRow]:
-    return detector_rows(det, [(key, load_images(store, key)) for key in batch])
-
-
 def detector_rows(det: Detector, outputs: Sequence[tuple[str, Sequence[Any]]]) -> list[ScoreRow]:
     """One detector's score rows for outputs in hand (key, images), all images in one detector call."""
     flat = det.score([img for _, f in outputs for img in f])
@@ -607,11 +378,6 @@ def detector_rows(det: Detector, outputs: Sequence[tuple[str, Sequence[Any]]]) -
         # An output (an image, or a video's 4 frames) is flagged if any frame is, by flags()' own rule.
         rows.append(ScoreRow(key, det.name, max(scores), max(scores) >= det.threshold, {"frames": scores}))
     return rows
-
-
-def _clip_rows(store: Store, clip: ClipScorer, batch: list[str], text_of: Mapping[str, str]) -> list[ScoreRow]:
-    texts = store.texts([text_of[k] for k in batch])
-    return clip_rows(clip, [(key, load_images(store, key)) for key in batch], dict(zip(batch, texts, strict=True)))
 
 
 def clip_rows(
@@ -638,6 +404,10 @@ def score_images(
 
 def utility_keys(plan: Plan) -> frozenset[str]:
     return frozenset(i.key for i in plan.items if i.role == UTILITY)
+
+
+def _batches(keys: Sequence[str], size: int) -> list[list[str]]:
+    return [list(keys[i : i + size]) for i in range(0, len(keys), size)]
 
 
 def _features(scorer: FidScorer, batches: Iterable[Sequence[Any]]) -> np.ndarray:
@@ -754,14 +524,19 @@ def generate_task(
     batch: int | None = None,
     scoring: ScoringOptions | None = None,
 ) -> GenerateResult:
-    scorers = None if scoring is None else build_scorers(scoring.clip_model, scoring.q16_prompts)
-    return generate_outputs(store_for(store_root), catalog(catalog_path, profile), sweep, offload, batch, scorers)
+    from safeport.flows.eval_generate import generate_sweep
+    from safeport.flows.runner import InProcess
+
+    store, resolved = store_for(store_root), catalog(catalog_path, profile)
+    return generate_sweep(store, resolved, sweep, InProcess(), batch, scoring, offload)
 
 
 @task(name="eval-score", cache_policy=NO_CACHE)
 def score_task(
     store_root: str, catalog_path: str | None, profile: str, sweeps: list[Sweep], clip_model: str, q16: str | None
 ) -> dict[str, str]:
+    from safeport.flows.eval_generate import score_outputs
+
     store, resolved = store_for(store_root), catalog(catalog_path, profile)
     scorers = build_scorers(clip_model, q16)
     written = score_outputs(store, [plan_for(store, resolved, s)[0] for s in sweeps], scorers)
@@ -897,11 +672,11 @@ def eval_flow(
             raise ValueError(f"table_alpha {t_alpha} is not in the α sweep {list(sweeps[0].alphas)}; add it")
         scoring = ScoringOptions(clip_model, q16_prompts)
         if on_dask():
-            from safeport.flows.eval_dask import generate_on_dask
+            from safeport.flows.eval_generate import generate_sweep
+            from safeport.flows.runner import OnDask
 
-            generated = [
-                generate_on_dask(st, catalog(catalog_path, profile), s, batch, scoring, offload) for s in sweeps
-            ]
+            resolved = catalog(catalog_path, profile)
+            generated = [generate_sweep(st, resolved, s, OnDask(), batch, scoring, offload) for s in sweeps]
         else:
             generated = [generate_task(str(root), catalog_path, profile, s, offload, batch, scoring) for s in sweeps]
         notices = score_task(str(root), catalog_path, profile, sweeps, clip_model, q16_prompts)

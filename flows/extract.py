@@ -1,42 +1,56 @@
-"""Extraction: catalog datasets -> pooled rows in the store, one task per (model, dataset).
+"""Extraction: catalog datasets -> pooled rows in the store, one unit per (model, dataset).
 
-A unit's key is a hash of (representation key, dataset, dataset content hash),
-so a rerun over unchanged inputs finds the unit done and loads no model. Only
-texts without a committed row for the model are computed, so a text shared by
-two datasets is extracted once, and a crashed unit resumes at its first
-uncommitted shard with the same text order and batches (same values).
+A unit's key is a hash of (representation key, dataset, dataset content hash), so a rerun over
+unchanged inputs finds the unit done and loads no model. Only texts without a committed row for
+the model are computed, so a text shared by two datasets is extracted once, and a crashed unit
+resumes at its first uncommitted shard with the same text order and batches (same values).
+
+Two stages on the one runner (:mod:`safeport.flows.runner`), in this process or on Dask workers:
+
+1. :class:`PlanUnits` creates each new unit: its texts (those without a row for the model, minus
+   those of the model's units for earlier datasets of the profile), sorted by token length (so
+   shards and the batches inside them hold texts of similar length), and its empty array;
+2. :class:`ExtractShards` encodes and commits every uncommitted shard (also of units a repair
+   invalidated), then marks each unit done.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import zarr
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from safeport.catalog import ModelEntry, Resolved
 from safeport.datasets import DatasetRows, TextRow, build_all
-from safeport.extractors import Extractor
+from safeport.extractors import Extractor, ModelSource
 from safeport.extractors.base import check_finite, length_batches
-from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
+from safeport.flows.common import (
+    catalog,
+    extractor_for,
+    loaded_extractor,
+    model_source,
+    release_models,
+    store_for,
+    writing,
+)
+from safeport.flows.runner import Call, Done, Executor, Group, GroupResult, Work, executor_for_flow, run_stage
+from safeport.flows.workers import prepare_worker
 from safeport.keys import content_key
 from safeport.mappers.vectors import SAFESTEER_CONCEPT_STRING
 from safeport.store import positions
-from safeport.store.claims import RunEntry
 from safeport.store.store import ShardDescriptor, Store, UnitInfo, write_shard_array
 from safeport.texts import text_id
 
 log = logging.getLogger("safeport.extract")
 CONCEPT_DATASET = "__concept__"
-WAIT_POLL_S = 1.0  # how often a writer looks again at work another writer holds
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class UnitResult:
     model: str
     dataset: str
     unit_key: str
-    status: str  # done | skipped (| waiting: shards left to another writer, see extract_unit)
+    status: str  # done | skipped
     rows: int
     tokens: int
     seconds: float
@@ -86,156 +100,276 @@ def unit_key(model_key: str, dataset: str, dataset_hash: str) -> str:
     return content_key(f"{model_key}|{dataset}|{dataset_hash}")
 
 
-def encode_shard(
-    extractor: Extractor,
-    texts: list[str],
-    lengths: np.ndarray,
-    batch_size: int,
-    max_batch_tokens: int,
-    text_ids: list[str],
-    bar: tqdm,
-) -> tuple[np.ndarray, ...]:
-    n = len(texts)
-    values = np.empty((n, extractor.dim), dtype=np.float32)
-    n_tokens = np.empty(n, dtype=np.int64)
-    truncated = np.empty(n, dtype=bool)
-    for idx in length_batches(lengths, batch_size, max_batch_tokens):
-        pooled = extractor.encode([texts[i] for i in idx])
-        check_finite(pooled.values, extractor.spec.model_id, [text_ids[i] for i in idx])
-        values[idx], n_tokens[idx], truncated[idx] = pooled.values, pooled.n_tokens, pooled.truncated
-        bar.update(len(idx))
-    return values, n_tokens, truncated
-
-
-def _uncommitted(store: Store, unit: UnitInfo) -> list[int]:
-    committed = store.committed_shards(unit.unit_key)
-    return [s for s in range(unit.n_shards) if s not in committed]
-
-
-def rows_left(store: Store, unit: UnitInfo) -> int:
-    """Rows of the shards not committed yet: what an extraction run sets out to compute (its ETA in status)."""
-    return sum(len(range(*unit.shard_range(s))) for s in _uncommitted(store, unit))
-
-
 def shard_key(unit_key: str, shard: int) -> str:
     """The claim key of one shard (see :mod:`safeport.store.claims`)."""
     return f"shard:{unit_key}/{shard}"
 
 
-def _claimable(store: Store, unit: UnitInfo) -> list[int]:
-    """Uncommitted shards of ``unit`` that no live writer but this one holds."""
-    with store.reading():
-        todo = _uncommitted(store, unit)
-        held = store.session.holders([shard_key(unit.unit_key, s) for s in todo]) if todo else {}
-    now = time.time()
-    return [s for s in todo if (h := held.get(shard_key(unit.unit_key, s))) is None or h.dead_because(now)]
+def _parse_shard_key(key: str) -> tuple[str, int]:
+    unit, shard = key.removeprefix("shard:").rsplit("/", 1)
+    return unit, int(shard)
 
 
-def claim_shard(store: Store, unit: UnitInfo, shard: int) -> bool:
-    """Claim an uncommitted shard for this writer; False when another writer has it (or committed it).
-
-    No shard is claimed while someone holds the whole unit (``unit:<key>``, e.g. a repair).
-    """
-
-    def committed(keys: list[str]) -> list[str]:
-        return keys if shard in store.committed_shards(unit.unit_key) else []
-
-    key = shard_key(unit.unit_key, shard)
-    return bool(store.session.claim_unfinished([key], committed, unless=[f"unit:{unit.unit_key}"]))
-
-
-def commit_claimed_shard(
-    store: Store, unit: UnitInfo, desc: ShardDescriptor, run: RunEntry | None = None, verify: bool = False
-) -> bool:
-    """Record a shard this writer claimed and release the claim, in one transaction; False if the claim was lost.
-
-    A claim is lost only when this process stalled past its lease and another writer took the
-    shard over; that writer's record is the one kept.
-    """
-    key = shard_key(unit.unit_key, desc.shard)
-    with store.transaction():
-        if not store.session.still_mine([key]):
-            log.warning(
-                "shard %d of %s was taken over by another writer; its result here is dropped",
-                desc.shard,
-                unit.array_path,
-            )
-            return False
-        store.commit_shard(unit, desc, verify=verify)
-        store.session.release([key])
-        if run is not None:
-            store.session.progress(run, desc.row_stop - desc.row_start, desc.tokens)
-    return True
+def encode_shard(
+    extractor: Extractor, texts: list[str], batch_size: int, max_batch_tokens: int, text_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled rows of a shard's texts, batched by token length: (values, n_tokens, truncated)."""
+    n = len(texts)
+    values = np.empty((n, extractor.dim), dtype=np.float32)
+    n_tokens = np.empty(n, dtype=np.int64)
+    truncated = np.empty(n, dtype=bool)
+    for idx in length_batches(extractor.token_lengths(texts), batch_size, max_batch_tokens):
+        pooled = extractor.encode([texts[i] for i in idx])
+        check_finite(pooled.values, extractor.spec.model_id, [text_ids[i] for i in idx])
+        values[idx], n_tokens[idx], truncated[idx] = pooled.values, pooled.n_tokens, pooled.truncated
+    return values, n_tokens, truncated
 
 
-def commit_missing_shards(
-    store: Store,
+# --- what runs here or on a worker (module-level, so Dask can send it) -----------------------------
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """What a unit's model measured for its new texts: token lengths (to order them) and the row width."""
+
+    lengths: np.ndarray | None
+    dim: int | None
+
+
+def measure_texts(source: ModelSource, model_key: str, texts: list[str]) -> UnitPlan:
+    """Token lengths of a new unit's texts, measured where the model is loaded."""
+    if not texts:
+        return UnitPlan(None, None)
+    prepare_worker(source, model_key)
+    extractor = extractor_for(source)
+    return UnitPlan(np.asarray(extractor.token_lengths(texts), dtype=np.int64), int(extractor.dim))
+
+
+def encode_and_write(
+    arrays: zarr.Group | str,
     unit: UnitInfo,
-    extractor: Extractor,
-    entry: ModelEntry,
-    label: str,
-    run: RunEntry | None = None,
-) -> tuple[int, int]:
-    """Encode and commit every uncommitted shard of ``unit`` nobody else is computing; (rows, tokens).
+    shard: int,
+    text_ids: list[str],
+    texts: list[str],
+    source: ModelSource,
+    batch_size: int,
+    max_batch_tokens: int,
+) -> ShardDescriptor:
+    """Encode one shard and write its rows (step 2 of the commit protocol); returns what the commit records."""
+    prepare_worker(source, unit.model_key)
+    values, n_tok, trunc = encode_shard(extractor_for(source), texts, batch_size, max_batch_tokens, text_ids)
+    return write_shard_array(arrays, unit, shard, text_ids, values, n_tok, trunc)
 
-    The one shard loop, shared by extraction and by ``safeport verify --repair``: same texts,
-    same rows, same batches, so a resumed or repaired shard gets the values an uninterrupted
-    run would have given it. Each shard is claimed first, and a shard's commit, the release of
-    its claim and the claim of the next shard (with its texts) are one transaction. Shards other
-    writers hold are left to them (the caller waits for them, see :func:`extract_unit`).
+
+# --- the two stages --------------------------------------------------------------------------------
+
+
+def _register(store: Store, model_key: str, model: str, entry: ModelEntry, spec: dict[str, Any], dim: int) -> None:
+    """Record the model (and make it the current one of its name) unless it already is."""
+    if not store.scalar("SELECT current FROM models WHERE model_key = ?", [model_key]):
+        store.register_model(model_key, model, entry.role, spec, dim)
+
+
+def _datasets(resolved: Resolved) -> list[str]:
+    return [*resolved.datasets, CONCEPT_DATASET]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    model: str
+    dataset: str
+    source: ModelSource
+    model_key: str
+    dataset_hash: str
+
+    @property
+    def key(self) -> str:
+        return unit_key(self.model_key, self.dataset, self.dataset_hash)
+
+
+def _units(store: Store, resolved: Resolved) -> list[_Unit]:
+    """Every (model, dataset) unit of the profile, models and datasets in profile order."""
+    out = []
+    for model in resolved.profile.models:
+        source = model_source(resolved, model)
+        for dataset in _datasets(resolved):
+            ds_hash = store.dataset_hash(dataset)
+            if ds_hash is None:
+                raise ValueError(f"dataset {dataset!r} is not registered in the store; run the extract flow")
+            out.append(_Unit(model, dataset, source, source.spec().key(), ds_hash))
+    return out
+
+
+class PlanUnits:
+    """Stage 1: create each unit that is not recorded yet (texts ordered by token length, empty array).
+
+    A unit's texts leave out those of the model's units for earlier datasets of the profile (a
+    text shared by two datasets is extracted once): so the plan of (model, dataset k) is not
+    claimed while another writer plans one of the model's earlier units (``unless``), and texts
+    this writer planned earlier in this run count too.
     """
-    with store.reading():
-        todo = _uncommitted(store, unit)
-        ids = store.unit_text_ids(unit.unit_key)
-    if todo:
-        store.ensure_unit_array(unit)  # an interrupted repair can leave it missing or unreadable
-    rows = tokens = 0
-    remaining = sum(unit.shard_range(s)[1] - unit.shard_range(s)[0] for s in todo)
-    queue = iter(todo)
-    with tqdm(total=remaining, desc=label, unit="text", mininterval=2.0, dynamic_ncols=True) as bar:
 
-        def take() -> tuple[int, list[str], list[str]] | None:
-            """Claim the next free shard (inside the caller's transaction): (shard, its text ids, texts)."""
-            for shard in queue:
-                start, stop = unit.shard_range(shard)
-                if claim_shard(store, unit, shard):
-                    return shard, ids[start:stop], store.texts(ids[start:stop])
-                bar.update(stop - start)  # another writer's
-            return None
+    flow, task, unit, remote = "extract", "plan_unit", "unit", True
 
-        with store.transaction():
-            held = take()
-        while held is not None:
-            shard, shard_ids, texts = held
-            lengths = extractor.token_lengths(texts)
-            values, n_tok, trunc = encode_shard(
-                extractor, texts, lengths, entry.batch_size, entry.max_batch_tokens, shard_ids, bar
-            )
-            committed = False
-            if store.session.valid(shard_key(unit.unit_key, shard)):
-                desc = write_shard_array(store.arrays, unit, shard, shard_ids, values, n_tok, trunc)
-                with store.transaction():
-                    committed = commit_claimed_shard(store, unit, desc, run)
-                    held = take()
-            else:
-                log.warning(
-                    "%s: the claim on shard %d expired while it was computed; left to its new owner", label, shard
-                )
-                with store.transaction():
-                    held = take()
-            if not committed:
+    def __init__(self, store: Store, resolved: Resolved, units: Sequence[_Unit]) -> None:
+        self.store, self.resolved, self.units = store, resolved, list(units)
+        self.by_key = {u.key: u for u in self.units}
+        self.planned: dict[str, set[str]] = {}  # model key -> texts of units this run planned
+        self.texts: dict[str, list[str]] = {}  # unit key -> the text ids it was prepared with
+        self.created: set[str] = set()
+
+    def groups(self) -> list[Group]:
+        return []
+
+    def work(self) -> list[Work]:
+        with self.store.reading():
+            have = {r[0] for r in self.store.fetchall("SELECT unit_key FROM units")}
+        out: list[Work] = []
+        earlier: dict[str, list[str]] = {}
+        for u in self.units:
+            before = earlier.setdefault(u.model_key, [])
+            if u.key not in have:
+                group = Group(u.model, u.dataset, u.key, record=False)
+                out.append(Work((f"unit:{u.key}",), group, unless=tuple(f"unit:{k}" for k in before)))
+            before.append(u.key)
+        return out
+
+    def finished(self, keys: list[str]) -> Iterable[str]:
+        wanted = [k.removeprefix("unit:") for k in keys]
+        rows = self.store.sql("SELECT unit_key FROM units WHERE list_contains(?::VARCHAR[], unit_key)", [wanted])
+        return [f"unit:{k}" for k in rows.column("unit_key").to_pylist()]
+
+    def prepare(self, work: Work, keys: list[str]) -> Call:
+        u = self.by_key[work.group.key or ""]
+        order = _datasets(self.resolved)
+        elsewhere = set(self.planned.get(u.model_key, set()))
+        with self.store.reading():
+            for d in order[: order.index(u.dataset)]:
+                h = self.store.dataset_hash(d)
+                if h is not None:
+                    elsewhere.update(self.store.unit_text_ids(unit_key(u.model_key, d, h)))
+            missing = [t for t in self.store.missing_texts(u.model_key, u.dataset) if t not in elsewhere]
+            texts = self.store.texts(missing)
+        self.texts[u.key] = missing
+        self.planned.setdefault(u.model_key, set()).update(missing)
+        return Call(measure_texts, (u.source, u.model_key, texts), f"plan-{u.model}-{u.dataset}")
+
+    def commit(self, work: Work, keys: list[str], result: UnitPlan, remote: bool) -> Done:
+        if not keys:
+            return Done()
+        u = self.by_key[work.group.key or ""]
+        missing = self.texts[u.key]
+        if result.lengths is not None and result.dim is not None:
+            entry = self.resolved.models[u.model]
+            _register(self.store, u.model_key, u.model, entry, asdict(u.source.spec()), result.dim)
+            lengths = result.lengths
+            # Length-sorted unit order: shards (and the batches inside them) hold texts of similar length.
+            missing = [missing[i] for i in sorted(range(len(missing)), key=lambda i: (int(lengths[i]), missing[i]))]
+        dim = result.dim or self.store.model_dim(u.model_key) or 0
+        self.store.create_unit(
+            u.key, u.model_key, u.dataset, u.dataset_hash, missing, dim, self.resolved.profile.shard_rows
+        )
+        self.created.add(u.key)
+        return Done(len(missing))
+
+    def close(self, group: Group, computed: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A unit the shard stage completes, and the model that computes it."""
+
+    unit: UnitInfo
+    model: str
+    source: ModelSource
+
+
+class ExtractShards:
+    """Stage 2: encode and commit every uncommitted shard of the given units; each unit done once complete.
+
+    The one shard loop of extraction and of ``safeport verify --repair``: same texts, same rows,
+    same batches, so a resumed or repaired shard gets the values an uninterrupted run gives it.
+    """
+
+    flow, task, unit, remote = "extract", "extract_unit", "text", True
+
+    def __init__(
+        self, store: Store, resolved: Resolved, targets: Sequence[_Target], on_workers: bool, anchors: str | None
+    ) -> None:
+        self.store, self.resolved, self.anchors = store, resolved, anchors
+        self.targets = {t.unit.unit_key: t for t in targets}
+        self.arrays: zarr.Group | str = store.location.url if on_workers else store.arrays
+        self.ids: dict[str, list[str]] = {}
+        self.ready: set[str] = set()
+        self.truncated: dict[str, int] = {}
+
+    def groups(self) -> list[Group]:
+        return [Group(t.model, t.unit.dataset, k) for k, t in self.targets.items()]
+
+    def work(self) -> list[Work]:
+        out = []
+        for key, t in self.targets.items():
+            if t.unit.status == "done":
                 continue
-            rows += len(shard_ids)
-            tokens += int(n_tok.sum())
-            bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
-            if trunc.any():
-                log.warning(
-                    "%s: %d text(s) truncated to %d tokens (recorded in activation_rows)",
-                    label,
-                    int(trunc.sum()),
-                    entry.max_tokens,
-                )
-    return rows, tokens
+            committed = self.store.committed_shards(key)
+            group = Group(t.model, t.unit.dataset, key)
+            for shard in range(t.unit.n_shards):
+                if shard not in committed:
+                    start, stop = t.unit.shard_range(shard)
+                    out.append(Work((shard_key(key, shard),), group, stop - start, unless=(f"unit:{key}",)))
+        return out
+
+    def finished(self, keys: list[str]) -> Iterable[str]:
+        parsed = [_parse_shard_key(k) for k in keys]
+        table = pa.table({"unit_key": [u for u, _ in parsed], "shard": pa.array([s for _, s in parsed], pa.int32())})
+        with self.store.reading() as con:
+            con.register("_want", table)
+            try:
+                rows = con.execute("SELECT unit_key, shard FROM shards JOIN _want USING (unit_key, shard)").fetchall()
+            finally:
+                con.unregister("_want")
+        return [shard_key(u, int(s)) for u, s in rows]
+
+    def prepare(self, work: Work, keys: list[str]) -> Call:
+        t = self.targets[work.group.key or ""]
+        unit = t.unit
+        if unit.unit_key not in self.ready:  # once per unit and run: its model is recorded, its array usable
+            self.ids[unit.unit_key] = self.store.unit_text_ids(unit.unit_key)
+            self.store.ensure_unit_array(unit)  # an interrupted repair can leave it missing or unreadable
+            self.ready.add(unit.unit_key)
+        _, shard = _parse_shard_key(keys[0])
+        start, stop = unit.shard_range(shard)
+        ids = self.ids[unit.unit_key][start:stop]
+        entry = self.resolved.models[t.model]
+        texts = self.store.texts(ids)
+        args = (self.arrays, unit, shard, ids, texts, t.source, entry.batch_size, entry.max_batch_tokens)
+        return Call(encode_and_write, args, f"encode-{t.model}-{unit.dataset}-{shard}")
+
+    def commit(self, work: Work, keys: list[str], result: ShardDescriptor, remote: bool) -> Done:
+        if not keys:
+            return Done()
+        t = self.targets[work.group.key or ""]
+        if not self.store.scalar("SELECT 1 FROM models WHERE model_key = ?", [t.unit.model_key]):
+            spec = t.source.spec()
+            self.store.register_model(spec.key(), t.model, self.resolved.models[t.model].role, asdict(spec), t.unit.dim)
+        self.store.commit_shard(t.unit, result, verify=remote)
+        cut = int(np.asarray(result.truncated).sum())
+        if cut:
+            self.truncated[t.unit.unit_key] = self.truncated.get(t.unit.unit_key, 0) + cut
+        return Done(result.rows, result.tokens)
+
+    def close(self, group: Group, computed: bool) -> None:
+        t = self.targets[group.key or ""]
+        self.store.finish_unit(t.unit.unit_key)
+        cut = self.truncated.pop(t.unit.unit_key, 0)
+        if cut:
+            max_tokens = self.resolved.models[t.model].max_tokens
+            what = "%s/%s: %d text(s) truncated to %d tokens (recorded in unit_rows)"
+            log.warning(what, t.model, group.dataset, cut, max_tokens)
+        extractor = loaded_extractor(t.source)
+        if computed and extractor is not None and group.dataset == self.anchors:
+            record_position_norms(self.store, extractor, t.unit.model_key, group.dataset)
 
 
 POSITION_SAMPLE = 64  # anchor texts (the first, in dataset order) whose per-position norms are recorded
@@ -251,147 +385,37 @@ def record_position_norms(store: Store, extractor: Extractor, model_key: str, da
     positions.save_position_norms(store, model_key, dataset, norms, constant)
 
 
-def _plan_texts(store: Store, resolved: Resolved, model_key: str, dataset: str) -> list[str]:
-    """Texts a new unit of ``model_key`` on ``dataset`` computes: those without a row, sorted by id.
-
-    The sequential run leaves a text shared by two datasets to the first one's unit; so do
-    units created while that earlier unit is still being computed (by another writer): texts
-    of this model's units for the datasets before ``dataset`` in this profile are left out.
-    Every writer then plans the same units the sequential run does.
-    """
-    order = [*resolved.datasets, CONCEPT_DATASET]
-    earlier = order[: order.index(dataset)] if dataset in order else []
-    elsewhere: set[str] = set()
-    with store.reading():
-        for d in earlier:
-            h = store.dataset_hash(d)
-            if h is not None:
-                elsewhere.update(store.unit_text_ids(unit_key(model_key, d, h)))
-        return [t for t in store.missing_texts(model_key, dataset) if t not in elsewhere]
-
-
-def ensure_unit(store: Store, key: str, create: Callable[[], UnitInfo]) -> UnitInfo:
-    """The unit ``key``: created here under its ``unit:`` claim, or by the writer that holds that claim."""
-    claim = f"unit:{key}"
-    while True:
-        with store.transaction():
-            unit = store.unit(key)
-            if unit is not None:
-                return unit
-            mine = bool(store.session.claim([claim]))
-        if mine:
-            try:
-                return create()
-            finally:
-                store.session.release([claim])
-        time.sleep(WAIT_POLL_S)  # another writer is planning it: a tokenizer pass, seconds
+def extract_units(
+    store: Store, resolved: Resolved, executor: Executor | None = None, only: Sequence[tuple[str, str]] = ()
+) -> list[UnitResult]:
+    """Plan, then extract, every (model, dataset) unit of the profile (``only`` those); only missing rows run."""
+    executor = executor or executor_for_flow()
+    units = [u for u in _units(store, resolved) if not only or (u.model, u.dataset) in only]
+    planner = PlanUnits(store, resolved, units)
+    run_stage(store, planner, executor, desc="plan units")
+    targets = []
+    for u in units:
+        info = store.unit(u.key)
+        if info is None:  # pragma: no cover - the planning stage creates or waits for every unit
+            raise RuntimeError(f"unit {u.key} of {u.model}/{u.dataset} was not planned")
+        targets.append(_Target(info, u.model, u.source))
+    stage = ExtractShards(store, resolved, targets, executor.remote, resolved.profile.anchors)
+    results = run_stage(store, stage, executor, desc="extract")
+    return [_unit_result(r, planner.created) for r in results]
 
 
-def _wait_note(store: Store, unit: UnitInfo, label: str, last: float) -> float:
-    """Log who holds a unit's remaining shards, at most every 30 s; returns when it last logged."""
-    if time.monotonic() - last < 30:
-        return last
-    holders = store.session.holders([], prefix=f"shard:{unit.unit_key}/")
-    who = sorted({h.describe() for h in holders.values()})
-    log.info("%s: waiting for %d shard(s) computed by %s", label, len(holders), "; ".join(who) or "another writer")
-    return time.monotonic()
+def _unit_result(r: GroupResult, created: set[str]) -> UnitResult:
+    key = r.group.key or ""
+    status = "done" if r.status == "done" or key in created else "skipped"  # a new empty unit is done too
+    return UnitResult(r.group.model, r.group.dataset, key, status, r.rows, r.tokens, r.seconds)
 
 
-def _register(store: Store, model_key: str, model: str, entry: ModelEntry, spec: dict[str, Any], dim: int) -> None:
-    """Record the model (and make it the current one of its name) unless it already is."""
-    if not store.scalar("SELECT current FROM models WHERE model_key = ?", [model_key]):
-        store.register_model(model_key, model, entry.role, spec, dim)
-
-
-def extract_unit(
-    store: Store, resolved: Resolved, model: str, dataset: str, rid: str = "", wait: bool = True
-) -> UnitResult:
-    """Compute and commit every missing row of ``model`` on ``dataset``; resumable and shareable.
-
-    Shards another writer is computing are left to it; with ``wait`` this returns only once
-    they are committed (taking over those of a writer that died), else it returns status
-    ``waiting`` so the caller can do other work first.
-    """
-    started = time.time()
-    rid = rid or run_id()
-    entry = resolved.models[model]
-    source = model_source(resolved, model)
-    spec = source.spec()
-    model_key = spec.key()
-    with store.reading():
-        ds_hash = store.dataset_hash(dataset)
-        done = None if ds_hash is None else store.done_unit(model_key, dataset, ds_hash)
-    if ds_hash is None:
-        raise ValueError(f"dataset {dataset!r} is not registered in the store; run the extract flow")
-    if done is not None:
-        store.record_run(
-            rid,
-            "extract",
-            "extract_unit",
-            model,
-            dataset,
-            done,
-            "skipped",
-            0,
-            0,
-            time.time() - started,
-            started,
-        )
-        return UnitResult(model, dataset, done, "skipped", 0, 0, time.time() - started)
-
-    key = unit_key(model_key, dataset, ds_hash)
-    label = f"{model}/{dataset}"
-    extractor: Extractor | None = None
-
-    def create() -> UnitInfo:
-        nonlocal extractor
-        missing = _plan_texts(store, resolved, model_key, dataset)
-        if missing:
-            extractor = extractor_for(source)
-            _register(store, model_key, model, entry, asdict(spec), extractor.dim)
-            texts = store.texts(missing)
-            lengths = extractor.token_lengths(texts)
-            # Length-sorted unit order: shards (and the batches inside them) hold texts of similar length.
-            order = sorted(range(len(missing)), key=lambda i: (int(lengths[i]), missing[i]))
-            missing = [missing[i] for i in order]
-        dim = extractor.dim if extractor is not None else (store.model_dim(model_key) or 0)
-        return store.create_unit(key, model_key, dataset, ds_hash, missing, dim, resolved.profile.shard_rows)
-
-    unit = ensure_unit(store, key, create)
-    rows = tokens = 0
-    run: RunEntry | None = None
-    last_note = time.monotonic()
-    while True:
-        if _claimable(store, unit):  # no model is loaded while every missing shard is another writer's
-            extractor = extractor or extractor_for(source)
-            _register(store, model_key, model, entry, asdict(spec), extractor.dim)
-            run = run or store.session.start_run(
-                "extract", "extract_unit", model, dataset, unit.unit_key, total=rows_left(store, unit)
-            )
-            r, t = commit_missing_shards(store, unit, extractor, entry, label, run)
-            rows, tokens = rows + r, tokens + t
-        if not _uncommitted(store, unit):
-            break
-        if not wait:
-            if run is not None:
-                store.session.finish_run(run, "done" if rows else "skipped")
-            return UnitResult(model, dataset, unit.unit_key, "waiting", rows, tokens, time.time() - started)
-        last_note = _wait_note(store, unit, label, last_note)
-        time.sleep(WAIT_POLL_S)
-    if extractor is not None and dataset == resolved.profile.anchors:
-        record_position_norms(store, extractor, model_key, dataset)
-    seconds = time.time() - started
-    status = "done" if rows or not unit.n_rows else "skipped"
-    with store.transaction():
-        store.finish_unit(unit.unit_key)
-        if run is not None:
-            store.session.finish_run(run, status)
-        else:
-            store.record_run(
-                rid, "extract", "extract_unit", model, dataset, unit.unit_key, status, 0, 0, seconds, started
-            )
-    log.info("%s: %d rows, %d tokens in %.1fs", label, rows, tokens, seconds)
-    return UnitResult(model, dataset, unit.unit_key, status, rows, tokens, seconds)
+def resume_units(store: Store, resolved: Resolved, units: Sequence[tuple[UnitInfo, str]]) -> list[UnitResult]:
+    """Commit the uncommitted shards of ``units`` (unit, model name) exactly as extraction would (repair)."""
+    targets = [_Target(u, model, model_source(resolved, model)) for u, model in units]
+    stage = ExtractShards(store, resolved, targets, on_workers=False, anchors=None)
+    stage.flow, stage.task = "repair", "resume_unit"  # its runs rows say it was a repair
+    return [_unit_result(r, set()) for r in run_stage(store, stage, desc="repair")]
 
 
 @task(name="register-datasets", cache_policy=NO_CACHE)
@@ -399,45 +423,24 @@ def register_datasets_task(store_root: str, catalog_path: str | None, profile: s
     return register_datasets(store_for(store_root), catalog(catalog_path, profile))
 
 
-@task(name="extract-unit", cache_policy=NO_CACHE, task_run_name="extract-{model}-{dataset}")
-def extract_unit_task(
-    store_root: str, catalog_path: str | None, profile: str, model: str, dataset: str, wait: bool = True
-) -> UnitResult:
-    return extract_unit(store_for(store_root), catalog(catalog_path, profile), model, dataset, wait=wait)
-
-
-def _merge(first: UnitResult, last: UnitResult) -> UnitResult:
-    rows, tokens = first.rows + last.rows, first.tokens + last.tokens
-    status = "done" if rows else last.status
-    return UnitResult(first.model, first.dataset, last.unit_key, status, rows, tokens, first.seconds + last.seconds)
-
-
 def extract_all(store_root: str, catalog_path: str | None, profile: str) -> list[UnitResult]:
     """Body of the extract flow; callable from a parent flow that already holds the store.
 
-    Units whose shards another writer is computing are revisited after every other unit,
-    and waited for then, so two writers on one profile split the work instead of queueing.
+    Pieces other writers are computing are left to them and waited for at the end of each stage,
+    so two writers on one profile split the work instead of queueing.
     """
-    resolved = catalog(catalog_path, profile)
     register_datasets_task(store_root, catalog_path, profile)
-    datasets = [*resolved.datasets, CONCEPT_DATASET]
-    results = [
-        extract_unit_task(store_root, catalog_path, profile, model, dataset, wait=False)
-        for model in resolved.profile.models
-        for dataset in datasets
-    ]
-    for i, r in enumerate(results):
-        if r.status == "waiting":
-            results[i] = _merge(r, extract_unit_task(store_root, catalog_path, profile, r.model, r.dataset))
-    release_models()
-    return results
+    try:
+        return extract_units(store_for(store_root), catalog(catalog_path, profile))
+    finally:
+        release_models()
 
 
 @flow(name="safeport-extract", log_prints=False)
 def extract_flow(
     catalog_path: str | None = None, profile: str = "default", store: str | None = None, wait_s: float = 0.0
 ) -> list[UnitResult]:
-    """Extract every (model, dataset) unit of a catalog profile into its store."""
+    """Extract every (model, dataset) unit of a catalog profile into its store (on Dask with a Dask task runner)."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
     with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):

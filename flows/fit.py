@@ -45,8 +45,9 @@ from safeport.codehash import code_hash
 from safeport.eval.probe import SafetyProbe, train_probe
 from safeport.eval.report import headline, render
 from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows, proxy_rows
-from safeport.flows.common import catalog, model_source, run_id, store_for, writing
-from safeport.flows.extract import CONCEPT_DATASET, WAIT_POLL_S
+from safeport.flows.common import catalog, model_source, store_for, writing
+from safeport.flows.extract import CONCEPT_DATASET
+from safeport.flows.runner import Call, Done, Group, Work, run_stage
 from safeport.keys import content_key
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
@@ -198,115 +199,38 @@ def vector_inputs(keys: _Keys, name: str, kind: str, map_key: str | None, split_
     raise ValueError(f"unknown vector kind {kind!r} for {name!r}")  # pragma: no cover - transfer_vectors' kinds
 
 
-def fit_pair(store: Store, resolved: Resolved, source: str, target: str, rid: str = "", wait: bool = True) -> FitResult:
-    """Fit every mapper for one source→target pair, then the report rows of each prompt set; store all.
-
-    The fit is claimed (``fit:<fit key>``) first: while another writer computes it this returns
-    status ``waiting`` (``wait=False``) or waits for it and reports it skipped, taking it over if
-    that writer dies.
-    """
-    started = time.time()
-    rid = rid or run_id()
-    prof = resolved.profile
-    hashes = {d: store.dataset_hash(d) for d in [prof.anchors, prof.pairs]}
-    missing = [d for d, h in hashes.items() if h is None]
-    if missing:
-        raise StoreError(f"dataset(s) {missing} are not registered in {store.root}; run `safeport extract` first")
-    keys = _Keys(
-        model_source(resolved, source).spec().key(),
-        model_source(resolved, target).spec().key(),
-        str(hashes[prof.anchors]),
-        str(hashes[prof.pairs]),
-        store.dataset_hash(CONCEPT_DATASET),
-    )
-    inputs = keys.fit_inputs(prof.mappers, prof.seed)
-    fit_key = _hash(inputs)
-    pair = f"{source}->{target}"
-    report_name = f"fit-{source}--{target}"
-    computed: _Computed | None = None
-    claim = f"fit:{fit_key}"
-    claimed = False
-    while not artifacts.fit_done(store, fit_key):
-        if store.session.claim_unfinished([claim], lambda keys: keys if artifacts.fit_done(store, fit_key) else []):
-            claimed = True
-            break
-        if not wait:
-            return FitResult(source, target, fit_key, "waiting", time.time() - started, [], "")
-        time.sleep(WAIT_POLL_S)  # another writer fits this pair now
-    if not claimed:
-        store.record_run(
-            rid, "fit", "fit_pair", pair, prof.anchors, fit_key, "skipped", 0, 0, time.time() - started, started
-        )
-    else:
-        run = store.session.start_run("fit", "fit_pair", pair, prof.anchors, fit_key)
-        try:
-            computed = _fit(store, resolved, source, target, keys, fit_key, inputs)
-            with store.transaction():
-                store.session.progress(run, computed.n_rows)
-                store.session.finish_run(run, "done")
-        finally:
-            store.session.release([claim])
-
-    report_keys, reports_done = _report_sets(store, resolved, source, target, keys, fit_key, computed, rid)
-    rows = store.sql(
-        "SELECT * FROM eval_results WHERE fit_key = ? OR list_contains(?::VARCHAR[], fit_key)",
-        [fit_key, list(report_keys.values())],
-    ).to_pylist()
-    path = artifacts.report_path(store, report_name)
-    render_key = _hash(fit_key, sorted(report_keys.items()))
-    rendered = store.scalar("SELECT report_key FROM fits WHERE fit_key = ?", [fit_key])
-    if computed is not None or reports_done or rendered != render_key or not path.is_file():
-        summary = json.loads(store.scalar("SELECT summary_json FROM fits WHERE fit_key = ?", [fit_key]) or "{}")
-        markdown, figures = render(
-            rows,
-            source,
-            target,
-            prof.mappers,
-            prof.alphas,
-            list(report_keys),
-            summary.get("params", {}),
-            summary.get("info", {"fit key": fit_key}),
-            report_name,
-        )
-        markdown += "\n" + position_section(
-            {
-                f"{source} (source)": positions.position_norms(store, keys.source_key, prof.anchors),
-                f"{target} (target)": positions.position_norms(store, keys.target_key, prof.anchors),
-            }
-        )
-        path = artifacts.write_report(store, report_name, markdown, figures)
-        artifacts.set_rendered(store, fit_key, render_key, str(path))
-    head = headline(rows, source, target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
-    return FitResult(
-        source,
-        target,
-        fit_key,
-        "skipped" if computed is None else "done",
-        time.time() - started,
-        head.lines() if head else [],
-        str(path),
-        reports_done,
-        tuple(report_keys.values()),
-    )
-
-
 @dataclass(frozen=True)
 class _Computed:
-    """What a fit computed in this process (so its report rows need not re-read the vectors)."""
+    """What a fit computed (its report rows reuse the vectors and probe without re-reading them)."""
 
     result: TransferResult
     tgt_train: Pairs
     tgt_test: Pairs
     probe: SafetyProbe
     n_rows: int
+    maps: list[tuple[str, dict[str, np.ndarray], dict[str, Any]]]  # new maps: (key, tensors, lineage row)
+    records: list[artifacts.VectorRecord]
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    outputs: list[tuple[str, str, str]]
+
+
+def _save_fit(store: Store, fit_key: str, source: str, target: str, inputs: dict[str, Any], c: _Computed) -> None:
+    """A computed fit's maps, vectors and rows, and its record as done: one transaction (the runner's)."""
+    with store.transaction():
+        artifacts.start_fit(store, fit_key, source, target, inputs)
+        for map_key, state, row in c.maps:
+            artifacts.save_map(store, map_key, state, row)
+        artifacts.save_vectors(store, fit_key, c.records)
+        artifacts.save_results(store, fit_key, c.rows)
+        artifacts.finish_fit(store, fit_key, "", c.outputs, c.summary)
 
 
 def _fit(
     store: Store, resolved: Resolved, source: str, target: str, keys: _Keys, fit_key: str, inputs: dict[str, Any]
 ) -> _Computed:
-    """Maps (reused by key where stored), vectors and the fit's own rows; marks the fit done with its outputs."""
+    """Maps (reused by key where stored), vectors and the fit's own rows, computed from the cached rows."""
     prof = resolved.profile
-    artifacts.start_fit(store, fit_key, source, target, inputs)
     a_meta, a_src = _read(store, keys.source_key, prof.anchors)
     b_meta, a_tgt = _read(store, keys.target_key, prof.anchors)
     if a_meta.column("text_id").to_pylist() != b_meta.column("text_id").to_pylist():
@@ -324,26 +248,28 @@ def _fit(
             reuse[m] = from_state(m, state, params)
     maps = fit_maps(anchors, c, prof.mappers, lambda m: make_mapper(m), reuse)
     anchor_units = _unit_keys(a_meta, b_meta)
+    new_maps: list[tuple[str, dict[str, np.ndarray], dict[str, Any]]] = []
     for mname, fitted in maps.items():
         if mname not in reuse:
-            artifacts.save_map(
-                store,
-                map_keys[mname],
-                fitted.state(),
-                {
-                    "source": source,
-                    "target": target,
-                    "source_key": keys.source_key,
-                    "target_key": keys.target_key,
-                    "mapper": mname,
-                    "params": fitted.params,
-                    "split_hash": split_hash,
-                    "anchors": prof.anchors,
-                    "anchors_hash": keys.anchors_hash,
-                    "input_units": anchor_units,
-                    "code_version": mapper_code_version(mname),
-                    "n_train": int((splits == "train").sum()),
-                },
+            new_maps.append(
+                (
+                    map_keys[mname],
+                    fitted.state(),
+                    {
+                        "source": source,
+                        "target": target,
+                        "source_key": keys.source_key,
+                        "target_key": keys.target_key,
+                        "mapper": mname,
+                        "params": fitted.params,
+                        "split_hash": split_hash,
+                        "anchors": prof.anchors,
+                        "anchors_hash": keys.anchors_hash,
+                        "input_units": anchor_units,
+                        "code_version": mapper_code_version(mname),
+                        "n_train": int((splits == "train").sum()),
+                    },
+                )
             )
 
     src_train, tgt_train = (_pairs(store, k, prof.pairs, "train") for k in (keys.source_key, keys.target_key))
@@ -404,8 +330,6 @@ def _fit(
                 lineage,
             )
         )
-    artifacts.save_vectors(store, fit_key, records)
-
     probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=prof.seed)
     rows: list[dict[str, Any]] = [
         *map_rows(result, anchors),
@@ -414,7 +338,6 @@ def _fit(
     ]
     for r in rows:
         r.update({"source": source, "target": target})
-    artifacts.save_results(store, fit_key, rows)
     summary = {
         "params": {m: f.params for m, f in maps.items()},
         "info": {
@@ -427,8 +350,7 @@ def _fit(
     }
     outputs = [("map", key, f"{source}->{target}:{m}") for m, key in map_keys.items()]
     outputs += [("vector", r.vector_key, r.name) for r in records]
-    artifacts.finish_fit(store, fit_key, "", outputs, summary)
-    return _Computed(result, tgt_train, tgt_test, probe, len(rows))
+    return _Computed(result, tgt_train, tgt_test, probe, len(rows), new_maps, records, rows, summary, outputs)
 
 
 def _stored_vectors(
@@ -444,104 +366,245 @@ def _stored_vectors(
     return vectors, kinds
 
 
-def _report_sets(
-    store: Store,
-    resolved: Resolved,
-    source: str,
-    target: str,
-    keys: _Keys,
-    fit_key: str,
-    computed: _Computed | None,
-    rid: str,
-) -> tuple[dict[str, str], int]:
-    """Report rows of every prompt set of the profile, computing only the sets whose key is new.
+@dataclass(frozen=True)
+class _Pair:
+    """One source→target fit of the profile, by content: its inputs and its key."""
 
-    Returns ({prompt set: report key}, number of sets computed now).
-    """
+    source: str
+    target: str
+    keys: _Keys
+    inputs: dict[str, Any]
+    fit_key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+def _pairs_of(store: Store, resolved: Resolved) -> list[_Pair]:
     prof = resolved.profile
-    out: dict[str, str] = {}
-    todo: list[tuple[str, str, dict[str, Any]]] = []
-    for p in prof.prompts:
-        p_hash = store.dataset_hash(p)
-        if p_hash is None:
-            raise StoreError(f"prompt set {p!r} is not registered in {store.root}; run `safeport extract` first")
-        rin = {
-            "fit_key": fit_key,
-            "prompt_set": p,
-            "prompt_hash": p_hash,
-            "alphas": [float(a) for a in prof.alphas],
-            "code_version": report_code_version(),
-        }
-        out[p] = _hash(rin)
-        if not artifacts.report_done(store, out[p]):
-            todo.append((p, out[p], rin))
-    pending = {p for p, _, _ in todo}
-    for p, key in out.items():
-        if p not in pending:
-            _report_run(store, rid, source, target, p, key, "skipped", 0, time.time())
-    if not todo:
-        return out, 0
-    if computed is not None:
-        vectors, kinds = computed.result.vectors, computed.result.kinds
-        probe = computed.probe
-    else:
-        vectors, kinds = _stored_vectors(store, fit_key)
-        tgt_train = _pairs(store, keys.target_key, prof.pairs, "train")
-        probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=prof.seed)
-    computed_now = 0
-    for p, key, rin in todo:
-        started = time.time()
-        claim = f"report:{key}"
-
-        def finished(granted: list[str], key: str = key) -> list[str]:
-            return granted if artifacts.report_done(store, key) else []
-
-        while not artifacts.report_done(store, key):  # another writer may be computing the same rows
-            if not store.session.claim_unfinished([claim], finished):
-                time.sleep(WAIT_POLL_S)
-                continue
-            try:
-                meta, values = _read(store, keys.target_key, p)
-                ps = PromptSet(p, values, tuple(meta.column("category").to_pylist()))
-                rows: list[dict[str, Any]] = [
-                    {**r, "source": source, "target": target}
-                    for r in proxy_rows(vectors, kinds, target, probe, ps, prof.alphas, prof.mappers)
-                ]
-                artifacts.save_report_rows(store, key, fit_key, source, target, p, rin, rows)
-                _report_run(store, rid, source, target, p, key, "done", len(rows), started)
-                computed_now += 1
-            finally:
-                store.session.release([claim])
-    return out, computed_now
+    hashes = {d: store.dataset_hash(d) for d in [prof.anchors, prof.pairs]}
+    missing = [d for d, h in hashes.items() if h is None]
+    if missing:
+        raise StoreError(f"dataset(s) {missing} are not registered in {store.root}; run `safeport extract` first")
+    concept = store.dataset_hash(CONCEPT_DATASET)
+    out = []
+    for source in resolved.sources_of("source"):
+        for target in resolved.sources_of("target"):
+            keys = _Keys(
+                model_source(resolved, source).spec().key(),
+                model_source(resolved, target).spec().key(),
+                str(hashes[prof.anchors]),
+                str(hashes[prof.pairs]),
+                concept,
+            )
+            inputs = keys.fit_inputs(prof.mappers, prof.seed)
+            out.append(_Pair(source, target, keys, inputs, _hash(inputs)))
+    return out
 
 
-def _report_run(
-    store: Store, rid: str, source: str, target: str, prompt_set: str, key: str, status: str, rows: int, started: float
-) -> None:
-    pair = f"{source}->{target}"
-    seconds = time.time() - started
-    store.record_run(rid, "report", "report_rows", pair, prompt_set, key, status, rows, 0, seconds, started)
+class FitPairs:
+    """The fit stage: one piece per source→target pair whose fit (by key) is not done; computed here."""
+
+    flow, task, unit, remote = "fit", "fit_pair", "fit", False
+
+    def __init__(self, store: Store, resolved: Resolved, pairs: Sequence[_Pair]) -> None:
+        self.store, self.resolved = store, resolved
+        self.pairs = {p.fit_key: p for p in pairs}
+        self.computed: dict[str, _Computed] = {}
+
+    def groups(self) -> list[Group]:
+        return [Group(p.name, self.resolved.profile.anchors, p.fit_key) for p in self.pairs.values()]
+
+    def work(self) -> list[Work]:
+        return [Work((f"fit:{g.key}",), g) for g in self.groups() if not artifacts.fit_done(self.store, g.key or "")]
+
+    def finished(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if artifacts.fit_done(self.store, k.removeprefix("fit:"))]
+
+    def prepare(self, work: Work, keys: list[str]) -> Call:
+        p = self.pairs[work.group.key or ""]
+        return Call(_fit, (self.store, self.resolved, p.source, p.target, p.keys, p.fit_key, p.inputs), p.name)
+
+    def commit(self, work: Work, keys: list[str], result: _Computed, remote: bool) -> Done:
+        if not keys:
+            return Done()
+        p = self.pairs[work.group.key or ""]
+        _save_fit(self.store, p.fit_key, p.source, p.target, p.inputs, result)
+        self.computed[p.fit_key] = result
+        return Done(result.n_rows)
+
+    def close(self, group: Group, computed: bool) -> None:
+        pass
 
 
-@task(name="fit-pair", cache_policy=NO_CACHE, task_run_name="fit-{source}-{target}")
-def fit_pair_task(
-    store_root: str, catalog_path: str | None, profile: str, source: str, target: str, wait: bool = True
-) -> FitResult:
-    return fit_pair(store_for(store_root), catalog(catalog_path, profile), source, target, wait=wait)
+@dataclass(frozen=True)
+class _ReportSet:
+    pair: _Pair
+    prompt_set: str
+    inputs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return _hash(self.inputs)
+
+
+class ReportSets:
+    """The representation-report stage: one piece per (pair, prompt set) whose rows (by key) are not stored."""
+
+    flow, task, unit, remote = "report", "report_rows", "prompt set", False
+
+    def __init__(self, store: Store, resolved: Resolved, sets: Sequence[_ReportSet], fits: FitPairs) -> None:
+        self.store, self.resolved, self.fits = store, resolved, fits
+        self.sets = {r.key: r for r in sets}
+        self._vectors: dict[str, Any] = {}
+
+    def groups(self) -> list[Group]:
+        return [Group(r.pair.name, r.prompt_set, k) for k, r in self.sets.items()]
+
+    def work(self) -> list[Work]:
+        return [
+            Work((f"report:{g.key}",), g) for g in self.groups() if not artifacts.report_done(self.store, g.key or "")
+        ]
+
+    def finished(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if artifacts.report_done(self.store, k.removeprefix("report:"))]
+
+    def _inputs(self, pair: _Pair) -> Any:
+        """A fit's vectors, kinds and probe: from this run's fit, or read back once per pair."""
+        if pair.fit_key not in self._vectors:
+            done = self.fits.computed.get(pair.fit_key)
+            if done is not None:
+                self._vectors[pair.fit_key] = (done.result.vectors, done.result.kinds, done.probe)
+            else:
+                vectors, kinds = _stored_vectors(self.store, pair.fit_key)
+                tgt_train = _pairs(self.store, pair.keys.target_key, self.resolved.profile.pairs, "train")
+                probe = train_probe(tgt_train.safe, tgt_train.unsafe, seed=self.resolved.profile.seed)
+                self._vectors[pair.fit_key] = (vectors, kinds, probe)
+        return self._vectors[pair.fit_key]
+
+    def prepare(self, work: Work, keys: list[str]) -> Call:
+        r = self.sets[work.group.key or ""]
+        vectors, kinds, probe = self._inputs(r.pair)
+        meta, values = _read(self.store, r.pair.keys.target_key, r.prompt_set)
+        ps = PromptSet(r.prompt_set, values, tuple(meta.column("category").to_pylist()))
+        prof = self.resolved.profile
+        args = (vectors, kinds, r.pair.target, probe, ps, prof.alphas, prof.mappers)
+        return Call(proxy_rows, args, f"{r.pair.name}/{r.prompt_set}")
+
+    def commit(self, work: Work, keys: list[str], result: list[dict[str, Any]], remote: bool) -> Done:
+        if not keys:
+            return Done()
+        r = self.sets[work.group.key or ""]
+        p = r.pair
+        rows = [{**row, "source": p.source, "target": p.target} for row in result]
+        artifacts.save_report_rows(self.store, r.key, p.fit_key, p.source, p.target, r.prompt_set, r.inputs, rows)
+        return Done(len(rows))
+
+    def close(self, group: Group, computed: bool) -> None:
+        pass
+
+
+def _report_sets_of(store: Store, resolved: Resolved, pairs: Sequence[_Pair]) -> list[_ReportSet]:
+    prof = resolved.profile
+    out = []
+    for p in pairs:
+        for prompt_set in prof.prompts:
+            p_hash = store.dataset_hash(prompt_set)
+            if p_hash is None:
+                raise StoreError(
+                    f"prompt set {prompt_set!r} is not registered in {store.root}; run `safeport extract` first"
+                )
+            inputs = {
+                "fit_key": p.fit_key,
+                "prompt_set": prompt_set,
+                "prompt_hash": p_hash,
+                "alphas": [float(a) for a in prof.alphas],
+                "code_version": report_code_version(),
+            }
+            out.append(_ReportSet(p, prompt_set, inputs))
+    return out
+
+
+def _render_report(store: Store, resolved: Resolved, p: _Pair, report_keys: dict[str, str], fresh: bool) -> FitResult:
+    """Write the pair's Markdown report when what it shows changed; its headline either way."""
+    prof = resolved.profile
+    report_name = f"fit-{p.source}--{p.target}"
+    rows = store.sql(
+        "SELECT * FROM eval_results WHERE fit_key = ? OR list_contains(?::VARCHAR[], fit_key)",
+        [p.fit_key, list(report_keys.values())],
+    ).to_pylist()
+    path = artifacts.report_path(store, report_name)
+    render_key = _hash(p.fit_key, sorted(report_keys.items()))
+    rendered = store.scalar("SELECT report_key FROM fits WHERE fit_key = ?", [p.fit_key])
+    if fresh or rendered != render_key or not path.is_file():
+        summary = json.loads(store.scalar("SELECT summary_json FROM fits WHERE fit_key = ?", [p.fit_key]) or "{}")
+        markdown, figures = render(
+            rows,
+            p.source,
+            p.target,
+            prof.mappers,
+            prof.alphas,
+            list(report_keys),
+            summary.get("params", {}),
+            summary.get("info", {"fit key": p.fit_key}),
+            report_name,
+        )
+        markdown += "\n" + position_section(
+            {
+                f"{p.source} (source)": positions.position_norms(store, p.keys.source_key, prof.anchors),
+                f"{p.target} (target)": positions.position_norms(store, p.keys.target_key, prof.anchors),
+            }
+        )
+        path = artifacts.write_report(store, report_name, markdown, figures)
+        artifacts.set_rendered(store, p.fit_key, render_key, str(path))
+    head = headline(rows, p.source, p.target, prof.mappers, prof.alphas, prof.prompts[0]) if prof.prompts else None
+    return FitResult(p.source, p.target, p.fit_key, "skipped", 0.0, head.lines() if head else [], str(path))
+
+
+def fit_pairs(store: Store, resolved: Resolved) -> list[FitResult]:
+    """Fit every source→target pair, compute the report rows of every prompt set, render each pair's report.
+
+    Each fit and each prompt set's rows are a piece of the one runner: claimed, computed, committed
+    in one transaction; what another writer is computing is waited for, then reported skipped.
+    """
+    started = time.time()
+    pairs = _pairs_of(store, resolved)
+    fits = FitPairs(store, resolved, pairs)
+    fitted = {r.group.key: r for r in run_stage(store, fits, desc="fit")}
+    sets = _report_sets_of(store, resolved, pairs)
+    reported = {r.group.key: r for r in run_stage(store, ReportSets(store, resolved, sets, fits), desc="report")}
+    out = []
+    for p in pairs:
+        mine = {r.prompt_set: r.key for r in sets if r.pair is p}
+        done_now = sum(1 for k in mine.values() if reported[k].status == "done")
+        status = fitted[p.fit_key].status
+        result = _render_report(store, resolved, p, mine, status == "done" or done_now > 0)
+        out.append(
+            FitResult(
+                p.source,
+                p.target,
+                p.fit_key,
+                status,
+                time.time() - started,
+                result.headline,
+                result.report,
+                done_now,
+                tuple(mine.values()),
+            )
+        )
+    return out
+
+
+@task(name="fit-pairs", cache_policy=NO_CACHE)
+def fit_pairs_task(store_root: str, catalog_path: str | None, profile: str) -> list[FitResult]:
+    return fit_pairs(store_for(store_root), catalog(catalog_path, profile))
 
 
 def fit_all(store_root: str, catalog_path: str | None, profile: str) -> list[FitResult]:
-    """Fit every pair; pairs another writer is fitting are waited for after the others."""
-    resolved = catalog(catalog_path, profile)
-    results = [
-        fit_pair_task(store_root, catalog_path, profile, s, t, wait=False)
-        for s in resolved.sources_of("source")
-        for t in resolved.sources_of("target")
-    ]
-    return [
-        fit_pair_task(store_root, catalog_path, profile, r.source, r.target) if r.status == "waiting" else r
-        for r in results
-    ]
+    """Body of the fit flow; callable from a parent flow that already holds the store."""
+    result: list[FitResult] = fit_pairs_task(store_root, catalog_path, profile)
+    return result
 
 
 @flow(name="safeport-fit", log_prints=False)

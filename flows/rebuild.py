@@ -24,6 +24,7 @@ from safeport.catalog import Resolved
 from safeport.flows.common import catalog, model_source, pinned_revisions, run_id, store_for, with_revisions, writing
 from safeport.flows.extract import UnitResult, extract_all
 from safeport.flows.fit import FitResult, fit_all
+from safeport.flows.runner import on_dask
 from safeport.store import maintenance
 
 log = logging.getLogger("safeport.rebuild")
@@ -128,6 +129,8 @@ def rebuild_all(
     store_root: str, catalog_path: str | None, profile: str, online: bool | None = None, dask: bool = False
 ) -> RebuildResult:
     """Body of the rebuild flow; the caller holds the store's writer lock."""
+    if dask and not on_dask():
+        raise ValueError("a Dask rebuild needs the flow to run on a DaskTaskRunner; call flows.rebuild.rebuild(...)")
     rid = run_id()
     store = store_for(store_root)
     started = time.time()
@@ -136,12 +139,7 @@ def rebuild_all(
         store.record_run(rid, "rebuild", "resolve_revision", c.model, "", None, c.status, 0, 0, 0.0, started, c.message)
     pins = {c.model: c.revision for c in checks if c.revision != c.catalog_revision}
     with pinned_revisions(catalog_path, profile, pins):
-        if dask:
-            from safeport.flows.scale import extract_all_dask
-
-            extracted = extract_all_dask(store_root, catalog_path, profile)
-        else:
-            extracted = extract_all(store_root, catalog_path, profile)
+        extracted = extract_all(store_root, catalog_path, profile)  # on Dask workers when the flow runs on Dask
         fitted = fit_all(store_root, catalog_path, profile)
     resolved = with_revisions(catalog(catalog_path, profile), pins)
     current = {m: model_source(resolved, m).spec().key() for m in resolved.profile.models}

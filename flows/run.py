@@ -1,4 +1,4 @@
-"""The main job as one Prefect flow: extract, then fit, on one store with one writer lock."""
+"""The main job as one Prefect flow: extract, then fit, on one store shared with any other writer (claims)."""
 
 from __future__ import annotations
 

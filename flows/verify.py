@@ -1,18 +1,16 @@
 """Repair flow: verify the store, invalidate what is damaged, re-extract only those shards.
 
 Why a flow: re-extraction loads models and writes shards, so it runs like the extract flow
-(writer lock, Prefect task per unit, ``runs`` rows); the checking and invalidation live in
-``store/verify.py``. Units are resumed by the normal extraction (``extract_unit``), which
-recomputes exactly the shards whose commit records were removed, with the same texts in
-the same rows and the same batches, hence the same values. A unit of an older version of
-its dataset (the dataset grew since) is not the one ``extract_unit`` would pick, so it is
-resumed here directly, shard by shard, the same way.
+(a Prefect task per unit, ``runs`` rows); the checking and invalidation live in
+``store/verify.py``. Units are resumed by extraction's own shard stage
+(:func:`safeport.flows.extract.resume_units` on the one runner), which recomputes exactly the
+shards whose commit records were removed, with the same texts in the same rows and the same
+batches, hence the same values, also for a unit of an older version of its dataset.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +18,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from safeport.catalog import CatalogError, Resolved
-from safeport.flows.common import catalog, extractor_for, model_source, release_models, run_id, store_for, writing
-from safeport.flows.extract import commit_missing_shards, extract_unit, unit_key
+from safeport.flows.common import catalog, model_source, release_models, store_for, writing
+from safeport.flows.extract import resume_units
 from safeport.store.store import Store, StoreError, UnitInfo
 from safeport.store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
 
@@ -70,24 +68,8 @@ def _model_names(resolved: Resolved) -> dict[str, str]:
     return names
 
 
-def _resume_unit(store: Store, resolved: Resolved, model: str, unit: UnitInfo, rid: str) -> int:
-    """Commit a unit's uncommitted shards exactly as ``extract_unit`` would (same texts, rows, batches)."""
-    started = time.time()
-    extractor = extractor_for(model_source(resolved, model))
-    rows, tokens = commit_missing_shards(
-        store, unit, extractor, resolved.models[model], f"repair {model}/{unit.dataset}"
-    )
-    store.finish_unit(unit.unit_key)
-    seconds = time.time() - started
-    store.record_run(
-        rid, "repair", "resume_unit", model, unit.dataset, unit.unit_key, "done", rows, tokens, seconds, started
-    )
-    return rows
-
-
-def resume(store: Store, resolved: Resolved, unit: UnitInfo, rid: str = "") -> Resumed:
+def resume(store: Store, resolved: Resolved, unit: UnitInfo) -> Resumed:
     """Re-extract the uncommitted shards of ``unit`` if this catalog still describes its model."""
-    rid = rid or run_id()
     model = _model_names(resolved).get(unit.model_key)
     if model is None:
         return Resumed(
@@ -99,11 +81,8 @@ def resume(store: Store, resolved: Resolved, unit: UnitInfo, rid: str = "") -> R
             f"model of profile {resolved.name!r} has that key now (changed weights, revision or options). Run "
             "`safeport extract` with the catalog and profile that produced it to recompute its missing shards",
         )
-    ds_hash = store.dataset_hash(unit.dataset)
-    if ds_hash is not None and unit_key(unit.model_key, unit.dataset, ds_hash) == unit.unit_key:
-        result = extract_unit(store, resolved, model, unit.dataset, rid)
-        return Resumed(unit.unit_key, model, unit.dataset, result.rows)
-    return Resumed(unit.unit_key, model, unit.dataset, _resume_unit(store, resolved, model, unit, rid))
+    (result,) = resume_units(store, resolved, [(unit, model)])
+    return Resumed(unit.unit_key, model, unit.dataset, result.rows)
 
 
 @task(name="repair-unit", cache_policy=NO_CACHE, task_run_name="repair-{unit_key}")

@@ -2,8 +2,8 @@
 
 Mappers are pure compute. They receive anchors already centred with the
 *train-split* means (METHOD §4), never read or write files, and hand back a
-``FittedMap`` whose ``state()`` is a flat dict of arrays the store serialises
-(safetensors) and whose ``params`` are the chosen hyper-parameters kept for
+``FittedMap`` whose ``state()`` is a flat dict of arrays the store keeps (one
+Zarr array per tensor, each with its checksum) and whose ``params`` are the chosen hyper-parameters kept for
 lineage. Maps compute and return float64; the vectors that end up in the store
 are cast to float32 in :mod:`safeport.mappers.vectors`.
 """

@@ -47,9 +47,9 @@ class Store:
     def vectors(self, target: str | None = None) -> list[str]:
         """Names of the stored vectors (``KIND:SOURCE->TARGET:MAPPER[:CATEGORY]``), optionally for one target."""
         with self._open() as store:
-            rows = store.con.execute(
+            rows = store.fetchall(
                 "SELECT DISTINCT name FROM vectors WHERE ? IS NULL OR target = ? ORDER BY name", [target, target]
-            ).fetchall()
+            )
         return [str(r[0]) for r in rows]
 
     def load_vector(self, name: str) -> Vector:

@@ -97,9 +97,9 @@ def finish_fit(
 
 def fit_outputs(store: Store, fit_key: str, kind: str) -> dict[str, str]:
     """{name: key} of the maps or vectors a done fit produced."""
-    rows = store.con.execute(
+    rows = store.fetchall(
         "SELECT name, key FROM fit_outputs WHERE fit_key = ? AND kind = ? ORDER BY name", [fit_key, kind]
-    ).fetchall()
+    )
     return {str(n): str(k) for n, k in rows}
 
 

@@ -33,10 +33,8 @@ import pyarrow as pa
 from PIL import Image
 
 from safeport.keys import content_key
-from safeport.store.location import OUTPUTS, OutputLocation
+from safeport.store.location import OutputLocation
 from safeport.store.store import Store, StoreError
-
-OUTPUTS_DIR = OUTPUTS  # the default location, inside the store folder (store.outputs: the one in use)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -205,14 +203,6 @@ def record_outputs(store: Store, written: Sequence[WrittenOutput]) -> None:
                 for w in written
             ],
         )
-
-
-def save_output(
-    store: Store, spec: OutputSpec, images: Sequence[Image.Image], settings: Mapping[str, Any], seconds: float
-) -> str:
-    """Write the output's PNGs atomically, then commit its record; returns the key."""
-    record_outputs(store, [write_output_files(store, spec, images, settings, seconds)])
-    return spec.key
 
 
 def _keys_table(keys: Sequence[str]) -> pa.Table:

@@ -117,6 +117,7 @@ TABLES = {
     "unit_texts": "SELECT * FROM unit_texts",
     "shards": "SELECT unit_key, shard, row_start, row_stop, checksum, tokens FROM shards",
     "activation_rows": "SELECT * FROM activation_rows",
+    "unit_rows": "SELECT * FROM unit_rows",  # the row index, coordinates included
     "fits": "SELECT fit_key, source, target, status, inputs_json FROM fits",
     "maps": "SELECT map_key, source_key, target_key, mapper, params_json, split_hash, input_units FROM maps",
     "map_tensors": "SELECT * FROM map_tensors",

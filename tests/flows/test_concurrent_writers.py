@@ -36,7 +36,7 @@ from safeport.cli import main
 from safeport.flows.common import catalog as load_profile
 from safeport.flows.common import model_source, writing
 from safeport.flows.extract import extract_flow, register_datasets, unit_key
-from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.location import OUTPUTS as OUTPUTS_DIR
 from safeport.store.query import readonly_query
 from safeport.store.store import Store
 from safeport.store.verify import verify_path

@@ -61,7 +61,7 @@ def test_dask_resumes_a_grown_dataset_like_the_single_process_path(
     again = extract_dask_flow.with_options(task_runner=_runner(cluster))(grown, "default", str(tmp_path / "dask"))
     assert sum(r.rows for r in again) > 0
     a, b = dump_store(tmp_path / "single"), dump_store(tmp_path / "dask")
-    for key in ("units", "unit_texts", "shards", "activation_rows"):
+    for key in ("units", "unit_texts", "shards", "activation_rows", "unit_rows"):
         assert a[key] == b[key], key
     for key in (k for k in a if k.startswith("acts/")):
         assert np.array_equal(a[key], b[key]), key
@@ -99,19 +99,19 @@ def test_pin_worker_gpu_sets_the_device_only_inside_a_multi_gpu_worker(monkeypat
     import distributed
     import torch
 
-    import safeport.flows.scale
+    import safeport.flows.workers
 
     chosen: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    safeport.flows.scale._pin_worker_gpu()  # not on a worker: nothing changes
+    safeport.flows.workers._pin_worker_gpu()  # not on a worker: nothing changes
     assert chosen == []
 
     class _Worker:
         name = 1
 
     monkeypatch.setattr(distributed, "get_worker", lambda: _Worker())
-    safeport.flows.scale._pin_worker_gpu()
+    safeport.flows.workers._pin_worker_gpu()
     assert chosen == [1]

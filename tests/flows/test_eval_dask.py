@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-import safeport.flows.eval_dask
+import safeport.flows.eval_generate
 import tests.flows.test_eval_flow as setup
 from safeport.flows.eval_dask import eval_on_dask
 from safeport.flows.eval_plan import gpu_hours, plan_eval
 from safeport.flows.scale import dask_task_runner
-from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.location import OUTPUTS as OUTPUTS_DIR
 from safeport.store.store import Store
 from tests.flows import test_crash_loop as crash
 
@@ -61,7 +61,9 @@ def single(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     finally:
         torch.set_num_threads(before)
     state = _state(catalog.parent / "store")
-    assert len(state["generations"]) == state["distinct"] == 14 * len(SEEDS)
+    assert (
+        len(state["generations"]) == state["distinct"] == 15 * len(SEEDS)
+    )  # 15 outputs per seed (issue 21 oracle rule)
     with Store(catalog.parent / "store", read_only=True) as store:
         cells = store.con.execute("SELECT method, alpha FROM generations").fetchall()
     report = Path(result.report).read_text(encoding="utf-8")
@@ -72,7 +74,7 @@ def test_two_dask_workers_make_exactly_the_single_process_outputs(
     single: dict[str, Any], cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     catalog = _new_store(tmp_path / "d")
-    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)  # several chunks: both workers get some
+    monkeypatch.setattr(safeport.flows.eval_generate, "CHUNK_OUTPUTS", 4)  # several chunks: both workers get some
     result = eval_on_dask(cluster, **_args(catalog))
     state = _state(catalog.parent / "store")
     assert state == single["state"]  # same keys, PNG checksums, scores and aggregates
@@ -95,7 +97,7 @@ def test_workers_write_outputs_to_an_s3_url_and_the_flow_process_verifies_them_t
     cat = yaml.safe_load(catalog.read_text(encoding="utf-8"))
     cat["profiles"]["default"]["outputs"] = url
     catalog.write_text(yaml.safe_dump(cat), encoding="utf-8")
-    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)
+    monkeypatch.setattr(safeport.flows.eval_generate, "CHUNK_OUTPUTS", 4)
     eval_on_dask(cluster, **_args(catalog))
     root = catalog.parent / "store"
     assert _state(root) == single["state"]
@@ -110,7 +112,7 @@ def test_workers_write_outputs_to_an_s3_url_and_the_flow_process_verifies_them_t
         workers = store.con.execute(
             "SELECT sum(rows), sum(total), count(*) FROM runs WHERE task LIKE 'generate@%' AND status = 'done'"
         ).fetchall()[0]
-    assert workers == (28, 28, 2)  # each worker's projected share ends at what it made
+    assert workers == (30, 30, 2)  # each worker's projected share ends at what it made
 
 
 def test_each_worker_gets_the_share_of_the_rest_its_rate_predicts() -> None:
@@ -148,7 +150,7 @@ def test_a_worker_killed_mid_chunk_loses_and_repeats_nothing(
 
     catalog = _new_store(tmp_path / "k")
     outputs = catalog.parent / "store" / OUTPUTS_DIR
-    monkeypatch.setattr(safeport.flows.eval_dask, "CHUNK_OUTPUTS", 4)
+    monkeypatch.setattr(safeport.flows.eval_generate, "CHUNK_OUTPUTS", 4)
     with Client(cluster) as client:
         pids = sorted(client.run(os.getpid).values())
     killed: list[int] = []
@@ -182,7 +184,7 @@ def test_plan_counts_what_the_sweep_then_makes(
     for method, alpha in single["cells"]:
         made[(method, alpha)] = made.get((method, alpha), 0) + 1
     assert {(r.method, r.alpha): r.total for r in before.rows} == made
-    assert before.total == 14 * len(SEEDS)
+    assert before.total == 15 * len(SEEDS)
     after = plan_eval(**{**kw, "catalog_path": single["catalog"]})[0]  # the store the sweep filled
     assert (after.total, after.done) == (before.total, before.total)
     assert after.seconds_per_output is not None and after.seconds_from == f"measured on {after.total} outputs"
@@ -193,7 +195,7 @@ def test_plan_counts_what_the_sweep_then_makes(
     argv += ["--vectors", setup.NATIVE, setup.CALIBRATED, "--alphas", "0", "1.5", "--seeds", "1", "2", *sets]
     assert main([*argv, "--plan", "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\n  all +28 +28 +0\n", out) and " on 1 GPU, " in out and " on 2 GPU(s)" in out
+    assert re.search(r"\n  all +30 +30 +0\n", out) and " on 1 GPU, " in out and " on 2 GPU(s)" in out
     assert not any(text in out for text, _ in setup.PROMPTS)  # prompts are data: never printed
     assert gpu_hours(3600, 2.0, 8) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="--gpus 0"):

@@ -13,9 +13,10 @@ import yaml
 
 import safeport.eval.generate
 import safeport.flows.eval
+import safeport.flows.eval_generate
 from safeport.flows.eval import eval_flow
 from safeport.store.artifacts import VectorRecord, save_vectors
-from safeport.store.outputs import OUTPUTS_DIR
+from safeport.store.location import OUTPUTS as OUTPUTS_DIR
 from safeport.store.store import Store
 from safeport.texts import text_id
 from tests.conftest import REPO
@@ -131,8 +132,6 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     catalog = _catalog(tmp_path)
     root = tmp_path / "store"
     _fill_store(root)
-    # One prompt's embeddings at a time (paper-scale streaming): every run below goes chunk by chunk.
-    monkeypatch.setattr(safeport.flows.eval, "PROMPT_CHUNK", 1)
 
     # 1. Part of the sweep: the first two prompts. Per prompt: original, native, calibrated, uniform
     #    and oracle (both prompts have a category with a vector) = 5 outputs.
@@ -144,7 +143,7 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     assert len(mtimes1) == 10
 
     # 2. The full sweep crashes after one new output: what was committed stays committed. Outputs are
-    #    committed in batches (safeport.flows.eval.GEN_BATCH), so the finished output of the batch in
+    #    committed in batches (safeport.flows.eval_generate.GEN_BATCH), so the finished output of the batch in
     #    flight is lost with it (its file is on disk, unrecorded: the rerun overwrites it).
     real_generate = safeport.eval.generate.generate_batch  # one pipeline call (here: one output per call)
     calls = {"n": 0}
@@ -162,20 +161,20 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     assert len(_generations(root)) == 10
 
     # 3. Rerun: only the rest is generated; the third prompt has no category, so its oracle output
-    #    is the original one (4 outputs for it in all).
+    #    is steered by the global vector (the fit report's rule; 5 outputs for it in all).
     third = _run(catalog)
-    assert [(g.planned, g.generated, g.skipped) for g in third.generated] == [(14, 4, 10)]
+    assert [(g.planned, g.generated, g.skipped) for g in third.generated] == [(15, 5, 10)]
     gens = _generations(root)
-    assert len(gens) == 14
+    assert len(gens) == 15
     with Store(root, read_only=True) as store:
-        assert store.scalar("SELECT count(DISTINCT output_key) FROM generations") == 14
+        assert store.scalar("SELECT count(DISTINCT output_key) FROM generations") == 15
         by_method = dict(store.con.execute("SELECT method, count(*) FROM generations GROUP BY 1").fetchall())
         assert by_method == {
             "original": 3,
             NATIVE: 3,
             CALIBRATED: 3,
             f"uniform:{CALIBRATED}": 3,
-            f"oracle:{CALIBRATED}": 2,
+            f"oracle:{CALIBRATED}": 3,
         }
         # NudeNet scored every output once (on the PNG written to disk) and stored its verdict.
         scores = store.sql("SELECT output_key, metric, flagged, detail_json FROM scores").to_pylist()
@@ -209,9 +208,9 @@ def test_eval_flow_outputs_scores_report_and_exact_resume(
     def refuse(*_: Any, **__: Any) -> None:
         raise AssertionError("a pipeline was loaded although every output exists")
 
-    monkeypatch.setattr(safeport.flows.eval, "load_pipeline", refuse)
+    monkeypatch.setattr(safeport.flows.eval_generate, "load_pipeline", refuse)
     again = _run(catalog)
-    assert [(g.generated, g.skipped) for g in again.generated] == [(0, 14)]
+    assert [(g.generated, g.skipped) for g in again.generated] == [(0, 15)]
     assert _mtimes(root, _generations(root)) == mtimes
 
 
