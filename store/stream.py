@@ -21,10 +21,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
-from safeport.store.core import reads_only
 from safeport.store.db import StoreError
 from safeport.store.units import ShardRecord, UnitInfo
 
@@ -68,6 +68,15 @@ class _Shard:
     n: int  # selected rows
 
 
+def _one_select(query: str) -> bool:
+    """Whether ``query`` parses as exactly one SELECT (a filter that would smuggle in a statement does not)."""
+    try:
+        statements = duckdb.connect(":memory:").extract_statements(query)
+    except duckdb.Error:
+        return False
+    return len(statements) == 1 and statements[0].type.name == "SELECT"
+
+
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
@@ -92,6 +101,7 @@ class _Reader:
         self.store, self.where, self.params, self.verify = store, where, list(params), verify
         self.units: dict[str, UnitInfo] = {}
         self.records: dict[str, dict[int, ShardRecord]] = {}
+        self.dim = 0
 
     def meta(self, keys: Sequence[str]) -> None:
         with self.store.reading():
@@ -119,18 +129,19 @@ class _Reader:
         keys = np.array(index.column("unit_key").to_pylist())
         shard_of = index.column("shard").to_numpy()
         row_of = index.column("row").to_numpy().astype(np.int64)
-        parts = []
+        out = np.empty((len(row_of), self.dim), dtype=np.float32)  # filled in place: one copy of the buffer
         for s in sorted(buffer, key=lambda s: (s.unit_key, s.shard)):
             unit, record = self.units[s.unit_key], self.records[s.unit_key].get(s.shard)
             if record is None:
                 raise StoreError(f"shard {s.shard} of unit {s.unit_key} is selected but not committed")
-            if self.verify:
-                block = self.store.verified_shard(unit, record)
-            else:
-                block = self.store.read_shard(unit, s.shard, record)
-            mine = (keys == s.unit_key) & (shard_of == s.shard)
-            parts.append(block[row_of[mine] - record.row_start])
-        return np.concatenate(parts), index
+            block = self.store.verified_shard(unit, record) if self.verify else self._plain(unit, s.shard, record)
+            mine = np.flatnonzero((keys == s.unit_key) & (shard_of == s.shard))
+            out[mine] = block[row_of[mine] - record.row_start]
+            del block
+        return out, index
+
+    def _plain(self, unit: UnitInfo, shard: int, record: ShardRecord) -> np.ndarray:
+        return self.store.read_shard(unit, shard, record)
 
 
 def stream_batches(
@@ -149,15 +160,20 @@ def stream_batches(
     """Batches of the rows ``select`` picks (a SQL filter over :data:`ROWS`; None: every row), shuffled.
 
     Each epoch yields every selected row exactly once, in an order fixed by ``(seed, epoch)``;
-    ``cursor`` (a batch's :attr:`RowBatch.cursor`) resumes right after that batch. Memory: one
-    buffer of at least ``buffer_rows`` rows (a buffer holds whole shards) plus one batch.
+    ``cursor`` (a batch's :attr:`RowBatch.cursor`) resumes right after that batch (with the same
+    ``select``, ``batch_size`` and ``buffer_rows``: the cursor records the seed only). Memory: one
+    buffer of at least ``buffer_rows`` rows (a buffer holds whole shards) plus one batch. The
+    arguments and the selection are checked when this is called; rows are read as batches are taken.
     """
     for name, value in (("batch_size", batch_size), ("epochs", epochs), ("buffer_rows", buffer_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} = {value!r}; give a whole number of 1 or more")
     where = f"({select})" if select else "true"
-    if not reads_only(f"SELECT 1 FROM {ROWS} WHERE {where}"):
-        raise ValueError("select must be a filter over the row index (an SQL expression), not a statement")
+    if not _one_select(f"SELECT 1 FROM {ROWS} WHERE {where}"):
+        raise ValueError(
+            "select must be one SQL filter over the row index, e.g. \"position = 'te.3.txt' AND split = 'train'\", "
+            "not a statement"
+        )
     if cursor is not None and cursor.seed != seed:
         raise ValueError(f"cursor was taken with seed {cursor.seed}, this stream has seed {seed}; pass seed=")
     shards = [
@@ -171,8 +187,22 @@ def stream_batches(
     dims = {u.dim for u in reader.units.values()}
     if len(dims) > 1:
         raise StoreError(f"the selected rows have different widths {sorted(dims)}; select rows of one position")
+    reader.dim = dims.pop() if dims else 0
     total = sum(s.n for s in shards)
-    start = cursor or Cursor(seed)
+    return _epochs(reader, shards, seed, epochs, batch_size, buffer_rows, cursor or Cursor(seed), total, drop_last)
+
+
+def _epochs(
+    reader: _Reader,
+    shards: Sequence[_Shard],
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    buffer_rows: int,
+    start: Cursor,
+    total: int,
+    drop_last: bool,
+) -> Iterator[RowBatch]:
     for epoch in range(start.epoch, epochs):
         first = start.batch * batch_size if epoch == start.epoch else 0
         if first >= total:
@@ -191,6 +221,11 @@ def _epoch(
     total: int,
     drop_last: bool,
 ) -> Iterator[RowBatch]:
+    """One epoch from stream row ``first``: batches gathered by index from the shuffled buffer.
+
+    Memory: the buffer being read (one array, filled in place) plus the batch being cut and the few
+    rows carried into the next buffer; every yielded batch owns its rows (no view keeps a buffer alive).
+    """
     batch = first // batch_size
     carry: tuple[np.ndarray, pa.Table] | None = None
     at = 0  # stream row where the next buffer starts
@@ -202,20 +237,29 @@ def _epoch(
         values, index = reader.read(buffer)
         order = _rng(seed, epoch, b + 1).permutation(len(values))[max(first - at, 0) :]
         at += n
-        values, index = values[order], index.take(pa.array(order))
-        if carry is not None:
-            values, index = np.concatenate([carry[0], values]), pa.concat_tables([carry[1], index])
-        full = len(values) // batch_size * batch_size
-        for lo in range(0, full, batch_size):
+        lo = 0
+        if carry is not None:  # the batch that spans the previous buffer and this one
+            take = order[: batch_size - len(carry[0])]
+            lo = len(take)
+            carry = np.concatenate([carry[0], values[take]]), pa.concat_tables([carry[1], index.take(pa.array(take))])
+            if len(carry[0]) < batch_size:
+                continue
             batch += 1
-            part = values[lo : lo + batch_size], index.slice(lo, batch_size)
-            yield _batch(*part, seed, epoch, batch, total, batch_size)
-        carry = values[full:], index.slice(full)
+            yield _batch(*carry, seed, epoch, batch, total, batch_size)
+            carry = None
+        while len(order) - lo >= batch_size:
+            take = order[lo : lo + batch_size]
+            lo += batch_size
+            batch += 1
+            yield _batch(values[take], index.take(pa.array(take)), seed, epoch, batch, total, batch_size)
+        rest = order[lo:]
+        carry = values[rest], index.take(pa.array(rest))
+        del values, index
     if carry is not None and len(carry[0]) and not drop_last:
         batch += 1
-        yield _batch(carry[0], carry[1], seed, epoch, batch, total, batch_size)
+        yield _batch(*carry, seed, epoch, batch, total, batch_size)
 
 
 def _batch(values: np.ndarray, index: pa.Table, seed: int, epoch: int, batch: int, total: int, size: int) -> RowBatch:
     cursor = Cursor(seed, epoch + 1, 0) if batch * size >= total else Cursor(seed, epoch, batch)
-    return RowBatch(np.ascontiguousarray(values), index.combine_chunks(), cursor)
+    return RowBatch(values, index.combine_chunks(), cursor)

@@ -330,6 +330,8 @@ class UnitStore(StoreCore):
         """
         if kind not in (POOLED, TOKENS):
             raise StoreError(f"unit kind {kind!r} is unknown; use {POOLED!r} or {TOKENS!r}")
+        if dtype not in ("float32", "float16"):
+            raise StoreError(f"unit dtype {dtype!r} is not stored; use float32 or float16")
         path = f"acts/{model_key}/{unit_key}"
         n = len(text_ids)
         existing = self.unit(unit_key)
@@ -337,7 +339,7 @@ class UnitStore(StoreCore):
             return existing
         layout = ARRAY if kind == POOLED else SHARDS
         if layout == ARRAY:
-            self._require_array(path, (n, dim), (shard_texts, dim))
+            self._require_array(path, (n, dim), (shard_texts, dim), dtype)
         with self.transaction() as con:
             raced = self.unit(unit_key)  # recorded by another writer since the check above
             if raced is not None:
@@ -374,9 +376,11 @@ class UnitStore(StoreCore):
         )
 
     # -- arrays of pooled units ----------------------------------------------------------------
-    def _require_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array:
+    def _require_array(
+        self, path: str, shape: tuple[int, int], chunks: tuple[int, int], dtype: str = "float32"
+    ) -> zarr.Array:
         arr = self._usable_array(path, shape, chunks)
-        return arr if arr is not None else self._new_unit_array(path, shape, chunks, "create")
+        return arr if arr is not None else self._new_unit_array(path, shape, chunks, "create", dtype)
 
     def _usable_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int]) -> zarr.Array | None:
         """The array at ``path`` if it opens with this shape and chunking; None if missing, garbled or other."""
@@ -406,16 +410,18 @@ class UnitStore(StoreCore):
                 f"array {unit.array_path} of unit {unit.unit_key} is missing or cannot be opened but has committed "
                 "shards; run `safeport verify --repair` to recompute them"
             )
-        self._new_unit_array(unit.array_path, shape, chunks, "recreate")
+        self._new_unit_array(unit.array_path, shape, chunks, "recreate", unit.dtype)
 
-    def _new_unit_array(self, path: str, shape: tuple[int, int], chunks: tuple[int, int], verb: str) -> zarr.Array:
-        """An empty NaN-filled float32 unit array (zstd), replacing whatever was at ``path``."""
+    def _new_unit_array(
+        self, path: str, shape: tuple[int, int], chunks: tuple[int, int], verb: str, dtype: str = "float32"
+    ) -> zarr.Array:
+        """An empty NaN-filled unit array (zstd) of the unit's dtype, replacing whatever was at ``path``."""
         try:
             return self.arrays.create_array(
                 path,
                 shape=shape,
                 chunks=chunks,
-                dtype="float32",
+                dtype=dtype,
                 compressors=zarr.codecs.ZstdCodec(level=3),
                 fill_value=np.nan,
                 overwrite=True,
@@ -432,7 +438,8 @@ class UnitStore(StoreCore):
         if self.committed_shards(unit_key):
             raise StoreError(f"unit {unit_key} still has committed shards; invalidate them before resetting its array")
         if unit.layout == ARRAY:
-            self._new_unit_array(unit.array_path, (unit.n_rows, unit.dim), (unit.shard_rows, unit.dim), "recreate")
+            shape, chunks = (unit.n_rows, unit.dim), (unit.shard_rows, unit.dim)
+            self._new_unit_array(unit.array_path, shape, chunks, "recreate", unit.dtype)
 
     # -- committing ----------------------------------------------------------------------------
     def write_shard(
