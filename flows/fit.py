@@ -23,7 +23,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -51,9 +51,20 @@ from safeport.flows.runner import Call, Done, Group, Work, run_stage
 from safeport.keys import content_key
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
-from safeport.mappers.transfer import Anchors, Pairs, TransferResult, centring, fit_maps, transfer_vectors
+from safeport.mappers.mlp import MLPMapper
+from safeport.mappers.transfer import (
+    Anchors,
+    Centring,
+    Pairs,
+    TransferResult,
+    centred_splits,
+    centring,
+    fit_maps,
+    transfer_vectors,
+)
 from safeport.store import artifacts, positions
 from safeport.store.store import Store, StoreError
+from safeport.store.stream import ROWS, Cursor
 
 log = logging.getLogger("safeport.fit")
 
@@ -215,6 +226,40 @@ class _Computed:
     outputs: list[tuple[str, str, str]]
 
 
+def _mlp_from_store(
+    store: Store, keys: _Keys, anchors: str, c: Centring, val: tuple[np.ndarray, np.ndarray], seed: int
+) -> FittedMap:
+    """The MLP map trained from ``Store.batches``: seeded, shuffled train anchor rows of the source, each
+    with the target's row of the same text (``paired_with``), centred with the train means."""
+    mapper = make_mapper("mlp")
+    if not isinstance(mapper, MLPMapper):  # pragma: no cover - the registry's mlp is MLPMapper
+        raise TypeError(f"mapper 'mlp' is {type(mapper).__name__}, not MLPMapper")
+    select = (
+        "model_key = ? AND kind = 'pooled' AND text_id IN "
+        "(SELECT text_id FROM dataset_texts WHERE dataset = ? AND split = 'train')"
+    )
+    params = [keys.source_key, anchors]
+    n_train = int(store.scalar(f"SELECT count(*) FROM {ROWS} WHERE {select}", params) or 0)
+    mu_s, mu_t = c.mu_s.astype(np.float32), c.mu_t.astype(np.float32)
+
+    def batches(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        stream = store.batches(
+            select,
+            params=params,
+            batch_size=mapper.batch_size,
+            seed=seed,
+            epochs=epoch,
+            cursor=Cursor(seed, epoch - 1, 0),
+            paired_with=keys.target_key,
+        )
+        for b in stream:
+            if b.paired is None:  # pragma: no cover - paired_with always pairs
+                raise StoreError("the anchor stream returned no target rows")
+            yield b.values - mu_s, b.paired - mu_t
+
+    return mapper.fit_stream(batches, val[0], val[1], n_train)
+
+
 def _save_fit(store: Store, fit_key: str, source: str, target: str, inputs: dict[str, Any], c: _Computed) -> None:
     """A computed fit's maps, vectors and rows, and its record as done: one transaction (the runner's)."""
     with store.transaction():
@@ -246,11 +291,14 @@ def _fit(
         if store.scalar("SELECT 1 FROM maps WHERE map_key = ?", [key]):
             state, params = artifacts.load_map(store, key, artifacts.map_state_names(store, key))
             reuse[m] = from_state(m, state, params)
+    stored = set(reuse)
+    if "mlp" in prof.mappers and "mlp" not in reuse:  # trained from the store's stream of anchor rows
+        reuse["mlp"] = _mlp_from_store(store, keys, prof.anchors, c, centred_splits(anchors, c)["val"], prof.seed)
     maps = fit_maps(anchors, c, prof.mappers, lambda m: make_mapper(m), reuse)
     anchor_units = _unit_keys(a_meta, b_meta)
     new_maps: list[tuple[str, dict[str, np.ndarray], dict[str, Any]]] = []
     for mname, fitted in maps.items():
-        if mname not in reuse:
+        if mname not in stored:
             new_maps.append(
                 (
                     map_keys[mname],

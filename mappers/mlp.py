@@ -6,6 +6,11 @@ the best-validation weights are kept. The paper's learning rate and weight decay
 were lost in extraction, so ours are documented choices: lr 1e-3 (Adam's usual
 default) and weight decay 1e-2 (AdamW's default in PyTorch).
 
+Training reads its train pairs as a stream of batches (:data:`Batches`: epoch → batches of
+centred (source, target) rows), so it can train from the store's seeded, shuffled, bounded-memory
+reader (``Store.batches(..., paired_with=...)``, what the fit flow passes) as well as from arrays
+in memory (:meth:`MLPMapper.fit`: a seeded permutation per epoch).
+
 A direction is mapped as f(v) − f(0) (our choice, METHOD §4): it removes the
 output offset f(0) so that the zero direction maps to zero, as for linear maps.
 Training runs on CPU or CUDA; on CPU it is bit-for-bit reproducible (seeded
@@ -17,7 +22,7 @@ fitted map and one rebuilt with ``from_state`` give identical outputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
@@ -29,6 +34,8 @@ from torch import nn
 from safeport.mappers.base import NamedMap, Params, State, as_matrix, as_vector, check_anchor_splits, require_state
 
 _STATE_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+# One epoch (1, 2, ...) of training batches: pairs of centred source and target rows.
+Batches = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
 _EVAL_BATCH = 4096
 
 
@@ -181,11 +188,25 @@ class MLPMapper:
         return MLPMap.map_name
 
     def fit(self, A_train: np.ndarray, B_train: np.ndarray, A_val: np.ndarray, B_val: np.ndarray) -> MLPMap:
+        """Train on arrays in memory: each epoch a seeded permutation of the train rows, cut in batches."""
         a, b, a_val, b_val = check_anchor_splits(A_train, B_train, A_val, B_val)
+        shuffle = torch.Generator().manual_seed(self.seed)
+
+        def batches(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            order = torch.randperm(a.shape[0], generator=shuffle).numpy()
+            for start in range(0, a.shape[0], self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield a[idx], b[idx]
+
+        return self.fit_stream(batches, a_val, b_val, a.shape[0])
+
+    def fit_stream(self, batches: Batches, A_val: np.ndarray, B_val: np.ndarray, n_train: int) -> MLPMap:
+        """Train on ``batches(epoch)`` (centred train pairs, epochs 1, 2, ...); validate on the arrays."""
+        a_val, b_val = as_matrix(A_val, "A_val"), as_matrix(B_val, "B_val")
         device = resolve_device(self.device)
-        net = _build(a.shape[1], self.hidden, b.shape[1], self.seed)
+        net = _build(a_val.shape[1], self.hidden, b_val.shape[1], self.seed)
         with deterministic_torch(device.type == "cpu"):
-            log = self._train(net, device, *(_tensor(x, device) for x in (a, b, a_val, b_val)))
+            log = self._train(net, device, batches, _tensor(a_val, device), _tensor(b_val, device))
         net.to("cpu").eval()
         params: Params = {
             "hidden": self.hidden,
@@ -200,7 +221,7 @@ class MLPMapper:
             "epochs_run": log.epochs_run,
             "best_epoch": log.best_epoch,
             "best_val_loss": log.best_val_loss,
-            "n_train": int(a.shape[0]),
+            "n_train": int(n_train),
             "n_val": int(a_val.shape[0]),
         }
         return MLPMap(net=net, fit_params=params)
@@ -209,23 +230,19 @@ class MLPMapper:
         self,
         net: _Net,
         device: torch.device,
-        a: torch.Tensor,
-        b: torch.Tensor,
+        batches: Batches,
         a_val: torch.Tensor,
         b_val: torch.Tensor,
     ) -> TrainLog:
         """AdamW epochs; validate every ``val_every``; stop once ≥ ``patience`` epochs bring no new best."""
         net.to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        shuffle = torch.Generator().manual_seed(self.seed)
         best_loss, best_epoch, best_state = math.inf, 0, _copy_state(net)
         epoch = 0
         for epoch in range(1, self.max_epochs + 1):
             net.train()
-            order = torch.randperm(a.shape[0], generator=shuffle).to(device)
-            for start in range(0, a.shape[0], self.batch_size):
-                idx = order[start : start + self.batch_size]
-                loss = nn.functional.mse_loss(net(a[idx]), b[idx])
+            for a_batch, b_batch in batches(epoch):
+                loss = nn.functional.mse_loss(net(_tensor(a_batch, device)), _tensor(b_batch, device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

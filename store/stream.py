@@ -54,11 +54,16 @@ class Cursor:
 
 @dataclass(frozen=True)
 class RowBatch:
-    """One batch: float32 values [n, d], each row's index entry, and the cursor after it."""
+    """One batch: float32 values [n, d], each row's index entry, and the cursor after it.
+
+    ``paired``: with ``paired_with=MODEL_KEY``, that model's pooled row of the same text for each row
+    (aligned: row i of ``paired`` is the same text as row i of ``values``), else None.
+    """
 
     values: np.ndarray
     rows: pa.Table
     cursor: Cursor
+    paired: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,15 @@ def _buffers(shards: Sequence[_Shard], seed: int, epoch: int, buffer_rows: int) 
 class _Reader:
     """Reads one buffer: its shards (verified) and the selected rows' index, in a fixed order."""
 
-    def __init__(self, store: Store, where: str, params: Sequence[Any], verify: bool) -> None:
+    def __init__(
+        self, store: Store, where: str, params: Sequence[Any], verify: bool, paired_with: str | None = None
+    ) -> None:
         self.store, self.where, self.params, self.verify = store, where, list(params), verify
+        self.paired_with = paired_with
         self.units: dict[str, UnitInfo] = {}
         self.records: dict[str, dict[int, ShardRecord]] = {}
         self.dim = 0
+        self.pair_dim = 0
 
     def meta(self, keys: Sequence[str]) -> None:
         with self.store.reading():
@@ -126,19 +135,48 @@ class _Reader:
                 ).to_arrow_table()
             finally:
                 con.unregister("_buffer")
+        out = np.empty((index.num_rows, self.dim + self.pair_dim), dtype=np.float32)  # filled in place
+        self._fill(out[:, : self.dim], index)
+        if self.paired_with is not None:
+            self._fill(out[:, self.dim :], self._pair_index(index))
+        return out, index
+
+    def _fill(self, out: np.ndarray, index: pa.Table) -> None:
+        """Rows of ``index`` (unit_key, shard, row) into ``out``, one verified shard at a time."""
         keys = np.array(index.column("unit_key").to_pylist())
         shard_of = index.column("shard").to_numpy()
         row_of = index.column("row").to_numpy().astype(np.int64)
-        out = np.empty((len(row_of), self.dim), dtype=np.float32)  # filled in place: one copy of the buffer
-        for s in sorted(buffer, key=lambda s: (s.unit_key, s.shard)):
-            unit, record = self.units[s.unit_key], self.records[s.unit_key].get(s.shard)
+        for key, shard in sorted({(str(k), int(s)) for k, s in zip(keys, shard_of, strict=True)}):
+            if key not in self.units:
+                self.meta([key])
+            unit, record = self.units[key], self.records[key].get(shard)
             if record is None:
-                raise StoreError(f"shard {s.shard} of unit {s.unit_key} is selected but not committed")
-            block = self.store.verified_shard(unit, record) if self.verify else self._plain(unit, s.shard, record)
-            mine = np.flatnonzero((keys == s.unit_key) & (shard_of == s.shard))
+                raise StoreError(f"shard {shard} of unit {key} is selected but not committed")
+            block = self.store.verified_shard(unit, record) if self.verify else self._plain(unit, shard, record)
+            mine = np.flatnonzero((keys == key) & (shard_of == shard))
             out[mine] = block[row_of[mine] - record.row_start]
             del block
-        return out, index
+
+    def _pair_index(self, index: pa.Table) -> pa.Table:
+        """Where the paired model's pooled row of each selected row's text is, in the same order."""
+        ids = pa.table({"text_id": index.column("text_id"), "pos": np.arange(index.num_rows)})
+        with self.store.reading() as con:
+            con.register("_ids", ids)
+            try:
+                found: pa.Table = con.sql(
+                    "SELECT a.unit_key, a.row // u.shard_texts AS shard, a.row FROM _ids i "
+                    "JOIN activation_rows a ON a.text_id = i.text_id AND a.model_key = ? "
+                    "JOIN units u ON u.unit_key = a.unit_key ORDER BY i.pos",
+                    params=[self.paired_with],
+                ).to_arrow_table()
+            finally:
+                con.unregister("_ids")
+        if found.num_rows != index.num_rows:
+            raise StoreError(
+                f"{index.num_rows - found.num_rows} selected row(s) have no pooled row of model {self.paired_with}; "
+                "extract that model on the same texts first"
+            )
+        return found
 
     def _plain(self, unit: UnitInfo, shard: int, record: ShardRecord) -> np.ndarray:
         return self.store.read_shard(unit, shard, record)
@@ -156,6 +194,7 @@ def stream_batches(
     cursor: Cursor | None = None,
     drop_last: bool = False,
     verify: bool = True,
+    paired_with: str | None = None,
 ) -> Iterator[RowBatch]:
     """Batches of the rows ``select`` picks (a SQL filter over :data:`ROWS`; None: every row), shuffled.
 
@@ -164,6 +203,7 @@ def stream_batches(
     ``select``, ``batch_size`` and ``buffer_rows``: the cursor records the seed only). Memory: one
     buffer of at least ``buffer_rows`` rows (a buffer holds whole shards) plus one batch. The
     arguments and the selection are checked when this is called; rows are read as batches are taken.
+    ``paired_with`` (a model key) adds that model's pooled row of each row's text (a mapper's target side).
     """
     for name, value in (("batch_size", batch_size), ("epochs", epochs), ("buffer_rows", buffer_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -182,12 +222,17 @@ def stream_batches(
             f"SELECT unit_key, shard, count(*) FROM {ROWS} WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2", list(params)
         )
     ]
-    reader = _Reader(store, where, params, verify)
+    reader = _Reader(store, where, params, verify, paired_with)
     reader.meta(sorted({s.unit_key for s in shards}))
     dims = {u.dim for u in reader.units.values()}
     if len(dims) > 1:
         raise StoreError(f"the selected rows have different widths {sorted(dims)}; select rows of one position")
     reader.dim = dims.pop() if dims else 0
+    if paired_with is not None:
+        pair_dim = store.model_dim(paired_with)
+        if pair_dim is None:
+            raise StoreError(f"paired_with={paired_with!r} is not a model of this store; pass a model key")
+        reader.pair_dim = pair_dim
     total = sum(s.n for s in shards)
     return _epochs(reader, shards, seed, epochs, batch_size, buffer_rows, cursor or Cursor(seed), total, drop_last)
 
@@ -245,21 +290,24 @@ def _epoch(
             if len(carry[0]) < batch_size:
                 continue
             batch += 1
-            yield _batch(*carry, seed, epoch, batch, total, batch_size)
+            yield _batch(*carry, seed, epoch, batch, total, batch_size, reader.dim)
             carry = None
         while len(order) - lo >= batch_size:
             take = order[lo : lo + batch_size]
             lo += batch_size
             batch += 1
-            yield _batch(values[take], index.take(pa.array(take)), seed, epoch, batch, total, batch_size)
+            yield _batch(values[take], index.take(pa.array(take)), seed, epoch, batch, total, batch_size, reader.dim)
         rest = order[lo:]
         carry = values[rest], index.take(pa.array(rest))
         del values, index
     if carry is not None and len(carry[0]) and not drop_last:
         batch += 1
-        yield _batch(*carry, seed, epoch, batch, total, batch_size)
+        yield _batch(*carry, seed, epoch, batch, total, batch_size, reader.dim)
 
 
-def _batch(values: np.ndarray, index: pa.Table, seed: int, epoch: int, batch: int, total: int, size: int) -> RowBatch:
+def _batch(
+    values: np.ndarray, index: pa.Table, seed: int, epoch: int, batch: int, total: int, size: int, dim: int
+) -> RowBatch:
     cursor = Cursor(seed, epoch + 1, 0) if batch * size >= total else Cursor(seed, epoch, batch)
-    return RowBatch(values, index.combine_chunks(), cursor)
+    paired = values[:, dim:] if values.shape[1] > dim else None
+    return RowBatch(values[:, :dim] if paired is not None else values, index.combine_chunks(), cursor, paired)

@@ -137,3 +137,53 @@ def test_every_vector_a_fit_makes_exports_and_imports_unchanged(fitted: Path, tm
     assert imported.keys() == vectors.keys()
     for name, values in vectors.items():
         np.testing.assert_array_equal(imported[name], values, err_msg=name)
+
+
+def test_the_mlp_trains_from_the_store_stream_of_paired_anchor_rows(fitted: Path) -> None:
+    """Each epoch of the MLP's stream is every train anchor once, source and target rows of the same text."""
+    from safeport.flows.common import catalog, model_source
+    from safeport.flows.fit import _Keys, _mlp_from_store
+    from safeport.mappers.mlp import MLPMapper
+    from safeport.mappers.transfer import Anchors, centred_splits, centring
+
+    resolved = catalog(str(fitted), "default")
+    src, tgt = (model_source(resolved, m).spec().key() for m in ("src", "tgt"))
+    root = fitted.parent / "store"
+    with Store(root, read_only=True) as store:
+        a_meta, a_src = store.activations("src", "anchors")
+        _, a_tgt = store.activations("tgt", "anchors")
+        splits = np.asarray(a_meta.column("split").to_pylist())
+        c = centring(Anchors(a_src, a_tgt, splits))
+        ids = [t for i, t in enumerate(a_meta.column("text_id").to_pylist()) if splits[i] == "train"]
+        train = dict(zip(ids, zip(a_src[splits == "train"], a_tgt[splits == "train"], strict=True), strict=True))
+        src_rows = np.stack([train[t][0] for t in ids])
+        seen: list[list[str]] = []
+        real = MLPMapper.fit_stream
+
+        def spy(self: MLPMapper, batches, a_val, b_val, n_train):  # type: ignore[no-untyped-def]
+            for epoch in (1, 2):
+                order = []
+                for a, b in batches(epoch):
+                    for row_a, row_b in zip(a + c.mu_s.astype(np.float32), b + c.mu_t.astype(np.float32), strict=True):
+                        text = ids[int(np.abs(src_rows - row_a).sum(axis=1).argmin())]
+                        np.testing.assert_allclose(row_a, train[text][0], atol=1e-5)
+                        np.testing.assert_allclose(row_b, train[text][1], atol=1e-5)  # paired: the same text
+                        order.append(text)
+                seen.append(order)
+            assert n_train == len(train)
+            return real(self, batches, a_val, b_val, n_train)
+
+        keys = _Keys(src, tgt, "", "", None)
+        mp = pytest.MonkeyPatch()
+        mp.setattr(MLPMapper, "fit_stream", spy)
+        try:
+            fitted_map = _mlp_from_store(
+                store, keys, "anchors", c, centred_splits(Anchors(a_src, a_tgt, splits), c)["val"], 42
+            )
+        finally:
+            mp.undo()
+        again = _mlp_from_store(store, keys, "anchors", c, centred_splits(Anchors(a_src, a_tgt, splits), c)["val"], 42)
+    assert sorted(seen[0]) == sorted(seen[1]) == sorted(train)  # every train anchor exactly once per epoch
+    assert seen[0] != seen[1]  # reshuffled each epoch
+    for name, value in fitted_map.state().items():  # seeded stream, deterministic training: the same map
+        np.testing.assert_array_equal(value, again.state()[name])
