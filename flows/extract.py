@@ -171,7 +171,9 @@ def _register(store: Store, model_key: str, model: str, entry: ModelEntry, spec:
 
 
 def _datasets(resolved: Resolved) -> list[str]:
-    return [*resolved.datasets, CONCEPT_DATASET]
+    """The datasets pooled rows are extracted for, in profile order (safedig's capture-only sets are not)."""
+    prof = resolved.profile
+    return list(dict.fromkeys([prof.anchors, prof.pairs, *prof.prompts, CONCEPT_DATASET]))
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,7 @@ class _Run:
         for w in self.work:
             self.tallies.setdefault(w.group, _Tally()).open.update(w.keys)
         self.workers: dict[str, RunEntry] = {}
+        self.committed: set[str] = set()  # claim keys this writer committed (counted on the bar already)
         total = sum(w.size for w in self.work)
         self.bar = tqdm(total=total, desc=desc, unit=stage.unit, mininterval=2.0, dynamic_ncols=True, disable=not total)
 
@@ -321,6 +322,7 @@ class _Run:
         with store.transaction():
             store.session.release(done.keys)
         tally.open.difference_update(done.keys)
+        self.committed.update(done.keys)
         self.bar.update(work.size)
         if worker is not None and last:
             rate = worker.rows / max(time.time() - worker.started, 1e-9)
@@ -423,7 +425,7 @@ class _Run:
             self.tallies[w.group].open.difference_update(set(w.keys) - set(rest))
             if rest:
                 left.append(Work(rest, w.group, w.size, w.unless))
-            else:
+            elif not set(w.keys) <= self.committed:  # finished by another writer
                 self.bar.update(w.size)
         for group in {w.group for w in todo}:
             self._close_if_done(group)

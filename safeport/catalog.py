@@ -174,6 +174,9 @@ class ModelEntry(_Strict):
     # Default diffusers __call__ arguments for generation (height, num_inference_steps, ...). Not part of
     # the representation key: changing them never re-extracts. CLI --set / --steps override them.
     generation: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Positions whose token activations position-aware steering caches (METHOD-SAFEDIG §1): names such as
+    # te.3.txt, double.9.img, single.19.img, or a candidate set: paper | all | blocks | text_encoder.
+    positions: list[str] | str | None = None
     description: str = ""
 
     @field_validator("family")
@@ -307,6 +310,55 @@ class DatasetEntry(_Strict):
         return self
 
 
+class SaeEntry(_Strict):
+    """Sparse autoencoder sizes and training (METHOD-SAFEDIG §4); 0 means the method's default."""
+
+    expansion: int = Field(4, ge=1, le=64)  # m = expansion · d (§4: 8 on GPU, 4 on tiny/CPU)
+    k: int = Field(8, ge=1, le=1024)  # active latents per token (§4: 32 on GPU, 8 on tiny/CPU)
+    epochs: int = Field(1, ge=1, le=1000)  # passes over the training rows
+    batch_size: int = Field(4096, ge=1, le=1_048_576)  # tokens per step
+    max_rows: int | None = Field(None, ge=1, le=_MAX_COUNT)  # at most this many training rows (seeded sample)
+
+
+class SafeDigEntry(_Strict):
+    """Position-aware sparse feature steering (METHOD-SAFEDIG): the token cache, routing, SAEs and steering.
+
+    The capture settings (everything down to ``shard_texts``, with each model's generation settings)
+    are part of every token unit's key: changing one is a new unit and nothing else is touched.
+    """
+
+    models: list[str] = Field(min_length=1)  # targets whose positions are cached: text encoders, Flux or SD3
+    positions: dict[str, list[str] | str] = Field(default_factory=dict)  # per model; default: its positions:, else all
+    datasets: list[str] | None = None  # default: the profile's anchors and pairs
+    steps: list[int] | None = None  # captured denoising steps; default: 4 evenly over the first 60 % (§2)
+    image_tokens: int | None = Field(64, ge=1, le=_MAX_COUNT)  # per (prompt, step), seeded; null: all
+    text_tokens: int | None = Field(None, ge=1, le=_MAX_COUNT)  # per text and position, seeded; null: all real tokens
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = Field(42, ge=0, le=_MAX_SEED)  # the generation seed of every prompt (both sides of a pair)
+    shard_texts: int = Field(64, ge=1, le=MAX_SHARD_ROWS)  # texts per shard: the unit of work, commit and resume
+    holdout: str = "Sexual"  # the held-out risk category, or "all" (leave each SafeSteer category out in turn)
+    route_k: int = Field(3, ge=1, le=64)  # positions routed (§3)
+    harmful_latents: int = Field(16, ge=1, le=4096)  # |H| (§5: 16 on GPU, 4 on tiny)
+    sae: SaeEntry = Field(default_factory=lambda: SaeEntry.model_validate({}))
+    strengths: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0], min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(f"steps {v} must be distinct step indices >= 0 (or omit it for the default)")
+        return v
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v: list[float]) -> list[float]:
+        _finite(v, "strengths")
+        bad = [s for s in v if s < 0 or s > MAX_ALPHA]
+        if bad:
+            raise ValueError(f"strength {bad[0]:g} is not between 0 and {MAX_ALPHA:g}; SafeDIG strengths s are >= 0")
+        return v
+
+
 class ProfileEntry(_Strict):
     models: list[str] = Field(min_length=2)
     anchors: str
@@ -323,6 +375,7 @@ class ProfileEntry(_Strict):
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 3.0], min_length=1)
     shard_rows: int = Field(256, ge=1, le=MAX_SHARD_ROWS)
     seed: int = Field(42, ge=0, le=_MAX_SEED)
+    safedig: SafeDigEntry | None = None  # position-aware sparse feature steering (second method), if any
     description: str = ""
 
     @field_validator("arrays", "outputs")
@@ -562,6 +615,26 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
                     f"{where}.{kind}: dataset {d!r} has kind {cat.datasets[d].kind!r}; name a dataset of kind {kind!r}"
                 )
     names = [prof.anchors, prof.pairs, *prof.prompts]
+    if prof.safedig is not None:
+        for m in prof.safedig.models:
+            if m not in prof.models:
+                raise CatalogError(
+                    f"{where}.safedig.models: {m!r} is not a model of the profile; add it to the profile's models:"
+                )
+            family = cat.models[m].family
+            if family not in ("text_encoder", "flux", "sd3"):
+                raise CatalogError(
+                    f"{where}.safedig.models: {m!r} has family {family!r}; token positions are cached for "
+                    "text_encoder, flux and sd3 models"
+                )
+        for m in prof.safedig.positions:
+            if m not in prof.safedig.models:
+                raise CatalogError(f"{where}.safedig.positions: {m!r} is not one of safedig.models; add it there")
+        for d in prof.safedig.datasets or []:
+            if d not in cat.datasets:
+                raise CatalogError(f"{where}.safedig.datasets: dataset {d!r} is not in the catalog; add it")
+            if d not in names:
+                names.append(d)
     resolved = Resolved(
         path=path,
         name=profile,

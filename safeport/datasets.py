@@ -301,6 +301,9 @@ def build_all(resolved: Resolved) -> dict[str, DatasetRows]:
     out[prof.anchors] = build_single(resolved, prof.anchors, frozenset(r.text_id for r in pairs.rows))
     for p in prof.prompts:
         out[p] = build_single(resolved, p)
+    for name, entry in resolved.datasets.items():  # the token cache's own sets (safedig: datasets)
+        if name not in out:
+            out[name] = build_pairs(resolved, name) if entry.kind == "pairs" else build_single(resolved, name)
     for ds in out.values():
         if ds.report:
             log.info("dataset %s: %s", ds.name, ", ".join(f"{k}={v}" for k, v in sorted(ds.report.items())))
