@@ -160,7 +160,7 @@ def test_the_mlp_trains_from_the_store_stream_of_paired_anchor_rows(fitted: Path
         seen: list[list[str]] = []
         real = MLPMapper.fit_stream
 
-        def spy(self: MLPMapper, batches, a_val, b_val, n_train):  # type: ignore[no-untyped-def]
+        def spy(self: MLPMapper, batches, a_val, b_val, n_train):
             for epoch in (1, 2):
                 order = []
                 for a, b in batches(epoch):
