@@ -16,7 +16,7 @@ Everything that reads or writes a store goes through here or through the modules
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from safeport.store.core import StoreCore
@@ -25,7 +25,7 @@ from safeport.store.db import StoreDamagedError as StoreDamagedError
 from safeport.store.db import StoreError as StoreError
 from safeport.store.registry import RegistryStore
 from safeport.store.schema import SCHEMA_VERSION as SCHEMA_VERSION
-from safeport.store.stream import RowBatch, stream_batches
+from safeport.store.stream import RowBatch, StreamPlan, plan_stream, stream_batches
 from safeport.store.units import ShardDescriptor as ShardDescriptor
 from safeport.store.units import UnitInfo as UnitInfo
 from safeport.store.units import UnitStore
@@ -56,3 +56,7 @@ class Store(UnitStore, RegistryStore, StoreCore):
         ``side``, ``pair_id``), e.g. ``"model = 'minilm-l6' AND position = 'te.3.txt'"``.
         """
         return stream_batches(self, select, **options)
+
+    def stream_plan(self, select: str | None = None, params: Sequence[Any] = ()) -> StreamPlan:
+        """The same selection as a :class:`StreamPlan`: streamed later, anywhere the arrays are (a Dask worker)."""
+        return plan_stream(self, select, params)

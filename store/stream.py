@@ -182,6 +182,148 @@ class _Reader:
         return self.store.read_shard(unit, shard, record)
 
 
+@dataclass(frozen=True)
+class PlannedShard:
+    """One committed shard a plan reads: where its rows are, what they hash to, which rows are selected."""
+
+    unit_key: str
+    shard: int
+    array_path: str
+    row_start: int
+    row_stop: int
+    dtype: str
+    checksum: str
+    rows: np.ndarray  # selected rows, in the array's numbering, ascending
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a stream reads, decided where DuckDB is (the flow process); read wherever the arrays are.
+
+    Why: Dask workers never open DuckDB, yet a trainer on a worker must stream its rows. The plan
+    holds each selected shard's record and selected rows (a few bytes a row), so a worker with the
+    arrays location streams exactly what :meth:`safeport.store.store.Store.batches` would give (same
+    order for the same seed, verified, bounded memory), with an index of (unit_key, shard, row) only.
+    """
+
+    arrays: str  # the arrays location (path or fsspec URL)
+    shards: tuple[PlannedShard, ...]
+    dim: int
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(s.rows) for s in self.shards)
+
+    def batches(
+        self,
+        *,
+        batch_size: int = 4096,
+        seed: int = 42,
+        epochs: int = 1,
+        buffer_rows: int = 65536,
+        cursor: Cursor | None = None,
+        drop_last: bool = False,
+        verify: bool = True,
+    ) -> Iterator[RowBatch]:
+        _check_sizes(batch_size, epochs, buffer_rows)
+        if cursor is not None and cursor.seed != seed:
+            raise ValueError(f"cursor was taken with seed {cursor.seed}, this stream has seed {seed}; pass seed=")
+        shards = [_Shard(s.unit_key, s.shard, len(s.rows)) for s in self.shards]
+        reader = _PlanReader(self, verify)
+        start = cursor or Cursor(seed)
+        return _epochs(reader, shards, seed, epochs, batch_size, buffer_rows, start, self.n_rows, drop_last)
+
+
+class _PlanReader:
+    """Reads a buffer of a :class:`StreamPlan` from the arrays alone (no DuckDB)."""
+
+    def __init__(self, plan: StreamPlan, verify: bool) -> None:
+        from safeport.store.location import ArrayLocation
+
+        self.plan, self.verify, self.dim, self.pair_dim = plan, verify, plan.dim, 0
+        self.location = ArrayLocation(plan.arrays)
+        self.by_key = {(s.unit_key, s.shard): s for s in plan.shards}
+
+    def read(self, buffer: Sequence[_Shard]) -> tuple[np.ndarray, pa.Table]:
+        from safeport.store.units import checksum
+
+        planned = [self.by_key[(b.unit_key, b.shard)] for b in sorted(buffer, key=lambda b: (b.unit_key, b.shard))]
+        out = np.empty((sum(len(p.rows) for p in planned), self.dim), dtype=np.float32)
+        at = 0
+        for p in planned:
+            try:
+                block = np.asarray(self.location.open_array(p.array_path)[p.row_start : p.row_stop, :])
+            except Exception as err:  # any decoding failure means damaged data
+                raise StoreError(
+                    f"array {p.array_path} shard {p.shard} of unit {p.unit_key} cannot be read ({type(err).__name__}: "
+                    f"{err}): the data is damaged. Run `safeport verify --repair`"
+                ) from None
+            if self.verify and checksum(block, p.dtype) != p.checksum:
+                raise StoreError(
+                    f"array {p.array_path} shard {p.shard} of unit {p.unit_key} fails its checksum: the data is "
+                    "damaged. Run `safeport verify --repair`"
+                )
+            out[at : at + len(p.rows)] = block[p.rows - p.row_start]
+            at += len(p.rows)
+        index = pa.table(
+            {
+                "unit_key": pa.array([p.unit_key for p in planned for _ in p.rows], pa.string()),
+                "shard": pa.array(np.concatenate([np.full(len(p.rows), p.shard) for p in planned]), pa.int32()),
+                "row": pa.array(np.concatenate([p.rows for p in planned]), pa.int32()),
+            }
+        )
+        return out, index
+
+
+def plan_stream(store: Store, select: str | None = None, params: Sequence[Any] = ()) -> StreamPlan:
+    """The :class:`StreamPlan` of the rows ``select`` picks (see :func:`stream_batches`)."""
+    where = _where(select)
+    rows = store.sql(
+        f"SELECT unit_key, shard, row FROM {ROWS} WHERE {where} ORDER BY unit_key, shard, row", list(params)
+    )
+    keys = rows.column("unit_key").to_pylist()
+    shard_of = rows.column("shard").to_numpy()
+    row_of = rows.column("row").to_numpy().astype(np.int64)
+    units, records = {}, {}
+    for key in dict.fromkeys(keys):
+        unit = store.unit(key)
+        if unit is None:
+            raise StoreError(f"unit {key} is selected but not recorded; run `safeport verify`")
+        units[key], records[key] = unit, store.shard_records(key)
+    dims = {u.dim for u in units.values()}
+    if len(dims) > 1:
+        raise StoreError(f"the selected rows have different widths {sorted(dims)}; select rows of one position")
+    planned = []
+    bounds = np.flatnonzero(np.r_[True, (np.array(keys[1:]) != np.array(keys[:-1])) | (shard_of[1:] != shard_of[:-1])])
+    for i, start in enumerate(bounds):
+        stop = bounds[i + 1] if i + 1 < len(bounds) else len(keys)
+        key, shard = keys[start], int(shard_of[start])
+        record = records[key].get(shard)
+        if record is None:
+            raise StoreError(f"shard {shard} of unit {key} is selected but not committed")
+        planned.append(
+            PlannedShard(key, shard, record.array_path, record.row_start, record.row_stop, record.dtype,
+                         record.checksum, row_of[start:stop])
+        )  # fmt: skip
+    return StreamPlan(store.location.url, tuple(planned), dims.pop() if dims else 0)
+
+
+def _check_sizes(batch_size: int, epochs: int, buffer_rows: int) -> None:
+    for name, value in (("batch_size", batch_size), ("epochs", epochs), ("buffer_rows", buffer_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} = {value!r}; give a whole number of 1 or more")
+
+
+def _where(select: str | None) -> str:
+    where = f"({select})" if select else "true"
+    if not _one_select(f"SELECT 1 FROM {ROWS} WHERE {where}"):
+        raise ValueError(
+            "select must be one SQL filter over the row index, e.g. \"position = 'te.3.txt' AND split = 'train'\", "
+            "not a statement"
+        )
+    return where
+
+
 def stream_batches(
     store: Store,
     select: str | None = None,
@@ -205,15 +347,8 @@ def stream_batches(
     arguments and the selection are checked when this is called; rows are read as batches are taken.
     ``paired_with`` (a model key) adds that model's pooled row of each row's text (a mapper's target side).
     """
-    for name, value in (("batch_size", batch_size), ("epochs", epochs), ("buffer_rows", buffer_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} = {value!r}; give a whole number of 1 or more")
-    where = f"({select})" if select else "true"
-    if not _one_select(f"SELECT 1 FROM {ROWS} WHERE {where}"):
-        raise ValueError(
-            "select must be one SQL filter over the row index, e.g. \"position = 'te.3.txt' AND split = 'train'\", "
-            "not a statement"
-        )
+    _check_sizes(batch_size, epochs, buffer_rows)
+    where = _where(select)
     if cursor is not None and cursor.seed != seed:
         raise ValueError(f"cursor was taken with seed {cursor.seed}, this stream has seed {seed}; pass seed=")
     shards = [
@@ -238,7 +373,7 @@ def stream_batches(
 
 
 def _epochs(
-    reader: _Reader,
+    reader: _Reader | _PlanReader,
     shards: Sequence[_Shard],
     seed: int,
     epochs: int,
@@ -256,7 +391,7 @@ def _epochs(
 
 
 def _epoch(
-    reader: _Reader,
+    reader: _Reader | _PlanReader,
     shards: Sequence[_Shard],
     seed: int,
     epoch: int,

@@ -409,3 +409,17 @@ def test_kept_batches_hold_only_their_own_rows(memory: dict[str, Any]) -> None:
     kept_bytes = memory["kept_rows"] * MEM_DIM * 4
     assert memory["kept_batches"] == 10
     assert memory["kept_traced"] < kept_bytes + 2 * BUFFER_BYTES, memory["kept_traced"] / ARRAY_BYTES
+
+
+def test_a_stream_plan_streams_the_same_batches_without_duckdb(store: Store) -> None:
+    """What a Dask worker reads from a plan (arrays only) is what the store's own stream gives."""
+    plan = store.stream_plan(ONLY_IMG)
+    direct = list(store.batches(ONLY_IMG, batch_size=10, seed=3, epochs=2, buffer_rows=20))
+    planned = list(plan.batches(batch_size=10, seed=3, epochs=2, buffer_rows=20))
+    assert len(direct) == len(planned) and plan.n_rows == sum(len(b.values) for b in direct) // 2
+    for a, b in zip(direct, planned, strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+        assert a.cursor == b.cursor
+        assert a.rows.select(["unit_key", "shard", "row"]).to_pylist() == b.rows.to_pylist()
+    resumed = list(plan.batches(batch_size=10, seed=3, epochs=2, buffer_rows=20, cursor=planned[4].cursor))
+    assert [r.cursor for r in resumed] == [r.cursor for r in planned[5:]]
