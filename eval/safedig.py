@@ -33,9 +33,10 @@ percentiles over all tokens added, and ū = c·(Σ z_H / n) W′_H.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -240,3 +241,107 @@ def edit_tokens(x: torch.Tensor, params: SteeringParams, strength: float, mode: 
         else:
             touched, delta = in_blend | in_repel, torch.where(in_repel.unsqueeze(-1), repel, blend)
     return torch.where(touched.unsqueeze(-1), (xf + delta).to(x.dtype), x)
+
+
+# --- a steering bundle and its hooks (§7 at generation time) -------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SafeDigPosition:
+    """One position of a bundle: its SAE, harmful latents, decoder and calibration (all arrays, no store)."""
+
+    position: str
+    sae: SaeParams
+    harmful: tuple[int, ...]
+    decoder: np.ndarray  # [m, d]: the refitted W′ (the source W_dec for the "no refit" ablation)
+    calibration: Calibration
+    routed: bool = True
+    fixed: bool = False  # the "no routing" ablation's fixed position
+
+    def params(self, device: str | torch.device = "cpu") -> SteeringParams:
+        return SteeringParams.build(self.sae, self.harmful, self.decoder, self.calibration, device)
+
+
+@dataclass(frozen=True, eq=False)
+class SafeDigBundle:
+    """What a generation job steers with: a model's routed positions for one held-out risk category."""
+
+    name: str
+    model: str
+    holdout: str
+    positions: tuple[SafeDigPosition, ...]
+    lineage: dict[str, object]
+
+    def routed(self) -> SafeDigBundle:
+        """The routed positions (SafeDIG, Blend, Repel, ablation)."""
+        return replace(self, positions=tuple(p for p in self.positions if p.routed))
+
+    def fixed(self) -> SafeDigBundle:
+        """The "no routing" ablation: the one fixed middle position."""
+        return replace(self, positions=tuple(p for p in self.positions if p.fixed))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.position for p in self.positions)
+
+
+Strength = float | Sequence[float]
+
+
+def _strengths(strength: Strength) -> list[float] | float:
+    if isinstance(strength, int | float):
+        return float(strength)
+    values = [float(s) for s in strength]
+    if not values:
+        raise ValueError("strength is an empty sequence; give one strength, or one per output of the batch")
+    return values
+
+
+@contextmanager
+def safedig_hooks(
+    target: Any,
+    bundle: SafeDigBundle,
+    strength: Strength = 1.0,
+    mode: Mode = "safedig",
+    steps: tuple[int, int] | None = None,
+) -> Iterator[None]:
+    """Blend/Repel (or one ablation ``mode``) at every position of ``bundle`` while the block runs.
+
+    ``target`` is the pipeline (or its transformer, or a HF text model for ``te`` positions). Only the
+    conditional branch is edited; every denoising step by default, ``steps=(first, last)`` for a range
+    (``te`` positions are the encode pass: step 0, always edited). ``strength`` is one s, or one per
+    output of a batched call (the conditional batch's rows, in order). Hooks are removed on exit,
+    also after an exception inside the call.
+    """
+    from safeport.extractors.capture import position_hooks  # the hooks primitive (model side)
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    per_row = _strengths(strength)
+    if steps is not None and (len(steps) != 2 or steps[0] > steps[1] or steps[0] < 0):
+        raise ValueError(f"steps {steps!r} must be (first, last) with 0 <= first <= last")
+    device = _device_of(target)
+    params = {p.position: p.params(device) for p in bundle.positions}
+
+    def edit(position: Any, step: int, tensor: torch.Tensor) -> torch.Tensor | None:
+        if steps is not None and position.kind != "te" and not steps[0] <= step <= steps[1]:
+            return None
+        p = params[position.name]
+        if isinstance(per_row, float):
+            return edit_tokens(tensor, p, per_row, mode)
+        if len(per_row) != tensor.shape[0]:
+            raise ValueError(
+                f"{len(per_row)} strengths for a batch of {tensor.shape[0]} at {position.name}; give one per output"
+            )
+        return torch.stack([edit_tokens(tensor[i], p, s, mode) for i, s in enumerate(per_row)])
+
+    with position_hooks(target, bundle.names, edit):
+        yield
+
+
+def _device_of(target: Any) -> torch.device:
+    module = getattr(target, "transformer", None) or target
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")

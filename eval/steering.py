@@ -30,17 +30,21 @@ No file I/O here: vectors arrive as arrays (loading them is the store's job).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from safeport.extractors.pipeline_encoder import Positions, pooled_positions, quiet_pipeline_logs
 from safeport.mappers import vectors as _vectors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from safeport.eval.safedig import SafeDigBundle
 
 # diffusers pipelines register components as dynamic attributes; see extractors/pipeline_encoder.py.
 Pipeline = Any
@@ -259,8 +263,12 @@ def steered_embeds(
     max_sequence_length: int | None = None,
     clip_skip: int | None = None,
     drop_constant_prefix: bool = False,
+    unsteered: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for ``pipe(...)``: steered ``prompt_embeds`` plus the unsteered rest.
+
+    ``unsteered``: the pipeline's own encoding only (``vector`` is ignored): what a SafeDIG-only
+    call passes on, encoded while its text-encoder hooks are in place.
 
     ``max_sequence_length`` defaults to the pipeline's ``__call__`` default and must equal the
     value given to ``pipe(...)``. ``clip_skip`` is used by SD3 only. ``drop_constant_prefix`` must
@@ -277,12 +285,14 @@ def steered_embeds(
             raise ValueError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt"
             )
-    v = check_vector(vector, alpha)
+    v = None if unsteered else check_vector(vector, alpha)
     msl = _default_max_sequence_length(pipe) if max_sequence_length is None else max_sequence_length
     extra = {"clip_skip": clip_skip}
     # no_grad rather than inference_mode: these tensors go on into __call__, outside inference mode.
     with torch.no_grad(), quiet_pipeline_logs(pipe):
         kwargs = family.encode(pipe, prompts, negatives, msl, extra)
+        if v is None:
+            return kwargs
         positions = steering_positions(pipe, prompts, kwargs, msl, drop_constant_prefix)
     return add_to_prompt_embeds(kwargs, v, alpha, type(pipe).__name__, positions)
 
@@ -324,19 +334,31 @@ def add_to_prompt_embeds(
 def steer(
     pipe: Pipeline,
     prompt: Prompt,
-    vector: np.ndarray,
-    alpha: float,
+    vector: np.ndarray | None = None,
+    alpha: float = 0.0,
     negative_prompt: Prompt | None = None,
     *,
+    safedig: SafeDigBundle | None = None,
+    strength: float | Sequence[float] = 1.0,
+    mode: str = "safedig",
+    steps: tuple[int, int] | None = None,
     drop_constant_prefix: bool = False,
     **generate_kwargs: Any,
 ) -> Any:
-    """Generate with ``alpha * vector`` added to the prompt's ``prompt_embeds`` at its pooled positions.
+    """Generate steered by a vector (cross-model, METHOD §7), a SafeDIG bundle (METHOD-SAFEDIG §7), or both.
 
-    ``generate_kwargs`` go to ``pipe(...)`` unchanged (height, steps, guidance, generator...).
-    One output per prompt: for more, repeat the prompt in a list or loop over seeds, because
-    Flux, SD3 and Wan do not replicate precomputed embeds per ``num_images_per_prompt``.
+    ``vector``: ``alpha * vector`` is added to the prompt's ``prompt_embeds`` at its pooled positions.
+    ``safedig``: Blend and Repel (or one ablation ``mode``: blend, repel, ablate) at the bundle's
+    positions with strength ``strength`` (one s, or one per prompt of the call), on the conditional
+    branch, every denoising step or ``steps=(first, last)``; text-encoder positions are edited in the
+    pipeline's own encode path. Both together compose: the bundle's text-encoder edits happen inside
+    the encoding the vector is then added to. ``generate_kwargs`` go to ``pipe(...)`` unchanged
+    (height, steps, guidance, generator...). One output per prompt: for more, repeat the prompt in a
+    list or loop over seeds, because Flux, SD3 and Wan do not replicate precomputed embeds per
+    ``num_images_per_prompt``.
     """
+    if vector is None and safedig is None:
+        raise ValueError("steer() needs a vector (with alpha) or a safedig bundle (with strength), or both")
     clash = sorted(RESERVED_KWARGS & set(generate_kwargs))
     if clash:
         raise ValueError(f"steer() sets {clash} itself; pass the text as prompt/negative_prompt instead")
@@ -348,14 +370,23 @@ def steer(
             "repeat the prompt in a list (with a list of generators) instead"
         )
     msl = generate_kwargs.get("max_sequence_length")
-    kwargs = steered_embeds(
-        pipe,
-        prompt,
-        vector,
-        alpha,
-        negative_prompt,
-        max_sequence_length=msl,
-        clip_skip=generate_kwargs.get("clip_skip"),
-        drop_constant_prefix=drop_constant_prefix,
-    )
-    return pipe(**kwargs, **generate_kwargs)
+    hooks: Any = contextlib.nullcontext()
+    if safedig is not None:
+        from safeport.eval.safedig import MODES, safedig_hooks
+
+        if mode not in MODES:
+            raise ValueError(f"unknown SafeDIG mode {mode!r}; choose one of {', '.join(MODES)}")
+        hooks = safedig_hooks(pipe, safedig, strength, mode, steps)
+    with hooks:
+        kwargs = steered_embeds(
+            pipe,
+            prompt,
+            np.zeros(1, dtype=np.float32) if vector is None else vector,
+            0.0 if vector is None else alpha,
+            negative_prompt,
+            max_sequence_length=msl,
+            clip_skip=generate_kwargs.get("clip_skip"),
+            drop_constant_prefix=drop_constant_prefix,
+            unsteered=vector is None,
+        )
+        return pipe(**kwargs, **generate_kwargs)

@@ -10,7 +10,9 @@ The public API is what a generation job needs; everything else (``safeport.flows
 
 - :func:`load_vector` (store folder or :class:`Store`, name) -> (vector, lineage), checksum-verified
 - :func:`read_exported_vector` (path of a ``safeport export`` file) -> (vector, lineage)
-- :func:`steer` (pipe, prompt, vector, alpha, negative_prompt=None, **pipe_kwargs): a steered generation
+- :func:`steer` (pipe, prompt, vector=None, alpha=0, negative_prompt=None, *, safedig=None, strength=1,
+  mode="safedig", steps=None, **pipe_kwargs): a generation steered by a vector, a SafeDIG bundle, or both
+- :func:`load_safedig` (store, name, refit=True) / :func:`read_exported_safedig` (folder): a SafeDIG bundle
 - :func:`combine` (vectors by category, weights by category) -> one vector
 - :class:`Store` (folder): read-only access — ``vectors()``, ``load_vector(name)``, ``query(sql)``,
   ``activations(model, dataset)``
@@ -27,10 +29,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Store", "__version__", "combine", "load_catalog", "load_vector", "read_exported_vector", "steer"]
+__all__ = [
+    "Store",
+    "__version__",
+    "combine",
+    "load_catalog",
+    "load_safedig",
+    "load_vector",
+    "read_exported_safedig",
+    "read_exported_vector",
+    "steer",
+]
 
 if TYPE_CHECKING:
-    from safeport.api import Store, load_vector, read_exported_vector
+    from safeport.api import Store, load_safedig, load_vector, read_exported_safedig, read_exported_vector
     from safeport.catalog import load_catalog
     from safeport.eval.steering import combine, steer
 
@@ -38,6 +50,8 @@ _LAZY = {
     "Store": "safeport.api",
     "load_vector": "safeport.api",
     "read_exported_vector": "safeport.api",
+    "load_safedig": "safeport.api",
+    "read_exported_safedig": "safeport.api",
     "load_catalog": "safeport.catalog",
     "steer": "safeport.eval.steering",
     "combine": "safeport.eval.steering",

@@ -113,6 +113,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from safeport.store.maintenance import export_vectors
 
+    if args.safedig:
+        from safeport.api import export_safedig
+
+        for name in args.safedig:
+            folder = export_safedig(_root(args), name, Path(args.output))
+            print(f"exported SafeDIG bundle {name} to {folder} (SAELens SAEs + steer.safetensors + bundle.json)")
+        if not args.names:
+            return 0
     written = export_vectors(_root(args), Path(args.output), args.names)
     print(f"exported {len(written)} vector(s) to {args.output} (safetensors + lineage JSON + manifest.json)")
     return 0
@@ -222,8 +230,16 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
     g.add_argument("--apply", action="store_true", help="delete them (default: only list them and their size)")
     g.add_argument("--wait", type=float, default=0.0, help=WAIT_HELP)
 
-    e = add("export", cmd_export, "export vectors (safetensors + lineage JSON) to a folder")
-    e.add_argument("names", nargs="*", help="vector names (default: all)")
+    e = add("export", cmd_export, "export vectors (safetensors + lineage JSON) or SafeDIG bundles to a folder")
+    e.add_argument("names", nargs="*", help="vector names (default: all, unless --safedig is given)")
+    e.add_argument(
+        "--safedig",
+        nargs="+",
+        default=None,
+        metavar="BUNDLE",
+        help="SafeDIG bundles by name (safedig:MODEL:CATEGORY; list them: safeport query "
+        "\"select name from safedig_bundles\")",
+    )
     e.add_argument("--output", "-o", required=True, help="folder to write")
 
     i = add("import", cmd_import, "import exported vectors into the store, checksum-verified, with lineage")

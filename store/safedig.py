@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -364,3 +365,67 @@ def bundle_row(store: Store, name: str) -> dict[str, Any]:
     row["positions"] = json.loads(row.pop("positions_json"))
     row["lineage"] = json.loads(row.pop("lineage_json"))
     return row
+
+
+# --- an exported bundle: a folder a generation job loads without the store -------------------------------------
+
+BUNDLE_JSON = "bundle.json"
+STEER_FILE = "steer.safetensors"
+
+
+def write_bundle_folder(
+    folder: Path,
+    manifest: Mapping[str, Any],
+    saes: Mapping[str, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]],
+    steer: Mapping[str, Mapping[str, np.ndarray]],
+) -> Path:
+    """Per position ``sae/`` (SAELens's cfg.json + sae_weights.safetensors) and ``steer.safetensors`` (refitted
+    decoder, safe levels), then ``bundle.json`` (positions, H, thresholds, lineage) last: a folder without it is
+    incomplete and refused by :func:`read_bundle_folder`."""
+    from safetensors.numpy import save_file
+
+    from safeport.store.sae_files import write_saelens_folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / BUNDLE_JSON).unlink(missing_ok=True)
+    for position, (cfg, tensors) in saes.items():
+        write_saelens_folder(folder / position / "sae", cfg, tensors)
+        save_file({k: np.ascontiguousarray(v) for k, v in steer[position].items()}, str(folder / position / STEER_FILE))
+    tmp = folder / f".{BUNDLE_JSON}.tmp"
+    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1, default=str), encoding="utf-8")
+    tmp.replace(folder / BUNDLE_JSON)
+    return folder
+
+
+def read_bundle_folder(
+    folder: Path,
+) -> tuple[dict[str, Any], dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]], dict[str, dict[str, np.ndarray]]]:
+    """(manifest, SAELens (cfg, tensors) per position, steering tensors per position) of an exported bundle."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from safeport.store.sae_files import read_saelens_folder
+
+    manifest_path = folder / BUNDLE_JSON
+    if not manifest_path.is_file():
+        raise StoreError(
+            f"{folder} is not a complete SafeDIG bundle (no {BUNDLE_JSON}); export it again with "
+            "`safeport export --safedig NAME -o DIR`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        positions = [str(p["position"]) for p in manifest["positions"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{manifest_path} is not a SafeDIG bundle manifest ({err}); export the bundle again") from None
+    saes, steer = {}, {}
+    for position in positions:
+        if "/" in position or position.startswith("."):
+            raise StoreError(f"{manifest_path} names position {position!r}, which is not a position name")
+        saes[position] = read_saelens_folder(folder / position / "sae")
+        try:
+            steer[position] = load_file(str(folder / position / STEER_FILE))
+        except (OSError, SafetensorError) as err:
+            raise StoreError(
+                f"{folder / position / STEER_FILE} cannot be read ({err}); export the bundle again"
+            ) from None
+    return manifest, saes, steer
