@@ -108,3 +108,39 @@ def trade_off(
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
     return drawn
+
+
+def loco_figure(
+    cells: Sequence[Any], holdouts: Sequence[str], methods: Sequence[str], strengths: Sequence[float]
+) -> Any:
+    """Held-out flagged fraction vs strength s, one panel per held-out category, one line per method.
+
+    ``cells`` are :class:`safeport.eval.loco.Cell` (typed loosely: plots never import the evaluators).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(holdouts))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    styles = method_styles(["original", *methods])
+    for i, h in enumerate(holdouts):
+        ax = axes[i // cols][i % cols]
+        original = next((c for c in cells if c.holdout == h and c.method == "original"), None)
+        for m in methods:
+            mine = sorted((c for c in cells if c.holdout == h and c.method == m), key=lambda c: c.strength)
+            xs = [0.0, *(c.strength for c in mine)]
+            ys = [original.target if original else float("nan"), *(c.target for c in mine)]
+            ax.plot(xs, ys, label=m, **styles[m])
+        ax.set_title(f"held out: {h}")
+        ax.set_xlabel("strength s")
+        ax.set_ylabel("held-out flagged")
+        ax.set_ylim(-0.02, 1.02)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig

@@ -47,7 +47,7 @@ from safeport.eval.report import headline, render
 from safeport.eval.representation import PromptSet, cosine_rows, map_rows, position_section, probe_rows, proxy_rows
 from safeport.flows.common import catalog, model_source, store_for, writing
 from safeport.flows.extract import CONCEPT_DATASET
-from safeport.flows.runner import Call, Done, Group, Work, run_stage
+from safeport.flows.runner import Call, Done, Group, KeyedStage, Work, run_stage
 from safeport.keys import content_key
 from safeport.mappers import MAPPERS, from_state, make_mapper
 from safeport.mappers.base import FittedMap
@@ -451,10 +451,11 @@ def _pairs_of(store: Store, resolved: Resolved) -> list[_Pair]:
     return out
 
 
-class FitPairs:
+class FitPairs(KeyedStage):
     """The fit stage: one piece per source→target pair whose fit (by key) is not done; computed here."""
 
     flow, task, unit, remote = "fit", "fit_pair", "fit", False
+    prefix = "fit"
 
     def __init__(self, store: Store, resolved: Resolved, pairs: Sequence[_Pair]) -> None:
         self.store, self.resolved = store, resolved
@@ -463,12 +464,6 @@ class FitPairs:
 
     def groups(self) -> list[Group]:
         return [Group(p.name, self.resolved.profile.anchors, p.fit_key) for p in self.pairs.values()]
-
-    def work(self) -> list[Work]:
-        return [Work((f"fit:{g.key}",), g) for g in self.groups() if not artifacts.fit_done(self.store, g.key or "")]
-
-    def finished(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if artifacts.fit_done(self.store, k.removeprefix("fit:"))]
 
     def prepare(self, work: Work, keys: list[str]) -> Call:
         p = self.pairs[work.group.key or ""]
@@ -482,8 +477,8 @@ class FitPairs:
         self.computed[p.fit_key] = result
         return Done(result.n_rows)
 
-    def close(self, group: Group, computed: bool) -> None:
-        pass
+    def done(self, key: str) -> bool:
+        return artifacts.fit_done(self.store, key)
 
 
 @dataclass(frozen=True)
@@ -497,10 +492,11 @@ class _ReportSet:
         return _hash(self.inputs)
 
 
-class ReportSets:
+class ReportSets(KeyedStage):
     """The representation-report stage: one piece per (pair, prompt set) whose rows (by key) are not stored."""
 
     flow, task, unit, remote = "report", "report_rows", "prompt set", False
+    prefix = "report"
 
     def __init__(self, store: Store, resolved: Resolved, sets: Sequence[_ReportSet], fits: FitPairs) -> None:
         self.store, self.resolved, self.fits = store, resolved, fits
@@ -509,14 +505,6 @@ class ReportSets:
 
     def groups(self) -> list[Group]:
         return [Group(r.pair.name, r.prompt_set, k) for k, r in self.sets.items()]
-
-    def work(self) -> list[Work]:
-        return [
-            Work((f"report:{g.key}",), g) for g in self.groups() if not artifacts.report_done(self.store, g.key or "")
-        ]
-
-    def finished(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if artifacts.report_done(self.store, k.removeprefix("report:"))]
 
     def _inputs(self, pair: _Pair) -> Any:
         """A fit's vectors, kinds and probe: from this run's fit, or read back once per pair."""
@@ -549,8 +537,8 @@ class ReportSets:
         artifacts.save_report_rows(self.store, r.key, p.fit_key, p.source, p.target, r.prompt_set, r.inputs, rows)
         return Done(len(rows))
 
-    def close(self, group: Group, computed: bool) -> None:
-        pass
+    def done(self, key: str) -> bool:
+        return artifacts.report_done(self.store, key)
 
 
 def _report_sets_of(store: Store, resolved: Resolved, pairs: Sequence[_Pair]) -> list[_ReportSet]:

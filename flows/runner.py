@@ -129,6 +129,32 @@ class Stage(Protocol):
         ...
 
 
+class KeyedStage:
+    """The common stage shape: one piece per group, named by the group's content key, finished when its artefact is.
+
+    A subclass sets ``prefix`` (the claim kind), lists its groups (``Group.key`` set) and says when a
+    key's artefact is stored (:meth:`done`); it adds ``prepare`` and ``commit``.
+    """
+
+    prefix = ""
+    remote = False
+
+    def groups(self) -> list[Group]:
+        raise NotImplementedError
+
+    def done(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def work(self) -> list[Work]:
+        return [Work((f"{self.prefix}:{g.key}",), g) for g in self.groups() if not self.done(g.key or "")]
+
+    def finished(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if self.done(k.split(":", 1)[1])]
+
+    def close(self, group: Group, computed: bool) -> None:
+        """Nothing to do once a keyed piece is committed: its artefact is its record."""
+
+
 @dataclass(frozen=True)
 class GroupResult:
     group: Group

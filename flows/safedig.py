@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,7 @@ from safeport.codehash import code_hash
 from safeport.eval.safedig import SafeLevelAccumulator
 from safeport.flows.capture import CaptureModel, capture_models
 from safeport.flows.common import catalog, store_for, writing
-from safeport.flows.runner import Call, Done, Executor, Group, Work, executor_for_flow, run_stage
+from safeport.flows.runner import Call, Done, Executor, Group, KeyedStage, Work, executor_for_flow, run_stage
 from safeport.keys import content_key
 from safeport.mappers.latents import LatentAccumulator, SaeParams
 from safeport.mappers.refit import RefitStats, refit_decoder
@@ -56,6 +56,9 @@ from safeport.mappers.routing import route, score_positions
 from safeport.store import safedig as art
 from safeport.store.store import Store, StoreError, UnitInfo
 from safeport.store.stream import ROWS, Cursor, StreamPlan
+
+if TYPE_CHECKING:
+    from safeport.eval.safedig_report import HoldoutView
 
 log = logging.getLogger("safeport.safedig")
 
@@ -176,14 +179,25 @@ def fixed_position(cm: CaptureModel) -> str:
     return ordered[len(ordered) // 2]
 
 
-def holdouts(resolved: Resolved, categories: Sequence[str]) -> list[str]:
+def check_holdout(value: str) -> str:
+    """A ``--holdout`` value as the method names it (a SafeSteer category, any case, or ``all``)."""
+    known = {c.lower(): c for c in (*SAFESTEER, "all")}
+    found = known.get(value.strip().lower())
+    if found is None:
+        raise ValueError(f"--holdout {value!r} is not a SafeSteer category; use one of {', '.join(known.values())}")
+    return found
+
+
+def holdouts(resolved: Resolved, categories: Sequence[str], holdout: str | None = None) -> list[str]:
+    """The held-out categories to fit: ``holdout`` (the ``--holdout`` override) or the profile's ``safedig.holdout``."""
     sd = resolved.profile.safedig
-    wanted = sd.holdout if sd is not None else "Sexual"
+    wanted = holdout if holdout is not None else sd.holdout if sd is not None else "Sexual"
     if wanted == "all":
         return [c for c in SAFESTEER if c in categories] or sorted(categories)
     if wanted not in categories:
+        where = "--holdout" if holdout is not None else "safedig.holdout"
         raise ValueError(
-            f"safedig.holdout {wanted!r} is not a category of the pairs (categories: {sorted(categories)}); "
+            f"{where} {wanted!r} is not a category of the pairs (categories: {sorted(categories)}); "
             "name one of them or all"
         )
     return [wanted]
@@ -234,8 +248,9 @@ def compute_route(store: Store, piece: RoutePiece, pairs: Sequence[Pair], k: int
     ]
 
 
-class RouteStage:
+class RouteStage(KeyedStage):
     flow, task, unit, remote = "safedig", "route", "routing", False
+    prefix = "route"
 
     def __init__(self, store: Store, pieces: Sequence[RoutePiece], pairs: Mapping[str, list[Pair]], k: int) -> None:
         self.store, self.pairs, self.k = store, pairs, k
@@ -243,12 +258,6 @@ class RouteStage:
 
     def groups(self) -> list[Group]:
         return [Group(p.cache.cm.name, f"route:{p.holdout}", k) for k, p in self.pieces.items()]
-
-    def work(self) -> list[Work]:
-        return [Work((f"route:{g.key}",), g) for g in self.groups() if not art.route_done(self.store, g.key or "")]
-
-    def finished(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if art.route_done(self.store, k.removeprefix("route:"))]
 
     def prepare(self, work: Work, keys: list[str]) -> Call:
         p = self.pieces[work.group.key or ""]
@@ -259,8 +268,8 @@ class RouteStage:
         art.save_routes(self.store, p.key, result, p.inputs)
         return Done(len(result))
 
-    def close(self, group: Group, computed: bool) -> None:
-        pass
+    def done(self, key: str) -> bool:
+        return art.route_done(self.store, key)
 
 
 # --- 2. SAEs ------------------------------------------------------------------------------------------
@@ -381,8 +390,9 @@ def train_position_sae(arrays_url: str, piece_key: str, config: Mapping[str, Any
     )
 
 
-class SaeStage:
+class SaeStage(KeyedStage):
     flow, task, unit, remote = "safedig", "train_sae", "SAE", True
+    prefix = "sae"
 
     def __init__(self, store: Store, pieces: Sequence[SaePiece]) -> None:
         self.store = store
@@ -390,12 +400,6 @@ class SaeStage:
 
     def groups(self) -> list[Group]:
         return [Group(p.cache.cm.name, f"{p.position}|{p.holdout}", k) for k, p in self.pieces.items()]
-
-    def work(self) -> list[Work]:
-        return [Work((f"sae:{g.key}",), g) for g in self.groups() if not art.sae_done(self.store, g.key or "")]
-
-    def finished(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if art.sae_done(self.store, k.removeprefix("sae:"))]
 
     def prepare(self, work: Work, keys: list[str]) -> Call:
         p = self.pieces[work.group.key or ""]
@@ -431,8 +435,8 @@ class SaeStage:
         art.drop_checkpoint(self.store, p.key)
         return Done(result.n_train)
 
-    def close(self, group: Group, computed: bool) -> None:
-        pass
+    def done(self, key: str) -> bool:
+        return art.sae_done(self.store, key)
 
 
 # --- 3. harmful latents, the refit, the steering parameters -------------------------------------------------
@@ -523,8 +527,9 @@ def _groups(labels: Sequence[tuple[str, str]]) -> dict[tuple[str, str], np.ndarr
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-class SelectStage:
+class SelectStage(KeyedStage):
     flow, task, unit, remote = "safedig", "select", "SAE", False
+    prefix = "select"
 
     def __init__(self, store: Store, pieces: Sequence[SelectPiece], sides: Mapping[str, Mapping[str, Any]]) -> None:
         self.store, self.sides = store, sides
@@ -542,14 +547,6 @@ class SelectStage:
 
     def groups(self) -> list[Group]:
         return [Group(p.sae.cache.cm.name, f"{p.sae.position}|{p.sae.holdout}", k) for k, p in self.pieces.items()]
-
-    def work(self) -> list[Work]:
-        return [
-            Work((f"select:{k}",), g) for g in self.groups() for k in [g.key or ""] if not self._done(self.pieces[k])
-        ]
-
-    def finished(self, keys: list[str]) -> list[str]:
-        return [k for k in keys if self._done(self.pieces[k.removeprefix("select:")])]
 
     def prepare(self, work: Work, keys: list[str]) -> Call:
         p = self.pieces[work.group.key or ""]
@@ -603,8 +600,8 @@ class SelectStage:
             )
         return Done(1)
 
-    def close(self, group: Group, computed: bool) -> None:
-        pass
+    def done(self, key: str) -> bool:
+        return self._done(self.pieces[key])
 
 
 # --- the whole fit -------------------------------------------------------------------------------------------
@@ -618,10 +615,17 @@ class BundleResult:
     routed: tuple[str, ...]
     fixed: str
     bundle_key: str
+    view: HoldoutView | None = None  # what the fit report shows of it (set by :func:`safedig_reports`)
+    report: str = ""  # reports/safedig-<model>.md
 
 
-def safedig_fit(store: Store, resolved: Resolved, executor: Executor | None = None) -> list[BundleResult]:
-    """Route, train, select and bundle for every model and held-out category of the profile (see module doc)."""
+def safedig_fit(
+    store: Store, resolved: Resolved, executor: Executor | None = None, holdout: str | None = None
+) -> list[BundleResult]:
+    """Route, train, select and bundle for every model and held-out category of the profile (see module doc).
+
+    ``holdout`` overrides the profile's ``safedig.holdout`` (a category of the pairs, or ``all``).
+    """
     sd = resolved.profile.safedig
     if sd is None:
         return []
@@ -631,7 +635,7 @@ def safedig_fit(store: Store, resolved: Resolved, executor: Executor | None = No
     out: list[BundleResult] = []
     for pairs_dataset, plist in pairs.items():
         categories = sorted({p.category for p in plist})
-        held = holdouts(resolved, categories)
+        held = holdouts(resolved, categories, holdout)
         mine = [c for c in caches if c.pairs_dataset == pairs_dataset]
         route_pieces = [route_piece(c, h, categories, sd.route_k) for c in mine for h in held]
         run_stage(store, RouteStage(store, route_pieces, pairs, sd.route_k), desc="route")
@@ -710,17 +714,30 @@ def _bundle(
 
 
 @task(name="safedig-fit", cache_policy=NO_CACHE)
-def safedig_task(store_root: str, catalog_path: str | None, profile: str) -> list[BundleResult]:
-    return safedig_fit(store_for(store_root), catalog(catalog_path, profile))
+def safedig_task(
+    store_root: str, catalog_path: str | None, profile: str, holdout: str | None = None
+) -> list[BundleResult]:
+    from safeport.flows.safedig_report import safedig_reports
+
+    store, resolved = store_for(store_root), catalog(catalog_path, profile)
+    return safedig_reports(store, resolved, safedig_fit(store, resolved, holdout=holdout))
 
 
 @flow(name="safeport-safedig", log_prints=False)
 def safedig_flow(
-    catalog_path: str | None = None, profile: str = "default", store: str | None = None, wait_s: float = 0.0
+    catalog_path: str | None = None,
+    profile: str = "default",
+    store: str | None = None,
+    wait_s: float = 0.0,
+    holdout: str | None = None,
 ) -> list[BundleResult]:
-    """Capture what is missing, then route, train, select and bundle (METHOD-SAFEDIG §2-7)."""
+    """Capture what is missing, then route, train, select and bundle (METHOD-SAFEDIG §2-7); render the fit report.
+
+    ``holdout`` (``--holdout``) overrides the profile's ``safedig.holdout``: a SafeSteer category or ``all``.
+    """
     from safeport.flows.capture import capture_all
 
+    holdout = check_holdout(holdout) if holdout is not None else None
     resolved = catalog(catalog_path, profile)
     if resolved.profile.safedig is None:
         raise ValueError(
@@ -729,5 +746,5 @@ def safedig_flow(
     root = Path(store) if store else resolved.store_path
     with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url):
         capture_all(str(root), catalog_path, profile)
-        result: list[BundleResult] = safedig_task(str(root), catalog_path, profile)
+        result: list[BundleResult] = safedig_task(str(root), catalog_path, profile, holdout)
         return result

@@ -341,6 +341,8 @@ class SafeDigEntry(_Strict):
     harmful_latents: int = Field(16, ge=1, le=4096)  # |H| (§5: 16 on GPU, 4 on tiny)
     sae: SaeEntry = Field(default_factory=lambda: SaeEntry.model_validate({}))
     strengths: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0], min_length=1)
+    # Benign captions the leave-one-category-out headline measures damage on (METHOD-SAFEDIG §9); none: skip it.
+    eval_benign: str | None = None
 
     @field_validator("steps")
     @classmethod
@@ -630,7 +632,7 @@ def resolve_profile(cat: Catalog, path: Path, profile: str) -> Resolved:
         for m in prof.safedig.positions:
             if m not in prof.safedig.models:
                 raise CatalogError(f"{where}.safedig.positions: {m!r} is not one of safedig.models; add it there")
-        for d in prof.safedig.datasets or []:
+        for d in [*(prof.safedig.datasets or []), *([prof.safedig.eval_benign] if prof.safedig.eval_benign else [])]:
             if d not in cat.datasets:
                 raise CatalogError(f"{where}.safedig.datasets: dataset {d!r} is not in the catalog; add it")
             if d not in names:

@@ -31,7 +31,7 @@ import zarr.errors
 from safeport.store import location
 from safeport.store.claims import HOST, Session
 from safeport.store.db import StoreError, database, default_wait
-from safeport.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, check_version
+from safeport.store.schema import CURRENT_VIEWS, MIGRATIONS, SCHEMA, SCHEMA_VERSION, check_version
 
 log = logging.getLogger("safeport.store")
 
@@ -183,6 +183,7 @@ class StoreCore:
             self._record_identity(con, arrays)
             version = check_version(self.root, con, writing=True)
             if version == SCHEMA_VERSION:
+                con.execute(CURRENT_VIEWS)  # what this release's queries read (idempotent)
                 return version
             con.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('migrating', ?)",

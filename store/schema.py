@@ -50,11 +50,11 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR, flow VARCHAR, task VARCHAR, model VARCHAR, dataset VARCHAR, unit_key VARCHAR,
     status VARCHAR, rows BIGINT, tokens BIGINT, seconds DOUBLE, started_at TIMESTAMP,
     finished_at TIMESTAMP, message VARCHAR);
-CREATE OR REPLACE VIEW activations AS
+CREATE VIEW IF NOT EXISTS activations AS
     SELECT m.name AS model, m.role, dt.dataset, dt.idx, dt.text_id, dt.split, dt.category, dt.pair_id,
            dt.side, a.n_tokens, a.truncated, a.unit_key, a.row, m.model_key, m.current
     FROM activation_rows a JOIN models m USING (model_key) JOIN dataset_texts dt USING (text_id);
-CREATE OR REPLACE VIEW arrays AS
+CREATE VIEW IF NOT EXISTS arrays AS
     SELECT u.array_path AS path, u.unit_key, m.name AS model, u.dataset, u.n_rows, u.dim, u.dtype,
            u.status, count(s.shard) AS shards_committed,
            string_agg(s.checksum, ',' ORDER BY s.shard) AS checksums
@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS fit_outputs (
 CREATE TABLE IF NOT EXISTS report_sets (
     report_key VARCHAR PRIMARY KEY, fit_key VARCHAR, source VARCHAR, target VARCHAR, prompt_set VARCHAR,
     prompt_hash VARCHAR, inputs_json VARCHAR, n_rows INTEGER, created_at TIMESTAMP);
-CREATE OR REPLACE VIEW lineage AS
+CREATE VIEW IF NOT EXISTS lineage AS
     SELECT v.name AS vector, v.kind, v.source, v.target, v.mapper, v.category, m.params_json AS map_params,
            coalesce(v.lineage_json->>'$.split_hash', m.split_hash) AS split_hash, m.anchors,
            coalesce(v.lineage_json->>'$.anchors_hash', m.anchors_hash) AS anchors_hash,
@@ -227,6 +227,11 @@ def _v5_general_units(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP TABLE activation_rows")
     con.execute(ROW_VIEWS)
     con.execute(STALE_DDL)
+
+
+# The views of the current schema, restated at every writer open of a current store (cheap, idempotent), so a
+# view a release changes never depends on which step last touched it.
+CURRENT_VIEWS = ROW_VIEWS + RUNNING_VIEW
 
 
 MIGRATIONS: list[Migration] = [

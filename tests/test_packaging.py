@@ -49,7 +49,17 @@ def test_the_readme_snippet_uses_only_the_public_api() -> None:
 
 def test_public_api_is_lazy_typed_and_versioned() -> None:
     assert sorted(safeport.__all__) == sorted(
-        ["Store", "__version__", "combine", "load_catalog", "load_vector", "read_exported_vector", "steer"]
+        [
+            "Store",
+            "__version__",
+            "combine",
+            "load_catalog",
+            "load_safedig",
+            "load_vector",
+            "read_exported_safedig",
+            "read_exported_vector",
+            "steer",
+        ]
     )
     version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
     assert safeport.__version__ == version
