@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from safeport.flows.run import run_flow
 
     t0 = time.time()
-    extracted, fitted = run_flow(args.catalog, args.profile, args.store, args.wait)
+    extracted, fitted, bundles, headline = run_flow(args.catalog, args.profile, args.store, args.wait)
     root = _store_root(args)
     for r in extracted:
         print(f"  extract {r.model:<16} {r.dataset:<14} {r.status:<8} {r.rows:>6} rows {r.seconds:7.1f}s")
@@ -112,6 +112,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for f in fitted:
         print(f"  fit {f.source} -> {f.target}: {f.status} in {f.seconds:.1f}s; report {f.report}")
     _print_headlines(fitted)
+    if bundles:
+        print("\nposition-aware steering (SafeDIG):")
+        for b in bundles:
+            print(f"  {b.name}: routed {', '.join(b.routed)}; no-routing ablation at {b.fixed}")
+    for h in headline:
+        print(f"\nheadline (SafeDIG, leave one category out on {h.model}; report {h.report}):")
+        for line in h.verdicts.values():
+            print(f"  {line}")
     print(f"\nsafeport run finished in {time.time() - t0:.1f}s; store at {root}")
     return 0
 
@@ -153,10 +161,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     for title, sql in (
         ("models", "SELECT name, role, family, model_key, dim, current FROM models ORDER BY name"),
         ("datasets", "SELECT dataset, kind, n_rows, content_hash, registered_at FROM datasets ORDER BY 1"),
-        ("units", "SELECT model, dataset, n_rows, shards_committed, status FROM arrays ORDER BY 1, 2"),
+        (
+            "units",
+            "SELECT model, dataset, n_rows, shards_committed, status FROM arrays WHERE kind = 'pooled' ORDER BY 1, 2",
+        ),
+        (
+            "token cache (position-aware steering)",
+            "SELECT coalesce(m.name, u.model_key) AS model, u.dataset, count(*) AS positions, "
+            "sum(u.shards_committed) AS shards_committed, sum((u.n_texts + u.shard_texts - 1) // u.shard_texts) AS "
+            "shards, sum(coalesce(u.n_rows, 0)) AS rows, min(u.status) AS status FROM (SELECT u.*, "
+            "(SELECT count(*) FROM shards s WHERE s.unit_key = u.unit_key) AS shards_committed FROM units u "
+            "WHERE u.kind = 'tokens') u LEFT JOIN models m USING (model_key) GROUP BY ALL ORDER BY 1, 2",
+        ),
     ):
+        table = readonly_query(root, sql)
+        if title.startswith("token cache") and not table.num_rows:
+            continue
         print(f"\n{title}:")
-        print(format_table(readonly_query(root, sql)))
+        print(format_table(table))
     from safeport.cli_ops import print_running, print_staleness
 
     print_staleness(root)
@@ -198,6 +220,7 @@ EXAMPLES: dict[str, str] = {
     "import": "safeport import vectors/ --store other-store",
     "verify": "safeport verify --repair",
     "recover": "safeport recover --store safeport-store",
+    "capture": "safeport capture --profile paper --plan --gpus 8",
 }
 
 
@@ -249,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from safeport.cli_verify import add_verify_commands
 
     add_verify_commands(sub, add)
+    from safeport.cli_safedig import add_safedig_commands
+
+    add_safedig_commands(sub, add)
     return parser
 
 
@@ -300,7 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _first_interrupt)
     try:
         try:
-            return int(args.func(args))
+            code = int(args.func(args))
+            if managed and signal.getsignal(signal.SIGINT) is _exit_now:
+                # The first Ctrl-C was taken, but its KeyboardInterrupt never came back: Prefect's flow
+                # engine drops one that lands once the flow run is final (its completion hooks, its
+                # "Finished in state" report). Ctrl-C still means stop (`safeport run && ...` must not go on).
+                raise KeyboardInterrupt
+            return code
         except Exception as err:
             # A Ctrl-C whose KeyboardInterrupt a cleanup step then buried under its own error
             # (DuckDB's "unfinished result", a Prefect crash report) is still an interrupt.

@@ -252,6 +252,41 @@ class _Stderr:
         return self.data.decode(errors="replace")
 
 
+# The child of the Ctrl-C test gets SIGINT the way a foreground command at a terminal does. A test run
+# started as a background job of a script (`pytest ... &`, `nohup`, some CI runners) has SIGINT ignored,
+# its children inherit that, and safeport then rightly keeps ignoring Ctrl-C (as any background job must):
+# the first SIGINT would be dropped and the extraction run to its end.
+FOREGROUND_CHILD = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+    "from safeport.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _committed_rows(store: Path) -> int:
+    """Rows the extraction's running tasks have committed, as `safeport query` shows them (0: none yet)."""
+    from safeport.store.query import readonly_query
+    from safeport.store.store import StoreError
+
+    try:
+        table = readonly_query(store, "SELECT coalesce(sum(rows), 0) AS n FROM runs WHERE status = 'running'")
+    except StoreError:  # not created yet, or busy for longer than a reader waits: look again
+        return 0
+    return int(table.column("n")[0].as_py())
+
+
+def _wait_for_committed_rows(proc: subprocess.Popen[bytes], store: Path, timeout: float = 300) -> bool:
+    """Poll the store while ``proc`` runs until a running task has committed rows; False if it ended first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (store / "meta.duckdb").is_file() and _committed_rows(store) > 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.parametrize(
     "second", [pytest.param("while the run stops", marks=pytest.mark.slow), "while safeport shuts down"]
 )
@@ -261,22 +296,23 @@ def test_a_second_ctrl_c_is_quiet(prefect_api: str, tmp_path: Path, second: str)
     import signal
     import time
 
+    from safeport.store.query import readonly_query
     from safeport.store.verify import verify_path
     from tests.conftest import REPO
     from tests.flows.catalogs import tiny_catalog
 
     catalog = tiny_catalog(tmp_path, anchors=400, shard_rows=8)
+    store = tmp_path / "store"
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    code = "import sys; from safeport.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "extract", "--catalog", str(catalog)],
+        [sys.executable, "-c", FOREGROUND_CHILD, "extract", "--catalog", str(catalog)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     err = _Stderr(proc)
-    assert err.wait_for(b"src/anchors:"), err.text()  # extraction is under way
-    time.sleep(0.3)
+    # The first Ctrl-C lands inside the extraction, once it has committed rows (a state, not a delay).
+    assert _wait_for_committed_rows(proc, store), "safeport ended before committing rows:\n" + err.text()[-3000:]
     proc.send_signal(signal.SIGINT)
     if second == "while the run stops":
         time.sleep(0.05)
@@ -290,7 +326,8 @@ def test_a_second_ctrl_c_is_quiet(prefect_api: str, tmp_path: Path, second: str)
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "leaked" not in text, text[-3000:]
     assert proc.returncode == 130, text[-3000:]
     assert "safeport: interrupted" in text
-    assert verify_path(tmp_path / "store").ok  # whatever was committed is intact
+    assert verify_path(store).ok  # whatever was committed is intact ...
+    assert readonly_query(store, "SELECT count(*) AS n FROM shards").column("n")[0].as_py() > 0  # ... and kept
 
 
 def test_an_interrupt_buried_under_a_cleanup_error_is_still_an_interrupt(
@@ -315,6 +352,38 @@ def test_an_interrupt_buried_under_a_cleanup_error_is_still_an_interrupt(
     finally:
         signal.signal(signal.SIGINT, before)
     assert code == 130 and err == "safeport: interrupted; committed work is kept, rerun to resume\n"
+
+
+def test_a_ctrl_c_prefect_drops_once_the_flow_finished_is_still_an_interrupt(
+    prefect_api: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C once the flow run is final (here: in its completion hook): Prefect's engine logs the
+    KeyboardInterrupt at debug level and returns the result; safeport still stops with exit 130."""
+    import signal
+    from typing import Any
+
+    from prefect import flow
+
+    import safeport.cli
+
+    del prefect_api  # the flow runs in this process, against the test server the fixture started
+
+    def ctrl_c(flow: Any, flow_run: Any, state: Any) -> None:  # names as in Prefect's FlowStateHook
+        signal.raise_signal(signal.SIGINT)
+
+    @flow(name="ctrl-c-after-the-end", on_completion=[ctrl_c])
+    def finished() -> int:
+        return 0
+
+    monkeypatch.setattr(safeport.cli, "cmd_status", lambda args: finished())
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, however pytest was started
+    try:
+        code, _, err = _run(capsys, "status")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "Traceback" not in err
+    assert code == 130 and err.endswith("safeport: interrupted; committed work is kept, rerun to resume\n"), err
 
 
 @pytest.mark.parametrize(
