@@ -434,6 +434,62 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
+_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "flux": ("tokenizer", "tokenizer_2"),
+    "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3"),
+}
+
+
+def real_token_counts(
+    location: str, family: str, texts: list[str], msl: int, revision: str | None = None
+) -> dict[str, np.ndarray]:
+    """Real tokens per text at ``te`` positions ("te") and in the DiT text stream ("dit").
+
+    Counted with the pipeline's own tokenizers and the same rules as the capture (no weights are
+    loaded): what ``safeport capture --plan`` sizes a pipeline's text rows with. Raises ``OSError``
+    when the tokenizers are not at ``location`` (a hub id that is not downloaded).
+    """
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    if family not in _FAMILIES:
+        raise ValueError(f"real_token_counts takes a flux or sd3 pipeline, got family {family!r}")
+    loaded: dict[str, Any] = {}
+    for name in _TOKENIZERS[family]:
+        try:
+            loaded[name] = AutoTokenizer.from_pretrained(location, subfolder=name, revision=revision)
+        except OSError:
+            if name != "tokenizer_3":
+                raise
+            loaded[name] = None  # SD3 without T5: the pipeline fills that part with zeros
+    toks = SimpleNamespace(**loaded, text_encoder_3=loaded.get("tokenizer_3"))
+    if family == "sd3":
+        toks.tokenizer_max_length = int(toks.tokenizer.model_max_length)
+    rules = _FAMILIES[family]
+    te_tokenizer = getattr(toks, rules.te_tokenizer)
+    te = _mask(te_tokenizer, texts, msl).sum(axis=1) if te_tokenizer is not None else np.zeros(len(texts), int)
+    return {"te": te, "dit": rules.text_mask(toks, texts, msl).sum(axis=1)}
+
+
+def image_grid_divisor(location: str, family: str, revision: str | None = None) -> int:
+    """Pixels per image token along a side: the VAE's downsampling times the DiT's patch size.
+
+    Flux packs 2x2 latents into one token; SD3 patches ``patch_size`` latents. 16 for both paper
+    targets (VAE /8, 2x2); the tiny pipelines' VAEs do not downsample. Read from the configs alone.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.load_config(location, subfolder="vae", revision=revision)
+    vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    if family == "flux":
+        return vae_factor * 2
+    from diffusers import SD3Transformer2DModel
+
+    dit = SD3Transformer2DModel.load_config(location, subfolder="transformer", revision=revision)
+    return vae_factor * int(dit.get("patch_size", 2))
+
+
 def _seeds(seeds: int | Sequence[int], n: int) -> np.ndarray:
     out = np.full(n, seeds, dtype=np.int64) if isinstance(seeds, int) else np.asarray(list(seeds), dtype=np.int64)
     if out.shape != (n,) or (out < 0).any():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,8 +377,13 @@ def _dataset_texts(store: Store, dataset: str) -> list[str]:
     return list(dict.fromkeys(r[0] for r in rows))
 
 
-def capture_groups(store: Store, resolved: Resolved, models: Sequence[CaptureModel]) -> list[_CaptureGroup]:
-    """Every (model, dataset) group of the profile, its units created if new (texts in dataset order)."""
+def capture_groups(
+    store: Store, resolved: Resolved, models: Sequence[CaptureModel], only: Collection[str] | None = None
+) -> list[_CaptureGroup]:
+    """Every (model, dataset) group of the profile, its units created if new (texts in dataset order).
+
+    ``only``: unit keys; just the groups holding one of them (a repair touches nothing else).
+    """
     shard_texts = resolved.profile.safedig.shard_texts if resolved.profile.safedig else 64
     out = []
     for cm in models:
@@ -386,6 +391,8 @@ def capture_groups(store: Store, resolved: Resolved, models: Sequence[CaptureMod
             ds_hash = store.dataset_hash(dataset)
             if ds_hash is None:
                 raise ValueError(f"dataset {dataset!r} is not registered in the store; run `safeport extract` first")
+            if only is not None and not any(cm.unit_key(dataset, ds_hash, p) in only for p in cm.positions):
+                continue
             g = _CaptureGroup(cm, dataset, ds_hash, cm.group_key(dataset, ds_hash), _dataset_texts(store, dataset))
             for position in cm.positions:
                 key = cm.unit_key(dataset, ds_hash, position)
@@ -504,13 +511,18 @@ class CaptureResult:
     positions: tuple[str, ...]
 
 
-def capture_tokens(store: Store, resolved: Resolved, executor: Executor | None = None) -> list[CaptureResult]:
-    """Fill the token cache of the profile's ``safedig:`` block; only missing (position, shard) rows run."""
+def capture_tokens(
+    store: Store, resolved: Resolved, executor: Executor | None = None, only: Collection[str] | None = None
+) -> list[CaptureResult]:
+    """Fill the token cache of the profile's ``safedig:`` block; only missing (position, shard) rows run.
+
+    ``only``: unit keys to complete (the repair's invalidated token units), nothing else.
+    """
     executor = executor or executor_for_flow()
     models = capture_models(resolved)
     if not models:
         return []
-    groups = capture_groups(store, resolved, models)
+    groups = capture_groups(store, resolved, models, only)
     try:
         results = run_stage(store, CaptureShards(store, groups, executor.remote), executor, desc="capture")
     finally:
@@ -534,23 +546,39 @@ class PositionPlan:
     done_rows: int
 
 
-def _image_tokens_per_step(cm: CaptureModel) -> int:
+def _image_tokens_per_step(cm: CaptureModel, divisor: int = 16) -> int:
+    """Image tokens sampled per (prompt, step); ``divisor``: pixels per token along a side (16: VAE /8, 2x2)."""
     if cm.generation is None:
         return 0
-    side_h, side_w = cm.generation.height // 16, cm.generation.width // 16  # VAE /8, then 2x2 patches
-    total = side_h * side_w
+    total = (cm.generation.height // divisor) * (cm.generation.width // divisor)
     return total if cm.image_tokens is None else min(cm.image_tokens, total)
 
 
-def plan_rows(cm: CaptureModel, position: str, text_lengths: Iterable[int]) -> int:
+def plan_rows(cm: CaptureModel, position: str, text_lengths: Iterable[int], divisor: int = 16) -> int:
     """Rows one position captures for texts of these real-token lengths (steps x tokens, sampled)."""
     stream = Position.parse(position).stream
     if stream == "img":
         n_texts = sum(1 for _ in text_lengths)
-        return n_texts * len(cm.steps) * _image_tokens_per_step(cm)
+        return n_texts * len(cm.steps) * _image_tokens_per_step(cm, divisor)
     steps = 1 if position.startswith("te.") else len(cm.steps)
     k = cm.text_tokens
     return steps * sum(n if k is None else min(n, k) for n in text_lengths)
+
+
+def _pipeline_counts(cm: CaptureModel, texts: list[str]) -> tuple[dict[str, list[int]], int] | None:
+    """(real tokens per text at "te" and "dit" text positions, pixels per image token) from the pipeline's
+    tokenizers and configs (no weights); None when they are not here (a hub id that is not downloaded)."""
+    from safeport.extractors.capture import image_grid_divisor, real_token_counts
+
+    if cm.generation is None:
+        return None
+    location, revision = cm.source.location, cm.source.revision
+    try:
+        counts = real_token_counts(location, cm.family, texts, cm.generation.max_sequence_length, revision)
+        divisor = image_grid_divisor(location, cm.family, revision)
+    except (OSError, ValueError):
+        return None
+    return {k: [int(n) for n in v] for k, v in counts.items()}, divisor
 
 
 def pooled_lengths(store: Store, cm: CaptureModel, dataset: str) -> dict[str, int]:
@@ -583,8 +611,9 @@ class ModelPlan:
 def plan_capture(catalog_path: str | None, profile: str, store: str | None = None) -> list[ModelPlan]:
     """Rows, bytes and GPU time of the profile's token cache per model and position; no model is loaded.
 
-    Text counts come from the catalog's datasets; real-token counts from the store's pooled rows of the
-    model where it has them (else characters / 4); rows already committed from the store, if there is one.
+    Text counts come from the catalog's datasets; real-token counts from the pipeline's own tokenizers
+    (a text encoder: its pooled rows in the store), else characters / 4 (a hub id not downloaded); image
+    tokens from the VAE and DiT configs (else 16 pixels a token); committed rows from the store, if any.
     GPU time: the model's ``generation: seconds_per_output`` scaled by the fraction of steps run.
     """
     from safeport.datasets import build_all
@@ -596,18 +625,23 @@ def plan_capture(catalog_path: str | None, profile: str, store: str | None = Non
     out = []
     try:
         for cm in capture_models(resolved, offline_ok=True):
-            lengths: list[int] = []
+            texts: list[tuple[str, str]] = []  # (id, text) of every unit's texts: a dataset's unit holds its own
+            found: dict[str, int] = {}
             for name in capture_datasets(resolved):
-                rows = datasets[name].rows
-                found = pooled_lengths(have, cm, name) if have is not None else {}
-                cap = int(cm.spec["max_tokens"])
-                unique = dict.fromkeys(r.text_id for r in rows)
-                chars = {r.text_id: len(r.text) for r in rows}
-                lengths += [found.get(t) or min(cap, max(1, math.ceil(chars[t] / 4)) + 2) for t in unique]
+                texts += {r.text_id: r.text for r in datasets[name].rows}.items()
+                if have is not None and cm.generation is None:  # a text encoder's pooled rows count real tokens
+                    found.update(pooled_lengths(have, cm, name))
+            cap = int(cm.spec["max_tokens"] or 512)
+            estimate = [found.get(t) or min(cap, max(1, math.ceil(len(x) / 4)) + 2) for t, x in texts]
+            lengths = {"te": estimate, "dit": estimate}
+            divisor = 16
+            counted = _pipeline_counts(cm, [x for _, x in texts])
+            if counted is not None:
+                lengths, divisor = counted
             done = _done_rows(have, cm) if have is not None else {}
             positions = []
             for position in cm.positions:
-                n = plan_rows(cm, position, lengths)
+                n = plan_rows(cm, position, lengths["te" if position.startswith("te.") else "dit"], divisor)
                 width = 2 if cm.spec["dtype"] == "float16" else 4
                 positions.append(
                     PositionPlan(cm.name, position, n, n * cm.dims[position] * width, done.get(position, 0))
@@ -617,7 +651,7 @@ def plan_capture(catalog_path: str | None, profile: str, store: str | None = Non
             if isinstance(sec, int | float) and cm.generation is not None:
                 per = float(sec) * (max(cm.steps) + 1) / cm.generation.num_inference_steps
                 source = f"{float(sec):g} s per output x {max(cm.steps) + 1}/{cm.generation.num_inference_steps} steps"
-            out.append(ModelPlan(cm.name, tuple(positions), len(lengths), per, source))
+            out.append(ModelPlan(cm.name, tuple(positions), len(texts), per, source))
     finally:
         if have is not None:
             have.close()

@@ -21,7 +21,8 @@ from safeport.catalog import CatalogError, Resolved
 from safeport.flows.common import catalog, model_source, release_models, store_for, writing
 from safeport.flows.extract import resume_units
 from safeport.store.store import Store, StoreError, UnitInfo
-from safeport.store.verify import Invalidation, Report, invalidate, units_to_resume, verify_store
+from safeport.store.units import TOKENS
+from safeport.store.verify import REPAIR_STATUS, Invalidation, Report, invalidate, units_to_resume, verify_store
 
 log = logging.getLogger("safeport.verify")
 
@@ -101,8 +102,42 @@ def repair_all(store_root: str, catalog_path: str | None, profile: str) -> Repai
     plan = invalidate(store, before)
     for d in before.damage:
         log.warning("damaged: %s", d.describe())
-    resumed = tuple(resume_task(store_root, catalog_path, profile, u.unit_key) for u in units_to_resume(store))
-    return RepairResult(before, plan, resumed, verify_store(store))
+    units = units_to_resume(store)
+    resumed = [resume_task(store_root, catalog_path, profile, u.unit_key) for u in units if u.kind != TOKENS]
+    tokens = [u for u in units if u.kind == TOKENS]
+    if tokens:
+        resumed += recapture(store, catalog(catalog_path, profile), tokens)
+    return RepairResult(before, plan, tuple(resumed), verify_store(store))
+
+
+def recapture(store: Store, resolved: Resolved, units: list[UnitInfo]) -> list[Resumed]:
+    """Recompute the invalidated shards of token units with the capture stage (all their positions at once)."""
+    from safeport.flows.capture import capture_tokens
+
+    def rows(key: str) -> int:
+        return int(store.scalar("SELECT count(*) FROM unit_rows WHERE unit_key = ?", [key]) or 0)
+
+    before = {u.unit_key: rows(u.unit_key) for u in units}
+    capture_tokens(store, resolved, only=set(before))
+    out = []
+    for u in units:
+        now = store.unit(u.unit_key)
+        if now is not None and now.status == REPAIR_STATUS:
+            out.append(
+                Resumed(
+                    u.unit_key,
+                    "",
+                    u.dataset,
+                    0,
+                    f"token unit {u.unit_key} ({u.position}, dataset {u.dataset}) was not re-captured: profile "
+                    f"{resolved.name!r} does not capture it with these settings. Run `safeport capture` with the "
+                    "catalog and profile that produced it to recompute its missing shards",
+                )
+            )
+        else:
+            name = store.scalar("SELECT name FROM models WHERE model_key = ?", [u.model_key]) or u.model_key
+            out.append(Resumed(u.unit_key, str(name), u.dataset, rows(u.unit_key) - before[u.unit_key]))
+    return out
 
 
 @flow(name="safeport-repair", log_prints=False)
