@@ -288,10 +288,22 @@ class SafeDigBundle:
 Strength = float | Sequence[float]
 
 
-def _strengths(strength: Strength) -> list[float] | float:
-    if isinstance(strength, int | float):
-        return float(strength)
-    values = [float(s) for s in strength]
+def _check_strength(value: Any, where: str = "") -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        s = float("nan")
+    if not (np.isfinite(s) and s >= 0):
+        raise ValueError(f"strength must be a finite number >= 0, got {value!r}{where}")
+    return s
+
+
+def check_strengths(strength: Strength) -> list[float] | float:
+    """One s, or one per output of the batch; every value checked here, before any hook can run."""
+    if np.ndim(strength) == 0:  # a Python or numpy scalar (np.float32(1.0) is one strength, not a sequence)
+        return _check_strength(strength)
+    given = np.asarray(strength, dtype=object).ravel().tolist()
+    values = [_check_strength(s, f" in {given!r}") for s in given]
     if not values:
         raise ValueError("strength is an empty sequence; give one strength, or one per output of the batch")
     return values
@@ -317,7 +329,7 @@ def safedig_hooks(
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    per_row = _strengths(strength)
+    per_row = check_strengths(strength)
     if steps is not None and (len(steps) != 2 or steps[0] > steps[1] or steps[0] < 0):
         raise ValueError(f"steps {steps!r} must be (first, last) with 0 <= first <= last")
     device = _device_of(target)

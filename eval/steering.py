@@ -371,12 +371,28 @@ def steer(
         )
     msl = generate_kwargs.get("max_sequence_length")
     hooks: Any = contextlib.nullcontext()
+    negatives: dict[str, Any] = {}
     if safedig is not None:
-        from safeport.eval.safedig import MODES, safedig_hooks
+        from safeport.eval.safedig import MODES, check_strengths, safedig_hooks
 
         if mode not in MODES:
             raise ValueError(f"unknown SafeDIG mode {mode!r}; choose one of {', '.join(MODES)}")
+        check_strengths(strength)  # before any model runs
         hooks = safedig_hooks(pipe, safedig, strength, mode, steps)
+        if any(p.position.startswith("te.") for p in safedig.positions):
+            # Conditional branch only (§7): the negative branch ("" under CFG, or the negative prompt) is
+            # encoded without the text-encoder hooks, and replaces what the hooked encoding computed for it.
+            plain = steered_embeds(
+                pipe,
+                prompt,
+                np.zeros(1, dtype=np.float32),
+                0.0,
+                negative_prompt,
+                max_sequence_length=msl,
+                clip_skip=generate_kwargs.get("clip_skip"),
+                unsteered=True,
+            )
+            negatives = {k: v for k, v in plain.items() if k.startswith("negative_")}
     with hooks:
         kwargs = steered_embeds(
             pipe,
@@ -389,4 +405,5 @@ def steer(
             drop_constant_prefix=drop_constant_prefix,
             unsteered=vector is None,
         )
+        kwargs |= negatives
         return pipe(**kwargs, **generate_kwargs)
