@@ -238,7 +238,7 @@ def add_ops_commands(sub: Any, add: AddCommand) -> None:
         default=None,
         metavar="BUNDLE",
         help="SafeDIG bundles by name (safedig:MODEL:CATEGORY; list them: safeport query "
-        "\"select name from safedig_bundles\")",
+        '"select name from safedig_bundles")',
     )
     e.add_argument("--output", "-o", required=True, help="folder to write")
 
