@@ -271,14 +271,21 @@ class SafeDigBundle:
     holdout: str
     positions: tuple[SafeDigPosition, ...]
     lineage: dict[str, object]
+    view: bool = False  # True: a selection (routed() / fixed()), every position of which is steered
 
     def routed(self) -> SafeDigBundle:
         """The routed positions (SafeDIG, Blend, Repel, ablation)."""
-        return replace(self, positions=tuple(p for p in self.positions if p.routed))
+        return replace(self, positions=tuple(p for p in self.positions if p.routed), view=True)
 
     def fixed(self) -> SafeDigBundle:
         """The "no routing" ablation: the one fixed middle position."""
-        return replace(self, positions=tuple(p for p in self.positions if p.fixed))
+        return replace(self, positions=tuple(p for p in self.positions if p.fixed), view=True)
+
+    @property
+    def steered(self) -> tuple[SafeDigPosition, ...]:
+        """The positions the hooks edit: a whole bundle steers at its routed positions only (the fixed
+        no-routing position it also carries is for the ablation, :meth:`fixed`); a view at all of its own."""
+        return self.positions if self.view else tuple(p for p in self.positions if p.routed)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -333,7 +340,8 @@ def safedig_hooks(
     if steps is not None and (len(steps) != 2 or steps[0] > steps[1] or steps[0] < 0):
         raise ValueError(f"steps {steps!r} must be (first, last) with 0 <= first <= last")
     device = _device_of(target)
-    params = {p.position: p.params(device) for p in bundle.positions}
+    steered = bundle.steered
+    params = {p.position: p.params(device) for p in steered}
 
     def edit(position: Any, step: int, tensor: torch.Tensor) -> torch.Tensor | None:
         if steps is not None and position.kind != "te" and not steps[0] <= step <= steps[1]:
@@ -347,7 +355,7 @@ def safedig_hooks(
             )
         return torch.stack([edit_tokens(tensor[i], p, s, mode) for i, s in enumerate(per_row)])
 
-    with position_hooks(target, bundle.names, edit):
+    with position_hooks(target, tuple(p.position for p in steered), edit):
         yield
 
 

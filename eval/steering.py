@@ -379,7 +379,7 @@ def steer(
             raise ValueError(f"unknown SafeDIG mode {mode!r}; choose one of {', '.join(MODES)}")
         check_strengths(strength)  # before any model runs
         hooks = safedig_hooks(pipe, safedig, strength, mode, steps)
-        if any(p.position.startswith("te.") for p in safedig.positions):
+        if any(p.position.startswith("te.") for p in safedig.steered):
             # Conditional branch only (§7): the negative branch ("" under CFG, or the negative prompt) is
             # encoded without the text-encoder hooks, and replaces what the hooked encoding computed for it.
             plain = steered_embeds(
