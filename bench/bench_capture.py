@@ -37,6 +37,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import replace_section  # noqa: E402
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -464,19 +466,6 @@ def section(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Swap this benchmark's section of ``path`` (up to the next ``## ``) for ``lines``; append if absent."""
-    text = path.read_text(encoding="utf-8")
-    block = "\n".join(lines) + "\n"
-    start = text.find("\n" + SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + block + ("" if end < 0 else text[end:])
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -491,7 +480,7 @@ def main() -> None:
     lines = section(args)
     print("\n".join(lines))
     if args.write:
-        replace_section(Path(args.out), lines)
+        replace_section(Path(args.out), SECTION, lines)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +54,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from bench.common import replace_section, reset_peak, status_bytes  # noqa: E402
 from safeport.store.store import Store  # noqa: E402
 
 TITLE = "SAEs and the decoder refit (issue 23)"
@@ -69,21 +68,6 @@ HELDOUT = "unit_key = 'tokens' AND right(text_id, 1) = '0'"
 KS = tuple(range(-4, 3))
 LRS = (1e-3, 3e-3, 1e-2)
 EVAL_EVERY = 20
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        found = re.search(field + r":\s+(\d+) kB", f.read())
-    if found is None:  # pragma: no cover - every Linux has both fields
-        raise RuntimeError(f"/proc/self/status has no {field}")
-    return int(found.group(1)) * 1024
-
-
-def _reset_peak() -> int:
-    """Reset the resident high-water mark to the current size (Linux); returns the current size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
 
 
 def _one_thread() -> None:
@@ -152,7 +136,7 @@ def child_train(mode: str, root: str, steps: int, batch: int, m: int, k: int) ->
         selection = store.sql(f"SELECT unit_key, shard, row FROM unit_rows WHERE {TRAIN}")
         values = store.read_rows(selection)
         load = time.perf_counter() - t
-    base = _reset_peak()
+    base = reset_peak()
     t0 = time.perf_counter()
     if mode == "memory":
         trained = train_sae(_memory_batches(values, batch, 42), cfg)
@@ -166,7 +150,7 @@ def child_train(mode: str, root: str, steps: int, batch: int, m: int, k: int) ->
         result = flow.train_position_sae(store.location.url, "bench", config, plans[0], plans[1], 1)
         fvu = float(result.curves["fvu"][-1])
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     store.close()
     return {
         "mode": mode,
@@ -426,7 +410,7 @@ def section(args: argparse.Namespace) -> list[str]:
         )
 
     lines = [
-        f"## 11. {TITLE}",
+        f"## 12. {TITLE}",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores shared with other "
         f"engineers' work (load average {load_before:.1f} before, {load_mid:.1f} after (a), {load_after:.1f} after "
@@ -473,19 +457,6 @@ def section(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Swap this benchmark's section of ``path`` (up to the next ``## ``) for ``lines``; append it if absent."""
-    text = path.read_text(encoding="utf-8")
-    block = "\n".join(lines) + "\n"
-    found = re.search(r"^## [0-9.]* ?" + re.escape(TITLE) + r"$", text, flags=re.M)
-    if found is None:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", found.end())
-        text = text[: found.start()] + block + ("" if end < 0 else text[end + 1 :])
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -522,7 +493,7 @@ def main() -> None:
     lines = section(args)
     print("\n".join(lines))
     if args.write:
-        replace_section(Path(args.out), lines)
+        replace_section(Path(args.out), f"## 12. {TITLE}", lines)
 
 
 if __name__ == "__main__":

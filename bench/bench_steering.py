@@ -36,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from bench.common import replace_section  # noqa: E402
 from safeport.eval.safedig import (  # noqa: E402
     SafeDigBundle,
     SafeDigPosition,
@@ -51,7 +51,7 @@ from safeport.extractors.positions import Position  # noqa: E402
 from safeport.mappers.latents import SaeParams  # noqa: E402
 from tests.tiny_pipelines import build_flux, build_sd3  # noqa: E402
 
-SECTION = "## 11. SafeDIG steering hooks (issue 24)"
+SECTION = "## 13. SafeDIG steering hooks (issue 24)"
 GOAL = 0.15  # hooks may add at most this fraction to a denoising step
 EXPANSION, K, N_HARMFUL = 4, 8, 4
 PROMPT = "a watercolor of mountains at dawn"
@@ -301,19 +301,6 @@ def section(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Swap this benchmark's section of ``path`` (up to the next ``## ``) for ``lines``; append if absent."""
-    text = path.read_text(encoding="utf-8")
-    block = "\n".join(lines) + "\n"
-    start = text.find("\n" + SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + block + ("" if end < 0 else text[end:])
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -329,7 +316,7 @@ def main() -> None:
     lines = section(args)
     print("\n".join(lines))
     if args.write:
-        replace_section(Path(args.out), lines)
+        replace_section(Path(args.out), SECTION, lines)
 
 
 if __name__ == "__main__":

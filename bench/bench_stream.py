@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,28 +30,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from bench.common import replace_section, reset_peak, status_bytes  # noqa: E402
 from safeport.store.store import Store  # noqa: E402
 
 SECTION = "## 10. Streaming reader (issue 21)"
 GOAL = 0.8  # streaming rows/s at least this fraction of the in-memory path's
 SPEC = {"family": "dit", "model_id": "bench", "revision": "main", "weights": "random"}
 POSITION = "double.10.img"
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        found = re.search(field + r":\s+(\d+) kB", f.read())
-    if found is None:  # pragma: no cover - every Linux has both fields
-        raise RuntimeError(f"/proc/self/status has no {field}")
-    return int(found.group(1)) * 1024
-
-
-def _reset_peak() -> int:
-    """Reset the resident high-water mark to the current size (Linux); returns the current size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
 
 
 def build(root: Path, rows: int, dim: int, shard_rows: int) -> float:
@@ -87,7 +71,7 @@ def child(mode: str, root: str, batch: int, buffer: int) -> dict[str, Any]:
     """One measured run in this (fresh) process: seconds, rows, first-batch latency, peak resident growth."""
     store = Store(root, read_only=True)
     next(store.batches("shard = 0", batch_size=16))  # imports, codecs, DuckDB connection: not measured
-    base = _reset_peak()
+    base = reset_peak()
     rows, check, first = 0, 0.0, None
     t0 = time.perf_counter()
     if mode == "stream":
@@ -105,7 +89,7 @@ def child(mode: str, root: str, batch: int, buffer: int) -> dict[str, Any]:
             rows += len(gathered)
             check += float(gathered[0, 0])
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     store.close()
     return {"mode": mode, "seconds": seconds, "rows": rows, "first": first, "growth": peak - base, "peak": peak}
 
@@ -201,19 +185,6 @@ def section(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Swap this benchmark's section of ``path`` (up to the next ``## ``) for ``lines``; append if absent."""
-    text = path.read_text(encoding="utf-8")
-    block = "\n".join(lines) + "\n"
-    start = text.find("\n" + SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + block + ("" if end < 0 else text[end:])
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500_000)
@@ -236,7 +207,7 @@ def main() -> None:
     lines = section(args)
     print("\n".join(lines))
     if args.write:
-        replace_section(Path(args.out), lines)
+        replace_section(Path(args.out), SECTION, lines)
 
 
 if __name__ == "__main__":

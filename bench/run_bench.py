@@ -33,6 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import replace_section  # noqa: E402
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -552,20 +554,6 @@ def ridge_section(quick: bool) -> list[str]:
         row, speedup = bench_ridge(27000, 4096, 4096)
         lines.append(row)
     return [*lines, "", *([] if speedup >= 5 else [RIDGE_LIMITS.format(measured=speedup)]), ""]
-
-
-def replace_section(path: Path, header: str, lines: list[str]) -> None:
-    """Swap the section starting with ``header`` (up to the next ``## ``) for ``lines``; append if absent."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = "\n".join(lines) + "\n"
-    start = text.find("\n" + header)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + block + ("" if end < 0 else text[end:])
-    path.write_text(text, encoding="utf-8")
-    print(block)
 
 
 def run_eval_section(out: str) -> None:
