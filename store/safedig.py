@@ -2,12 +2,12 @@
 parameters and the bundles a generation job loads. Stored like maps: tensors as Zarr arrays (each with its
 checksum), lineage in DuckDB, every write array-first and record-second.
 
-Tables (created on first use; ``safeport query`` sees them): ``routes`` (one row per candidate position
-of a routing: R_p, S_p, per-category AUC, rank, routed), ``saes`` (one per trained SAE: quality, config,
-training curves, lineage), ``sae_latents`` (one row per latent and category: score, fire rates, in H),
-``refits`` (the refitted decoder's λ grid and held-out FVU), ``steer_params`` (τ_lo, τ_hi, ū for one SAE,
-H and decoder) and ``safedig_bundles`` (a model's routed positions with their parameters for one held-out
-category: what ``safeport.load_safedig`` loads).
+Tables (schema version 6, :data:`safeport.store.schema.SAFEDIG_DDL`; ``safeport query`` sees them):
+``routes`` (one row per candidate position of a routing: R_p, S_p, per-category AUC, rank, routed),
+``saes`` (one per trained SAE: quality, config, training curves, lineage), ``sae_latents`` (one row per
+latent and category: score, fire rates, in H), ``refits`` (the refitted decoder's λ grid and held-out
+FVU), ``steer_params`` (τ_lo, τ_hi, ū for one SAE, H and decoder) and ``safedig_bundles`` (a model's
+routed positions with their parameters for one held-out category: what ``safeport.load_safedig`` loads).
 """
 
 from __future__ import annotations
@@ -22,31 +22,9 @@ import pyarrow as pa
 import zarr
 import zarr.codecs
 
+from safeport.store.schema import SAFEDIG_DDL as DDL
 from safeport.store.store import Store, StoreError, tensor_checksum
 
-DDL = """
-CREATE TABLE IF NOT EXISTS routes (
-    route_key VARCHAR, model VARCHAR, model_key VARCHAR, holdout VARCHAR, position VARCHAR, robustness DOUBLE,
-    separability DOUBLE, auc_json VARCHAR, rank INTEGER, routed BOOLEAN, inputs_json VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (route_key, position));
-CREATE TABLE IF NOT EXISTS saes (
-    sae_key VARCHAR PRIMARY KEY, model VARCHAR, model_key VARCHAR, position VARCHAR, holdout VARCHAR, d INTEGER,
-    m INTEGER, k INTEGER, c DOUBLE, fvu DOUBLE, l0 DOUBLE, dead DOUBLE, n_train BIGINT, n_heldout BIGINT,
-    config_json VARCHAR, curves_json VARCHAR, lineage_json VARCHAR, checksums_json VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS sae_latents (
-    latents_key VARCHAR, sae_key VARCHAR, position VARCHAR, category VARCHAR, latent INTEGER, score DOUBLE,
-    mu_unsafe DOUBLE, mu_safe DOUBLE, fire_unsafe DOUBLE, fire_safe DOUBLE, in_h BOOLEAN, h_rank INTEGER);
-CREATE TABLE IF NOT EXISTS refits (
-    refit_key VARCHAR PRIMARY KEY, sae_key VARCHAR, holdout VARCHAR, lam DOUBLE, k DOUBLE, fvu DOUBLE,
-    fvu_source DOUBLE, grid_json VARCHAR, n_train BIGINT, n_heldout BIGINT, checksums_json VARCHAR,
-    lineage_json VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS steer_params (
-    params_key VARCHAR PRIMARY KEY, sae_key VARCHAR, latents_key VARCHAR, refit_key VARCHAR, harmful_json VARCHAR,
-    tau_lo DOUBLE, tau_hi DOUBLE, n_safe BIGINT, checksums_json VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS safedig_bundles (
-    bundle_key VARCHAR PRIMARY KEY, name VARCHAR, model VARCHAR, model_key VARCHAR, holdout VARCHAR,
-    route_key VARCHAR, positions_json VARCHAR, lineage_json VARCHAR, created_at TIMESTAMP);
-"""
 TABLES = ("routes", "saes", "sae_latents", "refits", "steer_params", "safedig_bundles")
 
 

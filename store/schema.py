@@ -229,6 +229,36 @@ def _v5_general_units(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(STALE_DDL)
 
 
+# Position-aware steering artefacts (store/safedig.py reads and writes them).
+SAFEDIG_DDL = """
+CREATE TABLE IF NOT EXISTS routes (
+    route_key VARCHAR, model VARCHAR, model_key VARCHAR, holdout VARCHAR, position VARCHAR, robustness DOUBLE,
+    separability DOUBLE, auc_json VARCHAR, rank INTEGER, routed BOOLEAN, inputs_json VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (route_key, position));
+CREATE TABLE IF NOT EXISTS saes (
+    sae_key VARCHAR PRIMARY KEY, model VARCHAR, model_key VARCHAR, position VARCHAR, holdout VARCHAR, d INTEGER,
+    m INTEGER, k INTEGER, c DOUBLE, fvu DOUBLE, l0 DOUBLE, dead DOUBLE, n_train BIGINT, n_heldout BIGINT,
+    config_json VARCHAR, curves_json VARCHAR, lineage_json VARCHAR, checksums_json VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS sae_latents (
+    latents_key VARCHAR, sae_key VARCHAR, position VARCHAR, category VARCHAR, latent INTEGER, score DOUBLE,
+    mu_unsafe DOUBLE, mu_safe DOUBLE, fire_unsafe DOUBLE, fire_safe DOUBLE, in_h BOOLEAN, h_rank INTEGER);
+CREATE TABLE IF NOT EXISTS refits (
+    refit_key VARCHAR PRIMARY KEY, sae_key VARCHAR, holdout VARCHAR, lam DOUBLE, k DOUBLE, fvu DOUBLE,
+    fvu_source DOUBLE, grid_json VARCHAR, n_train BIGINT, n_heldout BIGINT, checksums_json VARCHAR,
+    lineage_json VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS steer_params (
+    params_key VARCHAR PRIMARY KEY, sae_key VARCHAR, latents_key VARCHAR, refit_key VARCHAR, harmful_json VARCHAR,
+    tau_lo DOUBLE, tau_hi DOUBLE, n_safe BIGINT, checksums_json VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS safedig_bundles (
+    bundle_key VARCHAR PRIMARY KEY, name VARCHAR, model VARCHAR, model_key VARCHAR, holdout VARCHAR,
+    route_key VARCHAR, positions_json VARCHAR, lineage_json VARCHAR, created_at TIMESTAMP);
+"""
+
+
+def _v6_safedig(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(SAFEDIG_DDL)
+
+
 # The views of the current schema, restated at every writer open of a current store (cheap, idempotent), so a
 # view a release changes never depends on which step last touched it.
 CURRENT_VIEWS = ROW_VIEWS + RUNNING_VIEW
@@ -239,6 +269,7 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "dataset hashes from rows (rows-v1), fit report columns, fit_outputs backfilled", _v3_content_keys),
     Migration(4, "runs.total: what running work set out to compute (ETAs in status)", _v4_run_totals),
     Migration(5, "general units: unit_rows row index with coordinates, shard dtypes; stale table", _v5_general_units),
+    Migration(6, "SafeDIG tables: routes, saes, sae_latents, refits, steer_params, safedig_bundles", _v6_safedig),
 ]
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)  # version 1: SCHEMA as first released
 

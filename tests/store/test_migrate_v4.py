@@ -80,7 +80,8 @@ def test_a_v4_store_migrates_in_place_and_reads_every_row_unchanged(old: Path) -
     shards_before = sorted(_raw(root, "SELECT unit_key, shard, checksum FROM shards"))
     vectors_before = sorted(_raw(root, "SELECT vector_key, name, checksum FROM vectors"))
     with Store(root) as store:  # a writer migrates
-        assert store.schema_version == SCHEMA_VERSION == 5
+        assert store.schema_version == SCHEMA_VERSION == 6
+        assert {"routes", "saes", "sae_latents", "refits", "steer_params", "safedig_bundles"} <= store.tables()
         rows = store.fetchall("SELECT model_key, text_id, unit_key, row, n_tokens, truncated FROM activation_rows")
         assert sorted(rows) == rows_before and len(rows) == 333
         assert sorted(store.fetchall("SELECT unit_key, shard, checksum FROM shards")) == shards_before
