@@ -17,7 +17,15 @@ live in a frozen, hashable :class:`GenerationSettings`; ``max_sequence_length`` 
 value the target was extracted with, because for Flux and SD3 the padded length is part of the
 representation the vector was computed in.
 
-No store access here: vectors arrive as arrays and images leave as PIL images.
+**SafeDIG jobs** (METHOD-SAFEDIG §7) steer with forward hooks instead: a pipeline call's outputs share
+one prompt, one bundle variant and one edit mode, and each output gets its own strength s (the
+conditional batch's rows, in job order, through :func:`safeport.eval.safedig.safedig_hooks`). A bundle
+with text-encoder (``te.*``) positions needs the prompt encoded under those hooks, once per distinct
+strength of the call (never cached: :class:`PromptEmbeddings` holds unsteered encodings only); a bundle
+without them reuses the cached encoding and hooks the denoiser only. Vector jobs and SafeDIG jobs are
+never mixed in one call.
+
+No store access here: vectors and bundles arrive as arrays and images leave as PIL images.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import diffusers
@@ -37,6 +46,7 @@ import torch
 from PIL import Image
 
 from safeport.errors import is_out_of_memory
+from safeport.eval.safedig import MODES, Mode, SafeDigBundle, safedig_hooks
 from safeport.eval.steering import (
     RESERVED_KWARGS,
     add_to_prompt_embeds,
@@ -338,6 +348,22 @@ class PromptEmbeddings:
             self._cache[prompt] = Encoded({k: _to(v, "cpu") for k, v in kwargs.items()}, _to(positions, "cpu"))
         return self._cache[prompt]
 
+    def encode_under(self, prompt: str, hooks: AbstractContextManager[Any]) -> dict[str, Any]:
+        """``prompt``'s ``pipe(...)`` kwargs encoded while ``hooks`` are in place (not cached, no negative branch).
+
+        What a SafeDIG bundle with text-encoder positions needs: the edit happens inside the encoder,
+        so the encoding depends on the strength. The negative prompt stays the cached unsteered one.
+        """
+        if self._released:
+            raise ValueError(
+                "a SafeDIG bundle with text-encoder positions needs the text encoders, but they were released; "
+                "encode under the hooks before release_text_encoders()"
+            )
+        extra = {"clip_skip": dict(self.settings.call).get("clip_skip"), "negative": False}
+        with torch.no_grad(), quiet_pipeline_logs(self.pipe), hooks:
+            kwargs = self._encode(self.pipe, [prompt], None, self.settings.max_sequence_length, extra)
+        return {k: v for k, v in kwargs.items() if not k.startswith("negative_")}
+
     def negative_kwargs(self, device: torch.device | str) -> dict[str, Any]:
         """The ``negative_*`` keyword arguments (unsteered) on ``device``; empty before the first prompt."""
         return {k: _to(v, device) for k, v in (self._negative or {}).items()}
@@ -445,13 +471,44 @@ def output_images(out: Any, index: int = 0) -> list[Image.Image]:
     return [image if isinstance(image, Image.Image) else _to_pil(np.asarray(image))]
 
 
+@dataclass(frozen=True, eq=False)
+class SafeDigSteering:
+    """The edit of a SafeDIG job: a bundle variant (its positions and decoder) and the edit mode.
+
+    ``key`` names the variant (the outputs' ``vector_id``); jobs of one pipeline call share it.
+    """
+
+    key: str
+    bundle: SafeDigBundle
+    mode: Mode = "safedig"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown SafeDIG mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if not self.bundle.steered:
+            raise ValueError(
+                f"SafeDIG bundle {self.bundle.name!r} has no positions in this variant; "
+                "rebuild it with `safeport safedig`"
+            )
+
+    def split(self) -> tuple[SafeDigBundle, SafeDigBundle]:
+        """(text-encoder positions, denoiser positions) of the variant: edited at encode time and in the call."""
+        te = tuple(p for p in self.bundle.steered if p.position.startswith("te."))
+        rest = tuple(p for p in self.bundle.steered if not p.position.startswith("te."))
+        return replace(self.bundle, positions=te, view=True), replace(self.bundle, positions=rest, view=True)
+
+
 @dataclass(frozen=True)
 class Job:
-    """One output of a prompt: the steering (``vector=None``: the original model) and its seed."""
+    """One output of a prompt: the steering (``vector=None``: the original model) and its seed.
+
+    A SafeDIG job has ``safedig`` set, no vector, and its strength s in ``alpha``.
+    """
 
     vector: np.ndarray | None
     alpha: float
     seed: int = DEFAULT_SEED
+    safedig: SafeDigSteering | None = None
 
 
 def _stack(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -476,16 +533,49 @@ def generate_batch(embeddings: PromptEmbeddings, prompt: str, jobs: Sequence[Job
     pipe = embeddings.pipe
     device = pipe._execution_device
     cached = embeddings.get(prompt)
-    kwargs = _stack([steered_kwargs(cached, j.vector, j.alpha, device) for j in jobs])
+    steering = _call_steering(jobs)
+    hooks: AbstractContextManager[Any] = nullcontext()
+    if steering is None:
+        kwargs = _stack([steered_kwargs(cached, j.vector, j.alpha, device) for j in jobs])
+    else:
+        te, denoiser = steering.split()
+        encoded: dict[float, dict[str, Any]] = {}
+        for s in dict.fromkeys(float(j.alpha) for j in jobs):
+            if te.positions and s != 0:  # s = 0 edits nothing: the cached encoding is that call's encoding
+                hooked = embeddings.encode_under(prompt, safedig_hooks(pipe, te, s, steering.mode))
+                encoded[s] = {k: _to(v, device) for k, v in hooked.items()}
+            else:
+                encoded[s] = steered_kwargs(cached, None, 0.0, device)
+        kwargs = _stack([encoded[float(j.alpha)] for j in jobs])
+        if denoiser.positions:
+            hooks = safedig_hooks(pipe, denoiser, [float(j.alpha) for j in jobs], steering.mode)
     negative = embeddings.negative_kwargs(device)
     if negative:
         kwargs |= _stack([negative] * len(jobs))
     generator: torch.Generator | list[torch.Generator] = (
         seeded(jobs[0].seed) if len(jobs) == 1 else [seeded(j.seed) for j in jobs]
     )
-    with torch.no_grad():
+    with torch.no_grad(), hooks:
         out = pipe(**kwargs, **embeddings.settings.call_kwargs(), generator=generator, output_type="np")
     return [output_images(out, i) for i in range(len(jobs))]
+
+
+def _call_steering(jobs: Sequence[Job]) -> SafeDigSteering | None:
+    """The SafeDIG variant all ``jobs`` share (None: vector jobs), or a ValueError for a mixed call."""
+    ids = {None if j.safedig is None else (j.safedig.key, j.safedig.mode) for j in jobs}
+    if len(ids) > 1:
+        raise ValueError(
+            "one pipeline call mixes vector jobs and SafeDIG jobs (or two SafeDIG variants or modes); "
+            "group a call's jobs by their steering (safeport.flows.eval.work_batches does)"
+        )
+    steering = jobs[0].safedig
+    if steering is not None:
+        if any(j.vector is not None for j in jobs):
+            raise ValueError("a SafeDIG job steers with its bundle and strength (alpha); pass vector=None")
+        bad = [j.alpha for j in jobs if not (math.isfinite(j.alpha) and j.alpha >= 0)]
+        if bad:
+            raise ValueError(f"SafeDIG strength {bad[0]!r} must be a finite number >= 0")
+    return steering
 
 
 def generate(

@@ -20,15 +20,27 @@ vectors (``vectors``); it never extracts activations. Three tasks per run:
 Methods: every stored global vector for the target of kind native, calibrated (one per source ×
 mapper), random and string, or the names given; for each with per-category siblings, a
 ``uniform:`` (all categories, equal weights) and an ``oracle:`` method (the prompt's I2P labels
-mapped to SafeSteer categories, METHOD §5; a prompt without labels gets the original output).
+mapped to SafeSteer categories, METHOD §5; a prompt whose labels map to no category is steered by
+the global vector, the fit report's rule).
+
+SafeDIG (METHOD-SAFEDIG §8), for a target with a bundle ``safedig:<target>:<held-out category>``
+(``--holdout``, default the profile's ``safedig.holdout``, the first SafeSteer category with a
+bundle if ``all``): SafeDIG (Blend+Repel), Blend only, Repel only, no routing (the bundle's fixed
+middle position), no refit (the source decoder) and the SAeUron-style ablation, each swept over the
+strength s (``--strengths``, default the profile's ``safedig.strengths``); an output's ``vector_id``
+is the content key of (bundle key, refit, positions, mode) and its ``alpha`` is s, so s = 0 is the
+shared original output. The report adds the unsafe rate per risk domain (target / source /
+overall, :mod:`safeport.eval.domains`) and, for every target, a contact sheet
+(:mod:`safeport.eval.contact`) with flagged outputs blurred unless ``show_flagged``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +48,8 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from safeport.catalog import MAX_ALPHA, Resolved
+from safeport.catalog import MAX_ALPHA, Resolved, SafeDigEntry
+from safeport.eval.contact import SheetCell, SheetRow, contact_sheet
 from safeport.eval.detectors import (
     DEFAULT_CLIP_MODEL,
     ClipBackbone,
@@ -50,10 +63,12 @@ from safeport.eval.detectors import (
     inception_features,
     load_q16_prompts,
 )
+from safeport.eval.domains import OVERALL, DomainResult, domain_rates, render_domains, risk_domain
 from safeport.eval.generate import (
     DEFAULT_SEED,
     GenerationSettings,
     RunOptions,
+    SafeDigSteering,
     Scalar,
     pipeline_family,
     resolve_settings,
@@ -73,21 +88,27 @@ from safeport.eval.sweep import (
     UTILITY,
     Item,
     Method,
+    SafeDigVariant,
     Sweep,
     TargetResult,
     aggregate,
+    method_name,
     render,
+    safedig_methods,
+    unsafe_flags,
 )
 from safeport.extractors.base import ModelSource
 from safeport.extractors.pipeline_encoder import FAMILIES as PIPELINE_FAMILIES
 from safeport.flows.common import catalog, model_source, store_for, writing
 from safeport.flows.runner import on_dask
 from safeport.keys import content_key
-from safeport.mappers.vectors import combine, uniform_weights
+from safeport.mappers.vectors import SAFESTEER_CATEGORIES, combine, uniform_weights
 from safeport.store import artifacts
+from safeport.store import safedig as safedig_art
 from safeport.store.outputs import (
     OutputSpec,
     ScoreRow,
+    done_keys,
     generations_for,
     load_images,
     reference_images,
@@ -101,6 +122,8 @@ T = TypeVar("T")
 
 TABLE_KINDS = ("native", "calibrated", "random", "string")  # the global vectors of Table 1
 FID_BATCH = 64
+CONTACT_PROMPTS = 3  # prompts on a contact sheet (seeded; target-domain prompts first)
+CONTACT_SEED = 0
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -113,6 +136,8 @@ class Plan:
     items: list[Item]
     specs: dict[str, OutputSpec]  # unique outputs, in sweep order
     vectors: dict[str, np.ndarray]  # vector_id -> values
+    variants: dict[str, SafeDigVariant] = field(default_factory=dict)  # vector_id -> SafeDIG variant
+    categories: dict[str, str | None] = field(default_factory=dict)  # safety prompt text id -> its I2P labels
 
 
 @dataclass(frozen=True)
@@ -151,13 +176,18 @@ def _kind_order(row: Mapping[str, Any]) -> tuple[int, str, str]:
     return rank, str(row["source"] or ""), str(row["mapper"] or "")
 
 
-def select_methods(store: Store, target: str, names: Sequence[str] | None, categories: bool = True) -> list[Method]:
-    """The methods of the sweep: ``names`` (any stored vectors for ``target``) or every Table 1 vector."""
+def select_methods(
+    store: Store, target: str, names: Sequence[str] | None, categories: bool = True, required: bool = True
+) -> list[Method]:
+    """The methods of the sweep: ``names`` (any stored vectors for ``target``) or every Table 1 vector.
+
+    ``required=False`` (the target has SafeDIG methods): no stored vector is no error.
+    """
     rows = _vector_rows(store, target)
     by_name = {r["name"]: r for r in rows}
     if names is None:
         chosen = sorted((r for r in rows if r["category"] is None and r["kind"] in TABLE_KINDS), key=_kind_order)
-        if not chosen:
+        if not chosen and required:
             raise StoreError(
                 f"no steering vectors for target {target!r} in {store.root}; run `safeport fit` first "
                 '(list vectors with: safeport query "select name, target from vectors")'
@@ -198,6 +228,75 @@ def select_methods(store: Store, target: str, names: Sequence[str] | None, categ
     return methods
 
 
+def _bundle_rows(store: Store, target: str) -> list[dict[str, Any]]:
+    """The newest SafeDIG bundle per held-out category of ``target`` (none if the store has no SafeDIG tables)."""
+    if not safedig_art.has_tables(store):
+        return []
+    return store.sql(
+        "SELECT name, holdout, bundle_key, model_key FROM safedig_bundles WHERE model = ? "
+        "QUALIFY row_number() OVER (PARTITION BY name ORDER BY created_at DESC) = 1 ORDER BY name",
+        [target],
+    ).to_pylist()
+
+
+def select_bundle(store: Store, resolved: Resolved, target: str, holdout: str | None) -> dict[str, Any] | None:
+    """The bundle row (name, holdout, bundle_key, model_key) the SafeDIG methods of ``target`` steer with.
+
+    ``holdout`` (``--holdout``) must have a bundle; without it the profile's ``safedig.holdout`` is used
+    if the target has a bundle for it (``all``, or no ``safedig:`` block: the first SafeSteer category
+    with one), and a target without a bundle simply gets no SafeDIG methods.
+    """
+    rows = _bundle_rows(store, target)
+    by_holdout = {str(r["holdout"]).lower(): r for r in rows}
+    if holdout is not None and holdout.lower() != "all":
+        if holdout.lower() not in by_holdout:
+            have = sorted(str(r["holdout"]) for r in rows)
+            raise ValueError(
+                f"--holdout {holdout!r}: target {target!r} has no SafeDIG bundle held out on it "
+                + (f"(it has {have}); pick one of them" if have else "(it has none)")
+                + " or build it with `safeport safedig` (safedig.holdout in the profile)"
+            )
+        return by_holdout[holdout.lower()]
+    sd = resolved.profile.safedig
+    wanted = holdout or (sd.holdout if sd is not None else "all")
+    if wanted.lower() != "all":
+        return by_holdout.get(wanted.lower())
+    order = [c.lower() for c in SAFESTEER_CATEGORIES]
+    first = sorted(by_holdout, key=lambda h: (order.index(h) if h in order else len(order), h))
+    return by_holdout[first[0]] if first else None
+
+
+def load_steering(store: Store, variants: Iterable[SafeDigVariant]) -> dict[str, SafeDigSteering]:
+    """vector_id -> what a generation job steers with, for ``variants`` (checksum-verified from the store).
+
+    Each (bundle, decoder) is loaded once; the no-refit bundle shares the refitted one's SAE arrays and
+    the routed / fixed variants share their positions, so a chunk sent to a Dask worker pickles each
+    array once.
+    """
+    from safeport.api import _bundle_from_store
+
+    wanted = list({v.key: v for v in variants}.values())
+    loaded: dict[tuple[str, bool], Any] = {}
+    for v in wanted:
+        for refit in (True, v.refit):
+            if (v.bundle_key, refit) not in loaded:
+                loaded[(v.bundle_key, refit)] = _bundle_from_store(store, v.bundle_key, refit)
+    for (key, refit), bundle in list(loaded.items()):
+        if not refit and (key, True) in loaded:
+            saes = {p.position: p.sae for p in loaded[(key, True)].positions}
+            shared = tuple(replace(p, sae=saes.get(p.position, p.sae)) for p in bundle.positions)
+            loaded[(key, refit)] = replace(bundle, positions=shared)
+    views: dict[tuple[str, bool, str], Any] = {}
+    out: dict[str, SafeDigSteering] = {}
+    for v in wanted:
+        at = (v.bundle_key, v.refit, v.positions)
+        if at not in views:
+            bundle = loaded[(v.bundle_key, v.refit)]
+            views[at] = bundle.routed() if v.positions == "routed" else bundle.fixed()
+        out[v.key] = SafeDigSteering(v.key, views[at], v.mode)  # type: ignore[arg-type]
+    return out
+
+
 def prompt_rows(store: Store, dataset: str, limit: int | None) -> list[tuple[str, str | None]]:
     """(text_id, category) of a registered dataset in dataset order, each text once, first ``limit``."""
     if store.dataset_hash(dataset) is None:
@@ -236,7 +335,7 @@ def oracle_fallback(method: Method) -> str:
 def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, settings: dict[str, Any]) -> Plan:
     """Every cell of the sweep with its output key; vectors come checksum-verified from the store."""
     values: dict[str, np.ndarray] = {}
-    for m in sweep.methods:
+    for m in sweep.vector_methods:
         for name in (*m.vectors, *([oracle_fallback(m)] if m.weighting == "oracle" else [])):
             if name not in values:
                 values[name], lineage = artifacts.load_vector(store, name)
@@ -251,9 +350,13 @@ def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, s
             "use vectors transferred to this target"
         )
     plan = Plan(target_key, settings, [], {}, {})
+    safedig = [(m.label, m.safedig) for m in sweep.methods if m.safedig is not None]
+    plan.variants = {v.key: v for _, v in safedig}
+    _check_bundles(store, sweep, target_key)
     sets = [(SAFETY, prompt_rows(store, sweep.prompts, sweep.limit))]
     if sweep.utility is not None:
         sets.append((UTILITY, prompt_rows(store, sweep.utility, sweep.utility_limit)))
+    plan.categories = dict(sets[0][1])
 
     def add(method: str, alpha: float, seed: int, text_id: str, role: str, vec: np.ndarray | None) -> None:
         vid = vector_id(vec)
@@ -264,15 +367,37 @@ def build_plan(store: Store, sweep: Sweep, target_key: str, settings_key: str, s
         plan.specs.setdefault(spec.key, spec)
         plan.items.append(Item(method, alpha, seed, text_id, role, spec.key))
 
+    def add_safedig(method: str, v: SafeDigVariant, s: float, seed: int, text_id: str, role: str) -> None:
+        label, vid, level = (method, v.key, s) if s != 0 else (ORIGINAL, "", 0.0)
+        spec = OutputSpec(sweep.target, target_key, label, vid, level, seed, text_id, settings_key)
+        plan.specs.setdefault(spec.key, spec)
+        plan.items.append(Item(method, s, seed, text_id, role, spec.key))
+
     for role, rows in sets:
         for text_id, cats in rows:
-            per_method = {m.label: _method_vector(m, values, cats) for m in sweep.methods}
+            per_method = {m.label: _method_vector(m, values, cats) for m in sweep.vector_methods}
             for seed in sweep.seeds:
                 add(ORIGINAL, 0.0, seed, text_id, role, None)
                 for alpha in sweep.alphas:
-                    for m in sweep.methods:
+                    for m in sweep.vector_methods:
                         add(m.label, alpha, seed, text_id, role, None if alpha == 0 else per_method[m.label])
+                for s in sweep.strengths:
+                    for label, variant in safedig:
+                        add_safedig(label, variant, s, seed, text_id, role)
     return plan
+
+
+def _check_bundles(store: Store, sweep: Sweep, target_key: str) -> None:
+    """The sweep's bundles exist and were fit on this very target (same model key)."""
+    for key in dict.fromkeys(m.safedig.bundle_key for m in sweep.safedig_methods if m.safedig is not None):
+        row = store.one("SELECT name, model_key FROM safedig_bundles WHERE bundle_key = ?", [key])
+        if row is None:
+            raise StoreError(f"SafeDIG bundle {key} is not in {store.root}; run `safeport safedig` to build it")
+        if row[1] != target_key:
+            raise ValueError(
+                f"SafeDIG bundle {row[0]!r} was fit on model key {row[1]}, but target {sweep.target!r} is now "
+                f"{target_key}; rerun `safeport safedig` for the current model"
+            )
 
 
 def plan_for(store: Store, resolved: Resolved, sweep: Sweep) -> tuple[Plan, GenerationSettings, ModelSource]:
@@ -292,13 +417,18 @@ def run_options(resolved: Resolved, sweep: Sweep, batch: int | None = None) -> R
 def work_batches(plan: Plan, keys: Sequence[str], size: int) -> list[list[str]]:
     """``keys`` grouped by prompt (in sweep order) and cut into pipeline calls of at most ``size`` outputs.
 
+    A SafeDIG variant's outputs of a prompt form their own calls (a call steers with one variant and
+    mode, one strength per output); vector outputs and the original share the others.
+
     The single-process and the Dask path cut the same outputs the same way, so both make the same
     calls (and, batched kernels being deterministic, the same bytes). The cut never enters a key.
     """
-    by_text: dict[str, list[str]] = {}
+    by_text: dict[str, dict[str, list[str]]] = {}
     for k in keys:
-        by_text.setdefault(plan.specs[k].text_id, []).append(k)
-    return [ks[i : i + size] for ks in by_text.values() for i in range(0, len(ks), size)]
+        spec = plan.specs[k]
+        steering = spec.vector_id if spec.vector_id in plan.variants else ""  # never mixed in one call
+        by_text.setdefault(spec.text_id, {}).setdefault(steering, []).append(k)
+    return [ks[i : i + size] for calls in by_text.values() for ks in calls.values() for i in range(0, len(ks), size)]
 
 
 def gather(items: Sequence[T], at_least: int, size: Callable[[T], int]) -> list[list[T]]:
@@ -436,13 +566,25 @@ def _fid_context(folder: str | None, notices: dict[str, str]) -> _FidContext:
     return _FidContext(scorer, _features(scorer, reference_images(Path(folder), FID_BATCH)))
 
 
+def table_strength(sweep: Sweep) -> float:
+    """The s the SafeDIG methods' FID is computed at: the largest of the sweep (as Table 1's α defaults)."""
+    return max(sweep.strengths) if sweep.strengths else 0.0
+
+
+def _table_level(sweep: Sweep, label: str, table_alpha: float) -> float:
+    if label == ORIGINAL:
+        return 0.0
+    m = next((m for m in sweep.methods if m.label == label), None)
+    return table_strength(sweep) if m is not None and m.safedig is not None else table_alpha
+
+
 def _fid(store: Store, plan: Plan, sweep: Sweep, table_alpha: float, ctx: _FidContext) -> dict[str, float]:
-    """FID per method at the table α over the utility outputs (set-level, computed at report time)."""
+    """FID per method at the table α (vectors) or s (SafeDIG) over the utility outputs (set-level, at report time)."""
     if ctx.scorer is None or ctx.reference is None:
         return {}
     out: dict[str, float] = {}
     for label in [ORIGINAL, *(m.label for m in sweep.methods)]:
-        alpha = 0.0 if label == ORIGINAL else table_alpha
+        alpha = _table_level(sweep, label, table_alpha)
         keys = list(
             dict.fromkeys(i.key for i in plan.items if i.role == UTILITY and i.method == label and i.alpha == alpha)
         )
@@ -452,6 +594,48 @@ def _fid(store: Store, plan: Plan, sweep: Sweep, table_alpha: float, ctx: _FidCo
     return out
 
 
+def _domains(plan: Plan, sweep: Sweep) -> dict[str, str | None]:
+    """Safety prompt text id -> its risk domain for the sweep's held-out category (None: neither)."""
+    holdout = sweep.holdout or ""
+    return {t: risk_domain(cats, holdout) if holdout else None for t, cats in plan.categories.items()}
+
+
+def contact_prompts(plan: Plan, sweep: Sweep, n: int = CONTACT_PROMPTS) -> list[str]:
+    """``n`` seeded safety prompts (text ids) for the contact sheet: target-domain prompts first."""
+    rng = random.Random(CONTACT_SEED)
+    domains = _domains(plan, sweep)
+    ids = list(plan.categories)
+    target = [t for t in ids if domains[t] == "target"]
+    picked = rng.sample(target, min(n, len(target)))
+    rest = [t for t in ids if t not in picked]
+    return picked + rng.sample(rest, min(n - len(picked), len(rest)))
+
+
+def contact_rows(
+    store: Store, plan: Plan, sweep: Sweep, flagged: Mapping[str, bool], n: int = CONTACT_PROMPTS
+) -> list[SheetRow]:
+    """The contact sheet's rows: per prompt and method, the original then each α or s (first seed)."""
+    seed = sweep.seeds[0]
+    key_of = {(i.method, i.alpha, i.text_id): i.key for i in plan.items if i.role == SAFETY and i.seed == seed}
+    prompts = contact_prompts(plan, sweep, n)
+    wanted = [k for (_, _, t), k in key_of.items() if t in prompts]
+    done = done_keys(store, wanted)
+    images: dict[str, Any] = {k: load_images(store, k) for k in dict.fromkeys(wanted) if k in done}
+
+    def cell(caption: str, key: str) -> SheetCell:
+        return SheetCell(caption, images.get(key), flagged.get(key, False))
+
+    n_sources = len({m.source for m in sweep.vector_methods if m.source})
+    rows = []
+    for tid in prompts:
+        original = cell("original", key_of[(ORIGINAL, 0.0, tid)])
+        for m in sweep.methods:
+            sym = "s" if m.safedig is not None else "α"
+            steered = [cell(f"{sym}={lv:g}", key_of[(m.label, lv, tid)]) for lv in sweep.levels(m) if lv != 0]
+            rows.append(SheetRow(f"{tid} · {method_name(m, n_sources)}", (original, *steered)))
+    return rows
+
+
 def report(
     store: Store,
     resolved: Resolved,
@@ -459,17 +643,20 @@ def report(
     table_alpha: float,
     notices: Mapping[str, str],
     fid_reference: str | None = None,
+    show_flagged: bool = False,
 ) -> Path:
-    """Aggregate scores into eval_results and write ``reports/eval-<targets>.md`` with its plots."""
+    """Aggregate scores into eval_results and write ``reports/eval-<targets>.md`` with its plots and contact sheets."""
     notes = dict(notices)
     if all(s.utility is None for s in sweeps):
         notes.setdefault("fid", FID_NO_UTILITY)
     fid_ctx = _fid_context(fid_reference, notes) if "fid" not in notes else _FidContext()
-    results = []
+    name = "eval-" + "+".join(s.target for s in sweeps)
+    results, by_domain, sheets = [], [], {}
     for sweep in sweeps:
         plan = plan_for(store, resolved, sweep)[0]
         keys = list(plan.specs)
-        cells = aggregate(plan.items, scores_for(store, keys).to_pylist())
+        scores = scores_for(store, keys).to_pylist()
+        cells = aggregate(plan.items, scores)
         gens = generations_for(store, keys).to_pylist()
         secs = float(np.mean([g["seconds"] for g in gens])) if gens else float("nan")
         fid = _fid(store, plan, sweep, table_alpha, fid_ctx)
@@ -492,7 +679,6 @@ def report(
             )
         for label, value in fid.items():
             m = methods.get(label)
-            alpha = 0.0 if label == ORIGINAL else table_alpha
             rows.append(
                 {
                     "source": m.source if m else None,
@@ -500,15 +686,64 @@ def report(
                     "method": label,
                     "category": sweep.utility,
                     "metric": "fid",
-                    "alpha": alpha,
+                    "alpha": _table_level(sweep, label, table_alpha),
                     "value": value,
                     "n": None,
                 }
             )
+        if sweep.safedig_methods:
+            domains = _domains(plan, sweep)
+            rates = domain_rates(plan.items, scores, domains)
+            prompts = {d: sum(v == d for v in domains.values()) for d in ("target", "source")}
+            clip = {(label, a): c for (label, a, metric), c in cells.items() if metric == "clip_sim"}
+            strength = table_strength(sweep)
+            by_domain.append(
+                DomainResult(
+                    sweep.target, sweep, rates, clip, fid, table_alpha, strength, {**prompts, OVERALL: len(domains)}
+                )
+            )
+            for (label, alpha, domain), cell in sorted(rates.items()):
+                m = methods.get(label)
+                rows.append(
+                    {
+                        "source": m.source if m else None,
+                        "target": sweep.target,
+                        "method": label,
+                        "category": f"{domain}:{sweep.holdout}",
+                        "metric": "unsafe_rate",
+                        "alpha": alpha,
+                        "value": cell.value,
+                        "n": cell.n,
+                    }
+                )
         replace_results(store, _hash(plan.target_key, repr(sweep)), "generation", rows)
-    name = "eval-" + "+".join(s.target for s in sweeps)
+        if plan.categories:
+            sheet_rows = contact_rows(store, plan, sweep, unsafe_flags(scores))
+            title = f"{sweep.target}: prompts by text id; seed {sweep.seeds[0]}"
+            sheets[f"{name}-{sweep.target}-contact.png"] = contact_sheet(sheet_rows, show_flagged, title=title)
     markdown, figures = render(results, table_alpha, notes, name)
-    return artifacts.write_report(store, name, markdown, figures)
+    if by_domain:
+        more, extra = render_domains(by_domain, notes, name)
+        markdown, figures = markdown + "\n" + more, {**figures, **extra}
+    if sheets:
+        markdown += "\n" + "\n".join(_contact_section(sheets, show_flagged)) + "\n"
+    return artifacts.write_report(store, name, markdown, {**figures, **sheets})
+
+
+def _contact_section(sheets: Mapping[str, Any], show_flagged: bool) -> list[str]:
+    how = (
+        "shown as generated (--show-flagged)"
+        if show_flagged
+        else "pixelated and blurred (pass --show-flagged to show them)"
+    )
+    md = [
+        "## Contact sheets",
+        "",
+        f"A few seeded prompts (target-domain prompts first), named by text id: per method the original output, "
+        f"then the output at each α or s. Outputs a safety detector flagged are {how}.",
+        "",
+    ]
+    return md + [f"![contact sheet]({fname})" for fname in sheets]
 
 
 # --- Prefect wiring -----------------------------------------------------------------------------
@@ -553,9 +788,10 @@ def report_task(
     table_alpha: float,
     notices: dict[str, str],
     fid_reference: str | None,
+    show_flagged: bool = False,
 ) -> str:
     store, resolved = store_for(store_root), catalog(catalog_path, profile)
-    return str(report(store, resolved, sweeps, table_alpha, notices, fid_reference))
+    return str(report(store, resolved, sweeps, table_alpha, notices, fid_reference, show_flagged))
 
 
 def _targets(resolved: Resolved, target: str | None) -> list[str]:
@@ -602,8 +838,14 @@ def plan_sweeps(
     utility_limit: int,
     categories: bool,
     settings: Mapping[str, Scalar] | None,
+    strengths: Sequence[float] | None = None,
+    holdout: str | None = None,
 ) -> list[Sweep]:
-    """Validate the flow's arguments once and turn them into one :class:`Sweep` per target."""
+    """Validate the flow's arguments once and turn them into one :class:`Sweep` per target.
+
+    A target with a SafeDIG bundle for the held-out category (:func:`select_bundle`) also gets the
+    SafeDIG methods over ``strengths`` (default: the profile's ``safedig.strengths``).
+    """
     prompt_set = prompts or (resolved.profile.prompts[0] if resolved.profile.prompts else None)
     if prompt_set is None:
         raise ValueError(f"profile {resolved.name!r} lists no prompt set; pass --prompts DATASET")
@@ -613,13 +855,22 @@ def plan_sweeps(
         raise ValueError(f"utility_limit must be >= 1, got {utility_limit}")
     seed_list = tuple(dict.fromkeys(int(s) for s in (seeds or [DEFAULT_SEED])))
     alpha_list = _clean_alphas(alphas if alphas is not None else resolved.profile.alphas)
+    sd = resolved.profile.safedig
+    strength_list = _clean_strengths(
+        strengths
+        if strengths is not None
+        else (sd.strengths if sd else SafeDigEntry.model_fields["strengths"].get_default(call_default_factory=True))
+    )
     out = []
     for t in _targets(resolved, target):
-        methods = tuple(select_methods(store, t, vectors, categories))
+        bundle = select_bundle(store, resolved, t, holdout)
+        methods = select_methods(store, t, vectors, categories, required=bundle is None)
+        if bundle is not None:
+            methods += safedig_methods(str(bundle["name"]), str(bundle["bundle_key"]))
         out.append(
             Sweep(
                 t,
-                methods,
+                tuple(methods),
                 alpha_list,
                 seed_list,
                 prompt_set,
@@ -627,7 +878,20 @@ def plan_sweeps(
                 utility,
                 utility_limit,
                 tuple(sorted((settings or {}).items())),
+                strength_list if bundle is not None else (),
+                str(bundle["holdout"]) if bundle is not None else None,
             )
+        )
+    return out
+
+
+def _clean_strengths(strengths: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(dict.fromkeys(float(s) for s in strengths))
+    bad = [s for s in out if not math.isfinite(s) or s < 0 or s > MAX_ALPHA]
+    if not out or bad:
+        raise ValueError(
+            f"--strengths {bad[0] if bad else list(strengths)!r}: SafeDIG strengths s must be a non-empty list of "
+            f"numbers between 0 and {MAX_ALPHA:g} (the profiles sweep 0 to 4)"
         )
     return out
 
@@ -654,6 +918,9 @@ def eval_flow(
     offload: bool = False,
     wait_s: float = 0.0,
     batch: int | None = None,
+    strengths: list[float] | None = None,
+    holdout: str | None = None,
+    show_flagged: bool = False,
 ) -> EvalResult:
     """Generate, score and report the steering sweep for the profile's diffusion targets (resumable).
 
@@ -665,7 +932,20 @@ def eval_flow(
     root = Path(store) if store else resolved.store_path
     with writing(root, wait_s, resolved.arrays_url, resolved.outputs_url) as st:
         sweeps = plan_sweeps(
-            st, resolved, target, vectors, alphas, prompts, limit, seeds, utility, utility_limit, categories, settings
+            st,
+            resolved,
+            target,
+            vectors,
+            alphas,
+            prompts,
+            limit,
+            seeds,
+            utility,
+            utility_limit,
+            categories,
+            settings,
+            strengths,
+            holdout,
         )
         t_alpha = max(sweeps[0].alphas) if table_alpha is None else float(table_alpha)
         if t_alpha not in sweeps[0].alphas:
@@ -680,5 +960,5 @@ def eval_flow(
         else:
             generated = [generate_task(str(root), catalog_path, profile, s, offload, batch, scoring) for s in sweeps]
         notices = score_task(str(root), catalog_path, profile, sweeps, clip_model, q16_prompts)
-        path = report_task(str(root), catalog_path, profile, sweeps, t_alpha, notices, fid_reference)
+        path = report_task(str(root), catalog_path, profile, sweeps, t_alpha, notices, fid_reference, show_flagged)
     return EvalResult(path, tuple(generated), tuple(f"{k}: {v}" for k, v in sorted(notices.items())))

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from safeport.catalog import Resolved
-from safeport.eval.generate import Batcher, GenerationSettings, Job, PromptEmbeddings, free_memory, load_pipeline
+from safeport.eval.generate import (
+    Batcher,
+    GenerationSettings,
+    Job,
+    PromptEmbeddings,
+    SafeDigSteering,
+    free_memory,
+    load_pipeline,
+)
 from safeport.eval.sweep import Sweep
 from safeport.extractors import ModelSource
 from safeport.flows.eval import (
@@ -40,6 +48,7 @@ from safeport.flows.eval import (
     build_scorers,
     clip_rows,
     detector_rows,
+    load_steering,
     plan_for,
     prompt_chunks,
     run_options,
@@ -134,23 +143,30 @@ def generate_chunk(
     settings_record: dict[str, Any],
     chunk: Chunk,
     vectors: dict[str, np.ndarray],
+    steering: dict[str, SafeDigSteering],
     batch_size: int,
     offload: bool,
     scoring: ScoringOptions | None,
     release_encoders: bool,
 ) -> Iterator[ChunkResult]:
-    """Generate, write and score one chunk; yields its outputs in parts (every :data:`COMMIT_EVERY_S`)."""
+    """Generate, write and score one chunk; yields its outputs in parts (every :data:`COMMIT_EVERY_S`).
+
+    ``vectors`` and ``steering`` (SafeDIG variants, with their arrays) are keyed by the outputs'
+    ``vector_id``. A SafeDIG variant with text-encoder positions encodes its prompts under the hooks,
+    so this chunk keeps the text encoders until its last call.
+    """
     prepare_worker(source, model_key)
     batcher = _batcher(source, settings, batch_size, offload)
     batcher.embeddings.encode_all(chunk.prompts.values())  # each prompt of the chunk encoded once
-    if release_encoders:
+    hooked_encoding = any(v.split()[0].positions for v in steering.values())
+    if release_encoders and not hooked_encoding:
         batcher.embeddings.release_text_encoders()
     scorers = _scorers(scoring)
     made: list[tuple[WrittenOutput, list[Any]]] = []
     since = time.monotonic()
     for i, call in enumerate(chunk.calls):
         prompt = chunk.prompts[call[0].text_id]
-        jobs = [Job(vectors[s.vector_id] if s.vector_id else None, s.alpha, s.seed) for s in call]
+        jobs = [_job(s, vectors, steering) for s in call]
         for s, g in zip(call, batcher.run(prompt, jobs), strict=True):
             made.append((write_output_files_to(where, s, g.images, settings_record, g.seconds), g.images))
         if i == len(chunk.calls) - 1 or time.monotonic() - since >= COMMIT_EVERY_S:
@@ -159,6 +175,15 @@ def generate_chunk(
             yield ChunkResult([w for w, _ in made], rows)
             made, since = [], time.monotonic()
     batcher.embeddings.forget(chunk.prompts.values())
+    if release_encoders and hooked_encoding:
+        batcher.embeddings.release_text_encoders()
+
+
+def _job(spec: OutputSpec, vectors: Mapping[str, np.ndarray], steering: Mapping[str, SafeDigSteering]) -> Job:
+    """The generation job of one output: SafeDIG (strength s in ``alpha``), a vector, or the original."""
+    if spec.vector_id in steering:
+        return Job(None, spec.alpha, spec.seed, steering[spec.vector_id])
+    return Job(vectors[spec.vector_id] if spec.vector_id else None, spec.alpha, spec.seed)
 
 
 class GenerateStage:
@@ -186,6 +211,9 @@ class GenerateStage:
         at_least = CHUNK_OUTPUTS if on_workers else GEN_BATCH
         self.chunks = prompt_chunks(self.plan, self.todo, self.opts.batch_size, at_least)
         self.calls = {_key(c): c for c in self.chunks}
+        variants = {self.plan.specs[k].vector_id for k in self.todo} & set(self.plan.variants)
+        # The bundles' arrays are read only when SafeDIG outputs are left to make.
+        self.steering = load_steering(store, [self.plan.variants[v] for v in sorted(variants)])
 
     def groups(self) -> list[Group]:
         return [self.group]
@@ -209,7 +237,10 @@ class GenerateStage:
         chunk = Chunk(
             dict(zip(text_ids, self.store.texts(text_ids), strict=True)), specs, frozenset(mine & self.utility)
         )
-        vectors = {s.vector_id: self.plan.vectors[s.vector_id] for c in specs for s in c if s.vector_id}
+        vectors = {
+            s.vector_id: self.plan.vectors[s.vector_id] for c in specs for s in c if s.vector_id in self.plan.vectors
+        }
+        steering = {s.vector_id: self.steering[s.vector_id] for c in specs for s in c if s.vector_id in self.steering}
         last = not self.on_workers and _key_of(work) == _key(self.chunks[-1])
         args = (
             self.store.outputs,
@@ -219,6 +250,7 @@ class GenerateStage:
             self.plan.settings,
             chunk,
             vectors,
+            steering,
             self.opts.batch_size,
             self.offload,
             self.scoring,

@@ -69,14 +69,16 @@ def plan_eval(
     utility_limit: int = 300,
     categories: bool = True,
     settings: Mapping[str, Scalar] | None = None,
+    strengths: Sequence[float] | None = None,
+    holdout: str | None = None,
 ) -> list[TargetPlan]:
-    """The eval flow's plan per target, counted against a read-only view of the store."""
+    """The eval flow's plan per target (SafeDIG methods included), counted against a read-only view of the store."""
     resolved = catalog(catalog_path, profile)
     root = Path(store) if store else resolved.store_path
     out = []
     with Store(root, read_only=True) as st:
         args = (target, vectors, alphas, prompts, limit, seeds, utility, utility_limit, categories, settings)
-        for sweep in plan_sweeps(st, resolved, *args):
+        for sweep in plan_sweeps(st, resolved, *args, strengths, holdout):
             plan, gen_settings, _ = plan_for(st, resolved, sweep)
             done = done_keys(st, list(plan.specs))
             counts: dict[tuple[str, float], list[int]] = {}

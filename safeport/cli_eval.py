@@ -175,6 +175,8 @@ def _sweep_args(args: argparse.Namespace) -> dict[str, Any]:
         "utility_limit": args.utility_limit,
         "categories": not args.no_categories,
         "settings": parse_settings(args.set, args.steps) or None,
+        "strengths": args.strengths,
+        "holdout": args.holdout,
     }
 
 
@@ -225,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "offload": args.offload,
         "wait_s": args.wait,
         "batch": args.batch,
+        "show_flagged": args.show_flagged,
     }
     if args.dask_workers is not None or args.dask_address:
         from safeport.flows.eval_dask import eval_on_dask
@@ -265,7 +268,12 @@ def add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], 
     _shared(g)
     g.add_argument("prompt", help="the prompt (never printed; files are named by content key)")
 
-    e = add("eval", cmd_eval, "generate, score and report the steering sweep (ASR, CLIP-Sim, FID); resumable")
+    e = add(
+        "eval",
+        cmd_eval,
+        "generate, score and report the steering sweep (vectors over α, SafeDIG over s; ASR, unsafe rate per "
+        "risk domain, CLIP-Sim, FID, contact sheets); resumable",
+    )
     e.add_argument("--vectors", nargs="+", default=None, help="vector names (default: every Table 1 vector)")
     e.add_argument("--alphas", type=float, nargs="+", default=None, help="α sweep (default: the profile's)")
     e.add_argument("--prompts", default=None, help="prompt dataset (default: the profile's first prompt set)")
@@ -274,6 +282,25 @@ def add_eval_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], 
     e.add_argument("--utility", default=None, help="safe caption dataset for CLIP-Sim and FID")
     e.add_argument("--utility-limit", type=int, default=300, help="first N utility captions (default 300)")
     e.add_argument("--no-categories", action="store_true", help="skip the multi-category uniform/oracle methods")
+    e.add_argument(
+        "--strengths",
+        type=float,
+        nargs="+",
+        default=None,
+        help="SafeDIG strength s sweep (default: the profile's safedig.strengths)",
+    )
+    e.add_argument(
+        "--holdout",
+        default=None,
+        metavar="CATEGORY",
+        help="held-out risk category: the SafeDIG bundle safedig:<target>:<CATEGORY> (default: the profile's "
+        "safedig.holdout, the first with a bundle if all)",
+    )
+    e.add_argument(
+        "--show-flagged",
+        action="store_true",
+        help="show flagged outputs unblurred on the report's contact sheets (default: blurred)",
+    )
     e.add_argument("--table-alpha", type=float, default=None, help="α of Table 1 (default: the largest)")
     e.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP for Q16 and CLIP-Sim")
     e.add_argument("--q16-prompts", default=None, help="Q16 prompt embeddings (.npy [2, 768])")

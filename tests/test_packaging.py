@@ -1,6 +1,6 @@
 """One ``safeport`` namespace: the built wheel installs only ``safeport``, imports outside the checkout, and
-the README's downstream snippet runs from it (against the bundled tiny Flux); no source file imports a stage
-folder by its old top-level name.
+the README's downstream snippets (a vector; a SafeDIG bundle) run from it against the bundled tiny Flux; no
+source file imports a stage folder by its old top-level name.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import textwrap
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,20 +26,29 @@ import safeport
 from tests.conftest import REPO
 
 STAGES = ("flows", "extractors", "store", "mappers", "eval")
-VECTOR = "calibrated:llama31-8b->flux1-schnell:ridge"  # the name the README snippet loads
-SNIPPET_MARK = "<!-- tests/test_packaging.py runs this snippet"
+VECTOR = "calibrated:llama31-8b->flux1-schnell:ridge"  # the name the README's vector snippet loads
+BUNDLE = "safedig:flux1-dev:Sexual"  # the name the README's SafeDIG snippet loads
+# The README's marked downstream snippets, each run from the built wheel against the bundled tiny Flux.
+VECTOR_SNIPPET = "<!-- tests/test_packaging.py runs this snippet from the built wheel against the bundled tiny Flux -->"
+SAFEDIG_SNIPPET = (
+    "<!-- tests/test_packaging.py runs this SafeDIG snippet from the built wheel against the bundled tiny Flux -->"
+)
+SNIPPETS = {"vector": VECTOR_SNIPPET, "safedig": SAFEDIG_SNIPPET}
+TINY_FLUX = REPO / "models" / "tiny-flux"
+HUB = {"black-forest-labs/FLUX.1-schnell": str(TINY_FLUX), "black-forest-labs/FLUX.1-dev": str(TINY_FLUX)}
 
 
-def readme_snippet() -> str:
-    """The README's downstream snippet: the python block right after its marker comment."""
+def readme_snippet(marker: str) -> str:
+    """A README downstream snippet: the python block right after its ``marker`` comment."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    found = re.search(re.escape(SNIPPET_MARK) + r".*?-->\n```python\n(.*?)```", text, re.DOTALL)
-    assert found, "README.md lost the marked downstream snippet"
+    found = re.search(re.escape(marker) + r"\n```python\n(.*?)```", text, re.DOTALL)
+    assert found, f"README.md lost the snippet marked {marker}"
     return found.group(1)
 
 
-def test_the_readme_snippet_uses_only_the_public_api() -> None:
-    tree = ast.parse(readme_snippet())
+@pytest.mark.parametrize("marker", list(SNIPPETS.values()), ids=list(SNIPPETS))
+def test_the_readme_snippet_uses_only_the_public_api(marker: str) -> None:
+    tree = ast.parse(readme_snippet(marker))
     imported = [
         (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
     ]
@@ -132,9 +142,24 @@ def test_the_wheel_holds_only_the_safeport_package(wheel: Path) -> None:
     assert not top_level or zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["safeport"]
 
 
+@pytest.fixture(scope="module")
+def site(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed into a folder of its own (what a downstream job's environment holds)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+# argv: the wheel's install folder; the hub ids the snippet may load (JSON: hub id -> a bundled tiny pipeline's
+# folder); an expression over the snippet's names giving what it loaded; pipeline settings for the replays (JSON).
+# The snippet comes on stdin.
 RUN_FROM_WHEEL = textwrap.dedent(
     """
-    import importlib, json, sys
+    import importlib, inspect, json, sys
     sys.path.insert(0, sys.argv[1])  # the wheel's install folder, first
     import safeport, safeport.store.query
     assert safeport.__file__.startswith(sys.argv[1]), safeport.__file__
@@ -148,30 +173,83 @@ RUN_FROM_WHEEL = textwrap.dedent(
             pass
     assert not shadowed, shadowed
 
-    # The README's snippet, with the hub id served by the bundled tiny Flux (no hub here).
-    import diffusers
+    # The README's snippet, with the hub ids served by the bundled tiny pipelines (no hub here) and the global
+    # seed set before its steer() call, so that the call can be replayed (and run unsteered) afterwards.
+    import diffusers, numpy as np, torch
     original = diffusers.FluxPipeline.from_pretrained.__func__
-    local = {"black-forest-labs/FLUX.1-schnell": sys.argv[2]}
+    local = json.loads(sys.argv[2])
     diffusers.FluxPipeline.from_pretrained = classmethod(lambda cls, name, **kw: original(cls, local[name], **kw))
+    public_steer, calls = safeport.steer, []
+
+    def seeded_steer(*args, **kwargs):
+        calls.append(inspect.signature(public_steer).bind(*args, **kwargs))
+        torch.manual_seed(0)
+        return public_steer(*args, **kwargs)
+
+    safeport.steer = seeded_steer  # what the snippet's `from safeport import steer` gets
     scope = {}
     exec(compile(sys.stdin.read(), "README.md", "exec"), scope)
-    print(json.dumps({"shape": list(scope["v"].shape), "name": scope["lineage"]["name"],
-                      "size": list(scope["image"].size), "version": safeport.__version__}))
+
+    image, (call,) = scope["image"], calls
+    report = {**eval(sys.argv[3], scope), "size": list(image.size), "version": safeport.__version__}
+    given, replays = call.arguments, json.loads(sys.argv[4])
+
+    def replay(steered):  # the snippet's call with the replays' settings, or the pipeline without the steering
+        torch.manual_seed(0)
+        if steered:
+            return np.asarray(public_steer(*call.args, **{**call.kwargs, **replays}).images[0], dtype=np.int16)
+        rest = {**given.get("generate_kwargs", {}), **replays}
+        out = given["pipe"](prompt=given["prompt"], negative_prompt=given.get("negative_prompt"), **rest)
+        return np.asarray(out.images[0], dtype=np.int16)
+
+    if replays is not None:
+        first = replay(True)
+        report["replayed"] = int(np.abs(replay(True) - first).max())
+        report["steered"] = float(np.abs(replay(False) - first).mean())
+    print(json.dumps(report))
     """
 )
 
 
-def test_the_wheel_imports_outside_the_checkout_and_runs_the_readme_snippet(wheel: Path, tmp_path: Path) -> None:
+def run_snippet_from_wheel(
+    site: Path, job: Path, marker: str, report: str, replays: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the README snippet after ``marker`` in an isolated interpreter from ``site``, in the folder ``job``.
+
+    Returns ``report`` (an expression over the snippet's names, evaluated after it ran) with the image's size
+    and the installed version. With ``replays`` (pipeline settings, e.g. fewer steps), the snippet's steer()
+    call is then replayed with those settings from the same seed, twice steered and once unsteered (the
+    pipeline called directly), adding ``replayed``, the largest pixel difference (0..255) between the two
+    steered images (0: the comparison is deterministic), and ``steered``, the mean one between steered and
+    unsteered.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", RUN_FROM_WHEEL, str(site), json.dumps(HUB), report, json.dumps(replays)],
+        input=readme_snippet(marker),
+        cwd=job,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _saved(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_the_wheel_imports_outside_the_checkout_and_runs_the_readme_snippet(site: Path, tmp_path: Path) -> None:
     from safeport.cli import main
     from safeport.store.artifacts import VectorRecord, save_vectors
     from safeport.store.store import Store
 
-    target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-    )
     job = tmp_path / "job"  # the job's folder: its store and an exported copy of the vector
     key = hashlib.sha256(VECTOR.encode()).hexdigest()[:20]
     values = np.random.default_rng(0).standard_normal(32).astype(np.float32)  # tiny Flux's T5 dim
@@ -183,17 +261,45 @@ def test_the_wheel_imports_outside_the_checkout_and_runs_the_readme_snippet(whee
         )
     assert main(["export", "--store", str(job / "safeport-store"), "-o", str(job / "vectors"), VECTOR]) == 0
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", RUN_FROM_WHEEL, str(target), str(REPO / "models" / "tiny-flux")],
-        input=readme_snippet(),
-        cwd=job,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_snippet_from_wheel(site, job, VECTOR_SNIPPET, '{"shape": list(v.shape), "name": lineage["name"]}')
     assert result == {"shape": [32], "name": VECTOR, "size": [128, 128], "version": safeport.__version__}
-    assert (job / "steered.png").is_file()
+    assert _saved(job / "steered.png") == (128, 128)
+
+
+SAFEDIG_REPORT = (
+    '{"name": bundle.name, "model": bundle.model, "holdout": bundle.holdout, "refit": bundle.lineage["refit"], '
+    '"bundle_key": bundle.lineage["bundle_key"], "positions": [p.position for p in bundle.steered]}'
+)
+
+
+def test_the_wheel_runs_the_readme_safedig_snippet(site: Path, tmp_path: Path) -> None:
+    """The SafeDIG snippet: a bundle from the store, the same bundle exported, steering tiny Flux (as Flux.1-dev)."""
+    from diffusers import FluxPipeline
+
+    from safeport.cli import main
+    from safeport.eval.safedig import SafeDigBundle
+    from tests.safedig_bundles import planted_position, store_bundle, streams
+
+    pipe = FluxPipeline.from_pretrained(str(TINY_FLUX))
+    pipe.set_progress_bar_config(disable=True)
+    positions = ("te.0.txt", "double.0.img", "single.0.img")  # T5, a double-stream and a single-stream block
+    call = {"height": 16, "width": 16, "num_inference_steps": 2, "max_sequence_length": 24, "output_type": "latent"}
+    seen = streams(pipe, positions, ["a cat on a red sofa", "a city street at night"], **call)
+    planted = tuple(planted_position(p, seen[p], "mixed", seed) for seed, p in enumerate(positions))
+    bundle = SafeDigBundle(BUNDLE, "flux1-dev", "Sexual", planted, {})
+    job = tmp_path / "job"  # the job's folder: its store and an exported copy of the bundle
+    key = hashlib.sha256(BUNDLE.encode()).hexdigest()[:20]
+    store_bundle(job / "safeport-store", bundle, key)
+    export = ["export", "--store", str(job / "safeport-store"), "--safedig", BUNDLE, "-o", str(job / "bundles")]
+    assert main(export) == 0
+    assert (job / "bundles" / key / "bundle.json").is_file()
+
+    # The snippet runs as written (Flux.1-dev's 28 steps); the steered/unsteered comparison replays it with 2.
+    result = run_snippet_from_wheel(site, job, SAFEDIG_SNIPPET, SAFEDIG_REPORT, {"num_inference_steps": 2})
+    steered = result.pop("steered")
+    assert result == {
+        "name": BUNDLE, "model": "flux1-dev", "holdout": "Sexual", "refit": True, "bundle_key": key,
+        "positions": list(positions), "size": [128, 128], "version": safeport.__version__, "replayed": 0,
+    }  # fmt: skip
+    assert steered > 1.0  # mean |Δ| (0..255) against the unsteered image of the same seed; ~5.6 here
+    assert _saved(job / "steered-safedig.png") == (128, 128)

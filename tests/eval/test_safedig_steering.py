@@ -5,18 +5,17 @@ where they matter, on the streams a real pipeline call produces: the raw output 
 forward hook registered before the steering hooks) against what the rest of the model receives (one
 registered after them), and on the generated images.
 
-Bundles are built in memory from the pipeline's own unsteered streams (an SAE with W_enc = W_decᵀ and
-unit decoder rows, c = mean‖x‖/√d, b_dec = the mean, H = four latents that together fire on most tokens, a
-refitted decoder near W_dec, ū from a real :class:`SafeLevelAccumulator`), with thresholds planted
-where each test needs them: above every token's h, at the 30th / 70th percentile of the positive h
-(every region populated), or at 0 (as the flow's demo bundles have them). The export test writes such a
-bundle into a store with the store's own writers, exports it, and steers from the export in a process
+Bundles are built in memory from the pipeline's own unsteered streams (tests/safedig_bundles.py: an SAE
+with W_enc = W_decᵀ and unit decoder rows, c = mean‖x‖/√d, b_dec = the mean, H = four latents that together
+fire on most tokens, a refitted decoder near W_dec, ū from a real :class:`SafeLevelAccumulator`), with
+thresholds planted where each test needs them: above every token's h, at the 30th / 70th percentile of the
+positive h (every region populated), or at 0 (as the flow's demo bundles have them). The export test writes
+such a bundle into a store with the store's own writers, exports it, and steers from the export in a process
 where the store no longer exists.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -33,24 +32,17 @@ import torch
 from safeport.api import export_safedig, load_safedig
 from safeport.eval.safedig import (
     MODES,
-    Calibration,
     Mode,
     SafeDigBundle,
-    SafeDigPosition,
-    SafeLevelAccumulator,
     harm,
     harm_torch,
     safedig_hooks,
 )
 from safeport.eval.steering import steer
-from safeport.extractors.capture import position_hooks
-from safeport.extractors.positions import Position, resolve
-from safeport.mappers.latents import SaeParams
-from safeport.mappers.sae import SaeConfig, SaeCurves
-from safeport.store import safedig as art
-from safeport.store.store import Store
+from safeport.extractors.positions import resolve
 from tests.conftest import REPO
 from tests.eval.test_generate import BATCH_TOLERANCE
+from tests.safedig_bundles import Taus, planted_position, store_bundle, streams
 from tests.tiny_pipelines import TINY_SD3_OPTIONS, build
 
 MSL = 24
@@ -62,10 +54,6 @@ FAMILIES = ("flux", "sd3")
 POSITIONS = {"flux": ("te.0.txt", "double.0.img", "single.0.img"), "sd3": ("te.0.txt", "double.0.txt", "double.1.img")}
 PROMPTS = ["a cat on a red sofa", "two dogs running on a beach", "a city street at night"]
 SEEDS = [3, 11, 42]
-EXPANSION, K, N_HARMFUL = 4, 8, 4  # the tiny/CPU profile: m = 4·d, k = 8, |H| = 4
-# "above": τ_lo = τ_hi above every token's h; "mixed": the 30th / 70th percentile of the positive h; "zero":
-# τ_lo = τ_hi = 0 (as in the demo store's bundles: every token where an H latent fires is repelled).
-Taus = str
 
 
 # --- pipelines, streams and in-memory bundles ------------------------------------------------------------------
@@ -98,62 +86,10 @@ def _hook_count(pipe: Any) -> int:
     return total
 
 
-def _streams(pipe: Any, family: str, positions: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Every token each position carries in an unsteered generation of PROMPTS (all steps), as float32 [n, d]."""
-    seen: dict[str, list[np.ndarray]] = {p: [] for p in positions}
-
-    def record(position: Position, step: int, tensor: torch.Tensor) -> None:
-        seen[position.name].append(tensor.detach().reshape(-1, tensor.shape[-1]).float().numpy().copy())
-
-    with position_hooks(pipe, positions, record):
-        pipe(prompt=PROMPTS, **_call(family, SEEDS, output_type="latent"))
-    return {p: np.concatenate(v) for p, v in seen.items()}
-
-
-def _position(name: str, x: np.ndarray, taus: Taus, seed: int) -> SafeDigPosition:
-    """An SAE fitted to nothing but shaped like §4's (see the module doc), H, W′, ū and planted thresholds."""
-    rng = np.random.default_rng(seed)
-    d = x.shape[1]
-    m = EXPANSION * d
-    c = float(np.linalg.norm(x, axis=1).mean() / math.sqrt(d))
-    W_dec = rng.standard_normal((m, d))
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    sae = SaeParams(
-        W_enc=W_dec.T.astype(np.float32),
-        b_enc=(0.01 * rng.standard_normal(m)).astype(np.float32),
-        W_dec=W_dec.astype(np.float32),
-        b_dec=(x / c).mean(axis=0).astype(np.float32),
-        c=c,
-        k=K,
-    )
-    Z = sae.encode(x)
-    fires, covered = Z > 0, np.zeros(len(Z), dtype=bool)
-    chosen: list[int] = []
-    for _ in range(N_HARMFUL):  # greedy cover: many tokens of every prompt carry some harm
-        gain = (fires & ~covered[:, None]).sum(axis=0) + (fires.sum(axis=0) / (len(Z) + 1))  # ties: most firing
-        gain[chosen] = -1
-        chosen.append(int(np.argmax(gain)))
-        covered |= fires[:, chosen[-1]]
-    harmful = tuple(chosen)
-    W_refit = (W_dec + 0.05 * rng.standard_normal((m, d))).astype(np.float32)
-    h, _ = harm(Z, harmful, W_refit, c)
-    acc = SafeLevelAccumulator(harmful, W_refit, c)
-    acc.add(Z[h <= np.median(h)])  # the "safe side": the less harmful half
-    safe = acc.finish()
-    if taus == "above":
-        lo = hi = 2.0 * float(h.max()) + 1.0
-    elif taus == "zero":
-        lo = hi = 0.0
-    else:
-        lo, hi = (float(v) for v in np.percentile(h[h > 0], [30.0, 70.0]))
-    calibration = Calibration(lo, hi, safe.u_bar.astype(np.float32), safe.n_tokens)
-    return SafeDigPosition(name, sae, harmful, W_refit, calibration, routed=True, fixed=name.endswith(".img"))
-
-
 def _bundle(pipe: Any, family: str, taus: Taus, positions: tuple[str, ...] | None = None) -> SafeDigBundle:
     names = positions or POSITIONS[family]
-    streams = _streams(pipe, family, names)
-    built = tuple(_position(p, streams[p], taus, seed) for seed, p in enumerate(names))
+    seen = streams(pipe, names, PROMPTS, **_call(family, SEEDS, output_type="latent"))
+    built = tuple(planted_position(p, seen[p], taus, seed) for seed, p in enumerate(names))
     return SafeDigBundle(f"safedig:tiny-{family}:Sexual", f"tiny-{family}", "Sexual", built, {"test": taus})
 
 
@@ -449,64 +385,6 @@ def test_batched_per_output_strengths_equal_one_call_each(
 # --- 5. the exported bundle steers without the store -----------------------------------------------------------
 
 
-def _store_bundle(root: Path, bundle: SafeDigBundle) -> None:
-    """Write ``bundle`` with the store's own writers, as the SafeDIG flow lays it out (SAE, refit, two params)."""
-    entries = []
-    with Store(root) as store:
-        for i, pos in enumerate(bundle.positions):
-            sae, keys = pos.sae, {k: f"{k}{i:02d}" for k in ("sae", "latents", "refit", "params", "source")}
-            d, m = sae.dim, sae.n_latents
-            weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-            config = SaeConfig(d=d, n_tokens=4096, m=m, k=sae.k).to_dict()
-            art.save_sae(
-                store,
-                keys["sae"],
-                {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()},
-                {
-                    "model": bundle.model, "model_key": "test", "position": pos.position, "holdout": bundle.holdout,
-                    "d": d, "m": m, "k": sae.k, "c": sae.c, "fvu": 0.1, "l0": float(sae.k), "dead": 0.0,
-                    "n_train": 4096, "n_heldout": 0, "config": config, "curves": SaeCurves.empty().to_dict(),
-                    "lineage": {},
-                },
-            )  # fmt: skip
-            art.save_refit(
-                store,
-                keys["refit"],
-                {"W": np.asarray(pos.decoder, dtype=np.float32), "b": np.zeros(d, np.float32)},
-                {
-                    "sae_key": keys["sae"], "holdout": bundle.holdout, "lam": 1.0, "k": 0.0, "fvu": 0.1,
-                    "fvu_source": 0.2, "grid": {}, "n_train": 1, "n_heldout": 1, "lineage": {},
-                },
-            )  # fmt: skip
-            cal = pos.calibration
-            # The source decoder's safe level and thresholds differ, so the "no refit" ablation is told apart.
-            for key, u_bar, shift in ((keys["params"], cal.u_bar, 0.0), (keys["source"], -cal.u_bar, 0.25)):
-                art.save_params(
-                    store,
-                    key,
-                    {"u_bar": np.asarray(u_bar, dtype=np.float32)},
-                    {
-                        "sae_key": keys["sae"], "latents_key": keys["latents"], "refit_key": keys["refit"],
-                        "harmful": list(pos.harmful), "tau_lo": cal.tau_lo + shift, "tau_hi": cal.tau_hi + shift,
-                        "n_safe": cal.n_tokens,
-                    },
-                )  # fmt: skip
-            entries.append(
-                {
-                    "position": pos.position, "routed": pos.routed, "fixed": pos.fixed, "sae_key": keys["sae"],
-                    "latents_key": keys["latents"], "refit_key": keys["refit"], "params_key": keys["params"],
-                    "params_key_source": keys["source"],
-                }
-            )  # fmt: skip
-        art.save_bundle(
-            store,
-            {
-                "bundle_key": "bundle0", "name": bundle.name, "model": bundle.model, "model_key": "test",
-                "holdout": bundle.holdout, "route_key": "route0", "positions": entries, "lineage": {},
-            },
-        )  # fmt: skip
-
-
 _NO_STORE_JOB = textwrap.dedent(
     """
     import sys
@@ -540,7 +418,7 @@ def test_the_exported_bundle_steers_to_the_same_bits_without_the_store(tmp_path:
     pipe.set_progress_bar_config(disable=True)
     memory = _bundle(pipe, "flux", "mixed")
     root = tmp_path / "store"
-    _store_bundle(root, memory)
+    store_bundle(root, memory)
 
     def generate(bundle: SafeDigBundle) -> np.ndarray:
         images: np.ndarray = steer(pipe, PROMPTS[0], safedig=bundle, strength=1.5, **_call("flux", [SEEDS[0]])).images
