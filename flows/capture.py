@@ -598,6 +598,7 @@ class ModelPlan:
     texts: int
     seconds_per_text: float | None  # GPU time of one text's capture (run to the last captured step)
     seconds_from: str
+    tokens_from: str = ""  # where the real-token counts come from
 
     @property
     def rows(self) -> int:
@@ -635,9 +636,10 @@ def plan_capture(catalog_path: str | None, profile: str, store: str | None = Non
             estimate = [found.get(t) or min(cap, max(1, math.ceil(len(x) / 4)) + 2) for t, x in texts]
             lengths = {"te": estimate, "dit": estimate}
             divisor = 16
+            tokens_from = "its pooled rows in the store" if found else "characters / 4 (no tokenizer here)"
             counted = _pipeline_counts(cm, [x for _, x in texts])
             if counted is not None:
-                lengths, divisor = counted
+                (lengths, divisor), tokens_from = counted, "the pipeline's own tokenizers"
             done = _done_rows(have, cm) if have is not None else {}
             positions = []
             for position in cm.positions:
@@ -651,7 +653,7 @@ def plan_capture(catalog_path: str | None, profile: str, store: str | None = Non
             if isinstance(sec, int | float) and cm.generation is not None:
                 per = float(sec) * (max(cm.steps) + 1) / cm.generation.num_inference_steps
                 source = f"{float(sec):g} s per output x {max(cm.steps) + 1}/{cm.generation.num_inference_steps} steps"
-            out.append(ModelPlan(cm.name, tuple(positions), len(texts), per, source))
+            out.append(ModelPlan(cm.name, tuple(positions), len(texts), per, source, tokens_from))
     finally:
         if have is not None:
             have.close()

@@ -45,7 +45,7 @@ def print_capture_plan(args: argparse.Namespace) -> int:
     total_seconds: float | None = 0.0
     for plan in plan_capture(args.catalog, args.profile, args.store):
         width = max([len("position"), *(len(p.position) for p in plan.positions)])
-        print(f"{plan.model}: {plan.texts} texts")
+        print(f"{plan.model}: {plan.texts} texts; text tokens counted from {plan.tokens_from}")
         print(f"  {'position':<{width}} {'rows':>14} {'on disk':>10} {'done':>14}")
         for p in plan.positions:
             print(f"  {p.position:<{width}} {p.rows:>14,} {_fmt_bytes(p.bytes):>10} {p.done_rows:>14,}")
