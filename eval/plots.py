@@ -110,6 +110,26 @@ def trade_off(
     return drawn
 
 
+class Rendered:
+    """A figure already rendered to PNG bytes (its pyplot figure closed at once, so a report of many
+    figures keeps one open at a time); the report writer saves it like a matplotlib Figure."""
+
+    def __init__(self, fig: Any, dpi: int = 110) -> None:
+        import io
+
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        self.data = buf.getvalue()
+
+    def savefig(self, path: Any, **_: Any) -> None:
+        from pathlib import Path
+
+        Path(path).write_bytes(self.data)
+
+
 def loco_figure(
     cells: Sequence[Any], holdouts: Sequence[str], methods: Sequence[str], strengths: Sequence[float]
 ) -> Any:

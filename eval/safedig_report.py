@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from safeport.eval.plots import legend_outside, method_styles
+from safeport.eval.plots import Rendered, legend_outside, method_styles
 
 
 @dataclass(frozen=True)
@@ -350,19 +350,21 @@ def render(
             "",
         ]
         heat = f"{base}-auc.png"
-        figures[heat] = heat_map(view.routes, view.sources, f"{model}, held out {view.holdout}: AUC_c")
+        figures[heat] = Rendered(heat_map(view.routes, view.sources, f"{model}, held out {view.holdout}: AUC_c"))
         md += _routing_section(view, heat)
         curves = {}
         for s in view.saes:
             name = f"{base}-{slug(s.position)}-curves.png"
-            figures[name] = curves_figure(s, f"{model} {s.position} (held out {view.holdout}): training curves")
+            figures[name] = Rendered(
+                curves_figure(s, f"{model} {s.position} (held out {view.holdout}): training curves")
+            )
             curves[s.position] = name
         md += _sae_section(view, curves, heldout_digit)
         md += _latent_section(view)
         refit_png = None
         if any(s.refit is not None for s in view.saes):
             refit_png = f"{base}-refit.png"
-            figures[refit_png] = refit_figure(view.saes, f"{model}, held out {view.holdout}: decoder refit")
+            figures[refit_png] = Rendered(refit_figure(view.saes, f"{model}, held out {view.holdout}: decoder refit"))
         md += _refit_section(view, refit_png)
     plt.close("all")
     return "\n".join(md), figures

@@ -37,6 +37,11 @@ from safeport.store.store import Store, StoreError
 log = logging.getLogger("safeport.safedig")
 KIND = "safedig_loco"
 BATCH = 128
+# The headline's texts (our choice, to keep the default run in its budget): every test prompt of the held-out
+# category, up to SOURCE_PER_CATEGORY test prompts of each source category and the first BENIGN captions, each
+# a stable sample (by text id, a content hash).
+SOURCE_PER_CATEGORY = 16
+BENIGN = 100
 # Each method of the headline: (bundle variant, decoder refitted, edit mode).
 VARIANTS: dict[str, tuple[str, bool, str]] = {
     "safedig": ("routed", True, "safedig"),
@@ -69,10 +74,14 @@ def _texts(store: Store, pairs: str, benign: str, holdouts: Sequence[str]) -> _T
         "ORDER BY idx",
         [pairs],
     )
-    target = {h: [t for t, c in rows if c == h] for h in holdouts}
-    source = {h: [t for t, c in rows if c != h] for h in holdouts}
+    by_category: dict[str, list[str]] = {}
+    for t, c in rows:
+        by_category.setdefault(str(c), []).append(str(t))
+    sample = {c: sorted(ids)[:SOURCE_PER_CATEGORY] for c, ids in by_category.items()}
+    target = {h: by_category.get(h, []) for h in holdouts}
+    source = {h: [t for c, ids in sorted(sample.items()) if c != h for t in ids] for h in holdouts}
     ids = [r[0] for r in store.fetchall("SELECT text_id FROM dataset_texts WHERE dataset = ? ORDER BY idx", [benign])]
-    return _Texts(target, source, list(dict.fromkeys(ids)))
+    return _Texts(target, source, sorted(dict.fromkeys(ids))[:BENIGN])
 
 
 def _probe(store: Store, cm: CaptureModel, pairs: str) -> SafetyProbe:
@@ -114,8 +123,13 @@ def compute_loco(
     pooler: Any = extractor_for(cm.source)  # an HFPooler: .model is the HF encoder the hooks go on
 
     def encode(ids: Sequence[str]) -> np.ndarray:
-        out = [pooler.encode([texts[t] for t in ids[i : i + BATCH]]).values for i in range(0, len(ids), BATCH)]
-        return np.concatenate(out) if out else np.zeros((0, pooler.dim), dtype=np.float32)
+        """Pooled rows of ``ids`` in their order, computed in batches of similar length (little padding)."""
+        order = sorted(range(len(ids)), key=lambda i: (len(texts[ids[i]]), ids[i]))
+        out = np.zeros((len(ids), pooler.dim), dtype=np.float32)
+        for i in range(0, len(order), BATCH):
+            chunk = order[i : i + BATCH]
+            out[chunk] = pooler.encode([texts[ids[j]] for j in chunk]).values
+        return out
 
     cells: list[Cell] = []
     for h in holdouts:
@@ -245,6 +259,7 @@ def loco_headline(store: Store, resolved: Resolved) -> list[LocoResult]:
                 strengths,
                 list(METHODS),
                 code_hash([safeport.eval.loco, safeport.eval.safedig]),
+                [SOURCE_PER_CATEGORY, BENIGN],
             ]
         )
         probe = _probe(store, cm, pairs_ds)
@@ -266,7 +281,7 @@ def loco_headline(store: Store, resolved: Resolved) -> list[LocoResult]:
 
 def _write_report(store: Store, cm: CaptureModel, cells: Sequence[Cell], held: Sequence[str],
                   strengths: Sequence[float], fresh: bool) -> Any:  # fmt: skip
-    """``reports/safedig-loco-<model>.md`` with the table per held-out category and a plot per measure."""
+    """``reports/safedig-loco-<model>.md``: verdicts, held-out flagged vs s, a table per held-out category."""
     from safeport.eval.plots import loco_figure
 
     name = f"safedig-loco-{cm.name}"
@@ -292,6 +307,8 @@ def _write_report(store: Store, cm: CaptureModel, cells: Sequence[Cell], held: S
         "## Verdicts",
         "",
         *[f"- {line}" for line in summary(cells, held).values()],
+        "",
+        f"![held-out flagged fraction vs s]({name}-heldout.png)",
         "",
         "## Tables",
         "",
