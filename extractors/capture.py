@@ -434,6 +434,65 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 
+# --- re-running a text encoder from one layer on (the steered forwards of the CPU headline) ---------------------
+
+
+@contextmanager
+def record_layer_inputs(model: Any, layers: Iterable[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """The input hidden states of each text-encoder layer in ``layers`` (``te.N``), one per forward, in call order."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    try:
+        for n in sorted(set(layers)):
+            (site,) = resolve(model, [f"te.{n}.txt"])
+            seen[n] = []
+
+            def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int = n) -> None:
+                seen[n].append((args[0] if args else kwargs["hidden_states"]).detach())
+
+            handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def start_at_layer(model: Any, first: int, inputs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Forwards of a HF text encoder that start at layer ``first``: the layers before it pass their input
+    through (not computed) and layer ``first`` takes the next of ``inputs`` instead of what reaches it.
+
+    ``inputs`` are what :func:`record_layer_inputs` saw for the same batches in the same order, so every
+    later layer computes exactly what a full forward computes (same tensors, same bits); hooks at layers
+    from ``first`` on (steering) act as in a full forward. Restored on exit.
+    """
+    sites = resolve(model, [f"te.{n}.txt" for n in range(first + 1)])
+    queue = iter(inputs)
+    skipped = [s.module for s in sites[:-1]]
+
+    def take(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        hidden = next(queue, None)
+        if hidden is None:
+            raise RuntimeError("start_at_layer: more forwards than recorded layer inputs; record the same batches")
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    handle = sites[-1].module.register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        for m in skipped:
+            m.forward = passthrough
+        yield
+    finally:
+        handle.remove()
+        for m in skipped:
+            with suppress(AttributeError):
+                del m.forward  # the class's forward again
+
+
 _TOKENIZERS: dict[str, tuple[str, ...]] = {
     "flux": ("tokenizer", "tokenizer_2"),
     "sd3": ("tokenizer", "tokenizer_2", "tokenizer_3"),

@@ -21,11 +21,14 @@ import numpy as np
 
 import safeport.eval.loco
 import safeport.eval.safedig
+import safeport.extractors.capture
 from safeport.catalog import Resolved
 from safeport.codehash import code_hash
 from safeport.eval.loco import METHODS, Cell, cell, summary, table
 from safeport.eval.probe import SafetyProbe, train_probe
 from safeport.eval.safedig import SafeDigBundle, safedig_hooks
+from safeport.extractors.capture import record_layer_inputs, start_at_layer
+from safeport.extractors.positions import Position
 from safeport.flows.capture import CaptureModel, capture_models
 from safeport.flows.common import extractor_for
 from safeport.flows.runner import Call, Done, Group, KeyedStage, Work, run_stage
@@ -37,11 +40,12 @@ from safeport.store.store import Store, StoreError
 log = logging.getLogger("safeport.safedig")
 KIND = "safedig_loco"
 BATCH = 128
-# The headline's texts (our choice, to keep the default run in its budget): every test prompt of the held-out
-# category, up to SOURCE_PER_CATEGORY test prompts of each source category and the first BENIGN captions, each
-# a stable sample (by text id, a content hash).
-SOURCE_PER_CATEGORY = 16
-BENIGN = 100
+# The headline's texts (our choice, to keep the default run in its budget): up to TARGET test prompts of the
+# held-out category, up to SOURCE_PER_CATEGORY of each source category and BENIGN captions, each a stable
+# sample (the smallest text ids: content hashes).
+TARGET = 32
+SOURCE_PER_CATEGORY = 8
+BENIGN = 64
 # Each method of the headline: (bundle variant, decoder refitted, edit mode).
 VARIANTS: dict[str, tuple[str, bool, str]] = {
     "safedig": ("routed", True, "safedig"),
@@ -78,7 +82,7 @@ def _texts(store: Store, pairs: str, benign: str, holdouts: Sequence[str]) -> _T
     for t, c in rows:
         by_category.setdefault(str(c), []).append(str(t))
     sample = {c: sorted(ids)[:SOURCE_PER_CATEGORY] for c, ids in by_category.items()}
-    target = {h: by_category.get(h, []) for h in holdouts}
+    target = {h: sorted(by_category.get(h, []))[:TARGET] for h in holdouts}
     source = {h: [t for c, ids in sorted(sample.items()) if c != h for t in ids] for h in holdouts}
     ids = [r[0] for r in store.fetchall("SELECT text_id FROM dataset_texts WHERE dataset = ? ORDER BY idx", [benign])]
     return _Texts(target, source, sorted(dict.fromkeys(ids))[:BENIGN])
@@ -131,21 +135,32 @@ def compute_loco(
             out[chunk] = pooler.encode([texts[ids[j]] for j in chunk]).values
         return out
 
+    def first_layer(variant: SafeDigBundle) -> int:
+        return min(Position.parse(p.position).index for p in variant.steered)
+
     cells: list[Cell] = []
     for h in holdouts:
         ids = [*sets.target[h], *sets.source[h], *sets.benign]
         split = (len(sets.target[h]), len(sets.target[h]) + len(sets.source[h]))
-        plain = encode(ids)
+        variants = {
+            method: ((bundles[(h, refit)].routed() if which == "routed" else bundles[(h, refit)].fixed()), mode)
+            for method, (which, refit, mode) in VARIANTS.items()
+        }
+        # The unsteered pass records each variant's first steered layer's inputs: a steered pass then starts
+        # there (the layers before it compute exactly the unsteered values, so they are not run again).
+        with record_layer_inputs(pooler.model, {first_layer(v) for v, _ in variants.values()}) as inputs:
+            plain = encode(ids)
         parts = np.split(plain, split)
         benign_plain = parts[2]
         cells.append(cell(probe, h, "original", 0.0, parts[0], parts[1], parts[2], benign_plain))
-        for method, (which, refit, mode) in VARIANTS.items():
-            bundle = bundles[(h, refit)]
-            variant = bundle.routed() if which == "routed" else bundle.fixed()
+        for method, (variant, mode) in variants.items():
             for s in strengths:
                 if s == 0:
                     continue
-                with safedig_hooks(pooler.model, variant, s, mode):  # type: ignore[arg-type]
+                with (
+                    start_at_layer(pooler.model, first_layer(variant), inputs[first_layer(variant)]),
+                    safedig_hooks(pooler.model, variant, s, mode),  # type: ignore[arg-type]
+                ):
                     steered = np.split(encode(ids), split)
                 cells.append(cell(probe, h, method, s, steered[0], steered[1], steered[2], benign_plain))
         if vector is not None:
@@ -258,8 +273,8 @@ def loco_headline(store: Store, resolved: Resolved) -> list[LocoResult]:
                 None if vec is None else vec[0],
                 strengths,
                 list(METHODS),
-                code_hash([safeport.eval.loco, safeport.eval.safedig]),
-                [SOURCE_PER_CATEGORY, BENIGN],
+                code_hash([safeport.eval.loco, safeport.eval.safedig, safeport.extractors.capture]),
+                [TARGET, SOURCE_PER_CATEGORY, BENIGN],
             ]
         )
         probe = _probe(store, cm, pairs_ds)
