@@ -280,6 +280,7 @@ class _Tally:
     entry: RunEntry | None = None
     rows: int = 0
     tokens: int = 0
+    seconds: float = 0.0  # computing and committing its pieces (a generator's parts compute as they are taken)
     computed: bool = False
     open: set[str] = field(default_factory=set)  # claim keys not known finished
     closed: bool = False
@@ -319,6 +320,7 @@ class _Run:
     def _commit(self, done: Finished) -> None:
         store, work = self.store, done.work
         tally = self.tallies[work.group]
+        started = time.monotonic()
         entry = self._entry(work.group)
         worker = self._worker(done) if self.remote and work.group.record else None
         parts = list(done.parts) if self.remote else done.parts
@@ -347,6 +349,7 @@ class _Run:
             last = (added.rows,)
         with store.transaction():
             store.session.release(done.keys)
+        tally.seconds += done.seconds + time.monotonic() - started
         tally.open.difference_update(done.keys)
         self.committed.update(done.keys)
         self.bar.update(work.size)
@@ -437,7 +440,7 @@ class _Run:
         for entry in self.workers.values():
             self.store.session.finish_run(entry, "done")
         return [
-            GroupResult(g, "done" if t.computed else "skipped", t.rows, t.tokens, time.time() - self.started)
+            GroupResult(g, "done" if t.computed else "skipped", t.rows, t.tokens, t.seconds)
             for g, t in self.tallies.items()
         ]
 
