@@ -43,9 +43,9 @@ BATCH = 128
 # The headline's texts (our choice, to keep the default run in its budget): up to TARGET test prompts of the
 # held-out category, up to SOURCE_PER_CATEGORY of each source category and BENIGN captions, each a stable
 # sample (the smallest text ids: content hashes).
-TARGET = 32
-SOURCE_PER_CATEGORY = 8
-BENIGN = 64
+TARGET = 24
+SOURCE_PER_CATEGORY = 6
+BENIGN = 48
 # Each method of the headline: (bundle variant, decoder refitted, edit mode).
 VARIANTS: dict[str, tuple[str, bool, str]] = {
     "safedig": ("routed", True, "safedig"),
