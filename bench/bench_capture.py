@@ -453,13 +453,11 @@ def section(args: argparse.Namespace) -> list[str]:
         "",
         f"In short: **{rows:,} rows, {gib * 2**30 / 1e12:.2f} TB ({gib:,.1f} GiB), {one} of GPU time on 1 GPU, "
         f"{eight} on 8** (GPU time from each model's `seconds_per_output` x the fraction of steps run). What the "
-        "plan counts exactly and what it does not is pinned in tests/flows/test_capture_flow.py: texts, committed "
-        "rows and the text encoder's rows (with pooled rows in the store) are exact; image rows assume "
-        "(height / 16) x (width / 16) tokens per step (right for the paper's Flux and SD3, wrong for the tiny "
-        "pipelines: strict xfail `test_plan_image_rows_equal_the_committed_rows`), and Flux/SD3 text rows take "
-        "pooled rows' token counts, which count padded positions (strict xfail "
-        "`test_plan_pipeline_text_rows_equal_the_committed_rows`); SD3's text stream also holds CLIP's real "
-        "tokens besides T5's, which one length per text cannot count.",
+        "plan counts is pinned in tests/flows/test_capture_flow.py: with a model's tokenizers and configs at hand "
+        "(the tiny pipelines) every position's planned rows equal the committed rows (text rows counted with "
+        "the pipeline's own tokenizers, image tokens from the VAE and DiT configs); without them (a hub id not "
+        "downloaded, as here) text rows are estimated from characters / 4 and image tokens at 16 pixels a side, "
+        "right for the paper's Flux and SD3.",
         "",
         "Command: `.venv/bin/python bench/bench_capture.py --write`.",
         "",

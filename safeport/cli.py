@@ -221,6 +221,7 @@ EXAMPLES: dict[str, str] = {
     "verify": "safeport verify --repair",
     "recover": "safeport recover --store safeport-store",
     "capture": "safeport capture --profile paper --plan --gpus 8",
+    "safedig": "safeport safedig --holdout all --plan",
 }
 
 

@@ -29,4 +29,6 @@ def test_paper_profile_uses_1000_pairs(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_default_profile_counts_are_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
     rows = _catalog_rows("default", capsys)
-    assert rows == {"safesteer": 4_600, "anchors-3k": 2_992, "i2p-sample": 600}
+    cross_model = {"safesteer": 4_600, "anchors-3k": 2_992, "i2p-sample": 600}
+    safedig = {"coco-captions-1k": 1_000, "safesteer-1k": 2_000, "coco-captions-300": 300}  # cache + headline
+    assert rows == {**cross_model, **safedig}
