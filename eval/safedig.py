@@ -212,9 +212,7 @@ def edit_tokens(x: torch.Tensor, params: SteeringParams, strength: float, mode: 
     """The SafeDIG edit of tokens ``x`` [..., d] at one position; untouched tokens keep their exact bits."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    s = float(strength)
-    if not (np.isfinite(s) and s >= 0):
-        raise ValueError(f"strength must be a finite number >= 0, got {strength}")
+    s = _check_strength(strength)
     if x.ndim < 1 or x.shape[-1] != params.dim:
         raise ValueError(f"x must be [..., {params.dim}] tokens of this position, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
